@@ -1,0 +1,133 @@
+"""Per-step scheduler statistics, shared between processes through a memory-mapped file.
+
+The scheduler runs in the engine process and the metrics endpoint in the front-end
+process, and vLLM's stats message has no room for extra fields. So each engine
+process writes its own file (one writer, no locks): cumulative totals, cumulative
+step-time histogram buckets, and a ring of the latest steps. Readers in any process
+sum the files of a directory.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+_MAGIC = 0x5645_5854_5354_4550  # "VEXTSTEP"
+_VERSION = 1
+_HEADER = struct.Struct("<QQQQ")  # magic, version, ring capacity, steps written
+STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One engine step as the scheduler saw it."""
+
+    t_start: float  # time.monotonic() of the engine process when scheduling began
+    wall_s: float  # scheduling + model execution + output processing
+    decode_tokens: int
+    prefill_tokens: int
+    prefill_reqs: int  # requests computing prompt tokens this step
+    partial_prefills: int  # of those, the ones whose prompt is still unfinished after it
+    running_decodes: int  # decodes that were running when the step was scheduled
+    preempted: int
+    waiting: int  # requests still waiting after the step was scheduled
+
+
+_FIELDS = tuple(f.name for f in fields(StepRecord))
+_NF = len(_FIELDS)
+_TOTALS = ("decode_tokens", "prefill_tokens", "prefill_reqs", "partial_prefills", "preempted",
+           "wall_s")
+
+
+def _layout(capacity: int) -> tuple[int, int, int, int]:
+    """Byte offsets of totals, buckets, ring, and the file size."""
+    totals = _HEADER.size
+    buckets = totals + 8 * len(_TOTALS)
+    ring = buckets + 8 * (len(STEP_SECONDS_BUCKETS) + 1)
+    return totals, buckets, ring, ring + 8 * _NF * capacity
+
+
+class StepLogWriter:
+    """Appends step records to `<dir>/steps-<pid>.bin`; one writer per file."""
+
+    __slots__ = ("path", "_mm", "_doubles", "_capacity", "_count")
+
+    def __init__(self, directory: str | os.PathLike, capacity: int = 8192) -> None:
+        self.path = Path(directory) / f"steps-{os.getpid()}.bin"
+        *_, size = _layout(capacity)
+        with open(self.path, "w+b") as f:
+            f.truncate(size)
+            self._mm = mmap.mmap(f.fileno(), size)
+        _HEADER.pack_into(self._mm, 0, _MAGIC, _VERSION, capacity, 0)
+        self._doubles = memoryview(self._mm)[_HEADER.size:].cast("d")
+        self._capacity = capacity
+        self._count = 0
+
+    def append(self, rec: StepRecord) -> None:
+        values = astuple(rec)
+        for i, name in enumerate(_TOTALS):
+            self._doubles[i] += getattr(rec, name)
+        bucket = next((i for i, le in enumerate(STEP_SECONDS_BUCKETS) if rec.wall_s <= le),
+                      len(STEP_SECONDS_BUCKETS))
+        self._doubles[len(_TOTALS) + bucket] += 1
+        base = len(_TOTALS) + len(STEP_SECONDS_BUCKETS) + 1 + _NF * (self._count % self._capacity)
+        self._doubles[base:base + _NF] = memoryview(
+            struct.pack(f"<{_NF}d", *map(float, values))).cast("d")
+        # Publish the step only after its record is complete: readers trust `count`.
+        self._count += 1
+        struct.pack_into("<Q", self._mm, 24, self._count)
+
+    def close(self) -> None:
+        self._doubles.release()
+        self._mm.close()
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """Totals over every engine step in a directory, and the latest steps in time order."""
+
+    steps: int
+    totals: dict[str, float]
+    step_seconds_buckets: tuple[tuple[float, int], ...]  # (upper bound, count in that bucket)
+    recent: tuple[StepRecord, ...]
+
+
+def read_dir(directory: str | os.PathLike | None) -> StepStats:
+    """Sum every step file under `directory` (missing or empty directory: all zeros)."""
+    steps = 0
+    totals = dict.fromkeys(_TOTALS, 0.0)
+    buckets = [0] * (len(STEP_SECONDS_BUCKETS) + 1)
+    recent: list[StepRecord] = []
+    for path in sorted(Path(directory).glob("steps-*.bin")) if directory else ():
+        count, file_totals, file_buckets, records = _read_file(path)
+        steps += count
+        for name, v in zip(_TOTALS, file_totals):
+            totals[name] += v
+        buckets = [a + int(b) for a, b in zip(buckets, file_buckets)]
+        recent.extend(records)
+    recent.sort(key=lambda r: r.t_start)
+    bounds = (*STEP_SECONDS_BUCKETS, float("inf"))
+    return StepStats(steps, totals, tuple(zip(bounds, buckets)), tuple(recent))
+
+
+def _read_file(path: Path) -> tuple[int, Sequence[float], Sequence[float], list[StepRecord]]:
+    data = path.read_bytes()
+    magic, version, capacity, count = _HEADER.unpack_from(data, 0)
+    if magic != _MAGIC or version != _VERSION:
+        raise ValueError(f"{path} is not a vllm-ext step log (version {_VERSION})")
+    doubles = memoryview(data)[_HEADER.size:_layout(capacity)[3]].cast("d")
+    nt, nb = len(_TOTALS), len(STEP_SECONDS_BUCKETS) + 1
+    ring = doubles[nt + nb:]
+    first = max(0, count - capacity)
+    records = [_record(ring, (i % capacity) * _NF) for i in range(first, count)]
+    return count, doubles[:nt], doubles[nt:nt + nb], records
+
+
+def _record(ring: memoryview, at: int) -> StepRecord:
+    vals = ring[at:at + _NF]
+    return StepRecord(vals[0], vals[1], *(int(v) for v in vals[2:]))
+

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from vllm_ext.models import make_model
+
+    cache = os.environ.get("VLLM_EXT_TEST_MODEL_DIR")
+    root = Path(cache) if cache else tmp_path_factory.mktemp("models")
+    return make_model(root / "tiny", preset="tiny", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def run_engine(tiny_model, tmp_path_factory):
+    """Run tests/engine_runner.py once per distinct argument list; cache its JSON."""
+    cache: dict[tuple[str, ...], dict] = {}
+
+    def run(*args: str) -> dict:
+        if args not in cache:
+            out = tmp_path_factory.mktemp("engine") / "result.json"
+            proc = subprocess.run(
+                [sys.executable, str(HERE / "engine_runner.py"), str(tiny_model), str(out), *args],
+                env={**os.environ, **ENGINE_ENV}, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            cache[args] = json.loads(out.read_text())
+        return cache[args]
+
+    return run

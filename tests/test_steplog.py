@@ -1,0 +1,69 @@
+"""Step logs across processes, and their Prometheus export (no engine needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from vllm_ext.schedulers.steplog import StepLogWriter, StepRecord, read_dir
+
+
+def _rec(i: int, wall: float = 0.02) -> StepRecord:
+    return StepRecord(float(i), wall, decode_tokens=3, prefill_tokens=10 * i, prefill_reqs=1,
+                      partial_prefills=i % 2, running_decodes=3, preempted=0, waiting=1)
+
+
+_WRITER = """
+import sys
+from vllm_ext.schedulers.steplog import StepLogWriter, StepRecord
+w = StepLogWriter(sys.argv[1], capacity=4)
+for i in range(int(sys.argv[2])):
+    w.append(StepRecord(float(i), 0.2, 3, 10, 1, 0, 3, 0, 1))
+w.close()
+"""
+
+
+def test_ring_keeps_latest_and_totals_keep_everything(tmp_path):
+    w = StepLogWriter(tmp_path, capacity=4)
+    for i in range(10):
+        w.append(_rec(i))
+    stats = read_dir(tmp_path)
+    assert stats.steps == 10
+    assert [r.t_start for r in stats.recent] == [6.0, 7.0, 8.0, 9.0]
+    assert stats.totals["prefill_tokens"] == sum(10 * i for i in range(10))
+    assert stats.totals["partial_prefills"] == 5
+    assert dict(stats.step_seconds_buckets)[0.025] == 10
+    w.close()
+
+
+def test_reader_sums_writers_in_other_processes(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), str(n)])
+             for n in (3, 5)]
+    assert [p.wait(60) for p in procs] == [0, 0]
+    stats = read_dir(tmp_path)
+    assert stats.steps == 8 and stats.totals["decode_tokens"] == 24
+    assert dict(stats.step_seconds_buckets)[0.25] == 8
+
+
+def test_missing_directory_reads_as_zero(tmp_path):
+    assert read_dir(tmp_path / "nope").steps == 0
+    assert read_dir(None).recent == ()
+
+
+def test_prometheus_export(monkeypatch, tmp_path):
+    from prometheus_client import generate_latest
+
+    from vllm_ext import metrics
+
+    monkeypatch.setenv("VLLM_EXT_STATS_DIR", str(tmp_path))
+    metrics.prepare_front_end()
+    w = StepLogWriter(tmp_path)
+    w.append(_rec(1, wall=0.3))
+    w.append(_rec(2, wall=3.0))
+    text = generate_latest().decode()
+    assert "vllm_ext_steps_total 2.0" in text
+    assert "vllm_ext_prefill_tokens_total 30.0" in text
+    assert 'vllm_ext_step_seconds_bucket{le="0.5"} 1.0' in text
+    assert 'vllm_ext_step_seconds_bucket{le="+Inf"} 2.0' in text
+    assert "vllm_ext_last_step_prefill_tokens 20.0" in text
+    w.close()

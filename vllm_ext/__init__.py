@@ -1,0 +1,36 @@
+"""vllm-ext: research serving techniques for stock vLLM, each switched on by a flag.
+
+    vllm serve MODEL --scheduler sarathi             # from the command line
+    LLM(**vllm_ext.engine_kwargs(model=MODEL, scheduler="sarathi"))   # from Python
+
+Importing this package is cheap and never imports vLLM: the interpreter-start
+alias (see `_dist_alias`) imports it in every process of the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "engine_kwargs", "step_stats"]
+
+
+def engine_kwargs(**kwargs: Any) -> dict[str, Any]:
+    """Engine keyword arguments for `vllm.LLM` / `EngineArgs` with vllm-ext components.
+
+    Takes `scheduler=`, `attn=`, `kv_allocator=`, each component's options by their
+    flag name in snake case (`sarathi_token_budget=256`), and any other engine
+    argument, which passes through and is checked against the selection. Raises
+    `vllm_ext.selection.SelectionError` naming the allowed choices.
+    """
+    from vllm_ext.selection import engine_kwargs as _engine_kwargs
+
+    return _engine_kwargs(**kwargs)
+
+
+def step_stats():
+    """Per-step scheduler statistics of the engines this process started (see `vllm_ext.metrics`)."""
+    from vllm_ext.metrics import step_stats as _step_stats
+
+    return _step_stats()

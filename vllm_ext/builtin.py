@@ -1,0 +1,92 @@
+"""vllm-ext's own components, registered through the same hooks as third-party ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_ext.components import Component, ConfigureContext, Option, SelectionError
+from vllm_ext.hookspecs import hookimpl
+from vllm_ext.schedulers.sarathi import KV_ADMISSION, SarathiConfig
+
+_GLUE = "vllm_ext.scheduling"
+
+# Settings a scheduler needs from the engine; an explicit operator value that
+# contradicts them is an error rather than a silent override.
+_SYNC = {"async_scheduling": False}  # the policies act on the synchronous loop
+
+
+def _require(ctx: ConfigureContext, who: str, needed: dict[str, Any]) -> dict[str, Any]:
+    for key, value in needed.items():
+        given = ctx.user_engine_args.get(key)
+        if given is not None and given != value:
+            raise SelectionError(
+                f"--scheduler {who} needs {key}={value!r}, but {key}={given!r} was given")
+    return dict(needed)
+
+
+def _configure_vllm(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
+    return {}, {"scheduler_cls": f"{_GLUE}.StockScheduler"}
+
+
+def _configure_prefill_first(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
+    overrides = _require(ctx, "prefill-first", {"enable_chunked_prefill": False, **_SYNC})
+    return {}, {"scheduler_cls": f"{_GLUE}.PrefillFirstScheduler", **overrides}
+
+
+def _configure_sarathi(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
+    budget = settings.get("token_budget")
+    engine_budget = ctx.user_engine_args.get("max_num_batched_tokens")
+    if budget is not None and engine_budget is not None and budget != engine_budget:
+        raise SelectionError(
+            f"--sarathi-token-budget {budget} contradicts --max-num-batched-tokens "
+            f"{engine_budget}: the token budget is the batch size; give one of them")
+    try:
+        cfg = SarathiConfig.for_platform(ctx.platform, engine_budget if budget is None else budget,
+                                         settings.get("kv_admission"))
+    except ValueError as e:
+        raise SelectionError(str(e)) from None
+    overrides = _require(ctx, "sarathi", {
+        "enable_chunked_prefill": True,
+        # The stock cap on one prefill's share would split chunks below the
+        # budget left; Sarathi gives a partial prefill everything that is left.
+        "long_prefill_token_threshold": 0,
+        **_SYNC,
+    })
+    overrides.update(scheduler_cls=f"{_GLUE}.SarathiScheduler",
+                     max_num_batched_tokens=cfg.token_budget)
+    return {"token_budget": cfg.token_budget, "kv_admission": cfg.kv_admission}, overrides
+
+
+@hookimpl
+def vllm_ext_schedulers() -> list[Component]:
+    return [
+        Component("scheduler", "vllm", "vLLM's own scheduler, instrumented (the A/B baseline)",
+                  _configure_vllm),
+        Component("scheduler", "prefill-first",
+                  "Orca / vLLM-V0 style: waiting prompts run whole before decodes resume",
+                  _configure_prefill_first),
+        Component(
+            "scheduler", "sarathi", "Sarathi-Serve stall-free chunked-prefill batching",
+            _configure_sarathi,
+            options=(
+                Option("token-budget", int,
+                       "tokens per step (default: 512 on GPUs, 256 on CPUs; the same as "
+                       "--max-num-batched-tokens)"),
+                Option("kv-admission", str,
+                       "full: admit a prompt only if KV for all of it is free (the paper); "
+                       "chunk: grow KV per chunk", choices=KV_ADMISSION),
+            ),
+        ),
+    ]
+
+
+@hookimpl
+def vllm_ext_attention_backends() -> list[Component]:
+    return [Component("attn", "vllm", "vLLM's own attention backend for the platform",
+                      lambda settings, ctx: ({}, {}))]
+
+
+@hookimpl
+def vllm_ext_kv_allocators() -> list[Component]:
+    return [Component("kv_allocator", "vllm", "vLLM's own paged KV cache",
+                      lambda settings, ctx: ({}, {}))]

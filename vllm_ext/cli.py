@@ -1,0 +1,51 @@
+"""`vllm-ext`: the project's own commands (serving itself is `vllm serve ... --scheduler NAME`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    from vllm_ext.models import make_model
+
+    path = make_model(args.dir, preset=args.preset, seed=args.seed)
+    print(path)
+    return 0
+
+
+def _components(args: argparse.Namespace) -> int:
+    from vllm_ext.components import KINDS
+    from vllm_ext.registry import components
+
+    for kind, (flag, _) in KINDS.items():
+        for name, comp in sorted(components(kind).items()):
+            opts = " ".join(f"{o.flag(name)}" for o in comp.options)
+            print(f"{flag} {name:<14} {comp.summary}" + (f"  [{opts}]" if opts else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm_ext.models import PRESETS
+
+    parser = argparse.ArgumentParser(prog="vllm-ext", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    mk = sub.add_parser("make-model", help="build a synthetic Llama model with random weights "
+                                           "and a locally trained tokenizer (no network)")
+    mk.add_argument("dir", help="output directory (reused if it holds the same preset and seed)")
+    mk.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                    help="; ".join(f"{p.name}: {p.purpose}" for p in PRESETS.values()))
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(run=_make_model)
+    ls = sub.add_parser("components", help="list the selectable components and their flags")
+    ls.set_defaults(run=_components)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

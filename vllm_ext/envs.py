@@ -1,0 +1,28 @@
+"""Every environment variable vllm-ext reads, in one place.
+
+| variable                  | meaning                                                              |
+|---------------------------|----------------------------------------------------------------------|
+| VLLM_EXT_STATS_DIR        | where engine processes write per-step scheduler stats (set by vllm-ext in the front-end process before the engine is spawned; an operator may set it to keep the files) |
+| VLLM_EXT_TRACE_PLUGINS    | `1` prints every pluggy hook call while components are collected      |
+| VLLM_EXT_ALLOW_ANY_VLLM   | `1` skips the supported-vLLM-version check (at your own risk)         |
+"""
+
+from __future__ import annotations
+
+import os
+
+STATS_DIR = "VLLM_EXT_STATS_DIR"
+TRACE_PLUGINS = "VLLM_EXT_TRACE_PLUGINS"
+ALLOW_ANY_VLLM = "VLLM_EXT_ALLOW_ANY_VLLM"
+
+
+def stats_dir() -> str | None:
+    return os.environ.get(STATS_DIR) or None
+
+
+def trace_plugins() -> bool:
+    return os.environ.get(TRACE_PLUGINS, "") == "1"
+
+
+def allow_any_vllm() -> bool:
+    return os.environ.get(ALLOW_ANY_VLLM, "") == "1"

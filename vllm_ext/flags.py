@@ -1,0 +1,64 @@
+"""The vllm-ext flag group, and the fold from parsed flags into engine arguments."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from vllm_ext.components import KINDS, SelectionError
+from vllm_ext.registry import components
+from vllm_ext.selection import current_platform_name, resolve
+
+GROUP = "vllm-ext"
+
+
+def _kind_dest(kind: str) -> str:
+    return f"vllm_ext_{kind}"
+
+
+def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the group once, and fold the choices into engine arguments after parsing."""
+    if getattr(parser, "_vllm_ext_flags", False):
+        return parser
+    group = parser.add_argument_group(
+        GROUP, description="Research serving techniques from vllm-ext; with none of these "
+                           "flags vLLM runs unchanged.")
+    for kind, (flag, _) in KINDS.items():
+        comps = components(kind)
+        summary = "; ".join(f"{n}: {c.summary}" for n, c in sorted(comps.items()))
+        group.add_argument(flag, dest=_kind_dest(kind), choices=sorted(comps), default=None,
+                           help=f"{summary}. Default: vLLM's own, unchanged.")
+        for comp in comps.values():
+            for opt in comp.options:
+                group.add_argument(opt.flag(comp.name), dest=opt.dest(comp.name), type=opt.type,
+                                   choices=opt.choices, default=None,
+                                   help=f"[{flag} {comp.name}] {opt.help}")
+    parser._vllm_ext_flags = True
+
+    parse = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, rest = parse(args, namespace)
+        try:
+            fold(parser, ns)
+        except SelectionError as e:
+            parser.error(str(e))
+        return ns, rest
+
+    parser.parse_known_args = parse_known_args
+    return parser
+
+
+def fold(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    """Replace the vllm-ext choices in `ns` by the engine arguments they stand for."""
+    from vllm_ext.selection import option_dests
+
+    selected = {kind: getattr(ns, _kind_dest(kind), None) for kind in KINDS}
+    options = {dest: getattr(ns, dest, None) for dest in option_dests()}
+    if not any(selected.values()) and not any(v is not None for v in options.values()):
+        return
+    ours = {_kind_dest(k) for k in KINDS} | set(options)
+    explicit: dict[str, Any] = {
+        k: v for k, v in vars(ns).items() if k not in ours and v != parser.get_default(k)}
+    for key, value in resolve(selected, options, explicit, current_platform_name()).items():
+        setattr(ns, key, value)

@@ -1,0 +1,74 @@
+"""vllm-ext's per-step scheduler statistics on vLLM's `/metrics` and in Python.
+
+Engine processes write step logs (`vllm_ext.schedulers.steplog`) into the
+directory named by VLLM_EXT_STATS_DIR. The front-end process creates that
+directory before it spawns the engine, so the engine inherits it, and registers a
+Prometheus collector that reads the logs at scrape time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+from vllm_ext import envs
+from vllm_ext.schedulers.steplog import StepStats, read_dir
+
+PREFIX = "vllm_ext_"
+_COUNTERS = {
+    "decode_tokens": "Decode tokens scheduled",
+    "prefill_tokens": "Prompt tokens scheduled",
+    "prefill_reqs": "Prefill chunks scheduled (one per request per step)",
+    "partial_prefills": "Prefill chunks that left their prompt unfinished",
+    "preempted": "Requests preempted to free KV memory",
+}
+_collector_registered = False
+
+
+def prepare_front_end() -> str:
+    """Make sure engines started from this process will log, and that we export it."""
+    global _collector_registered
+    directory = envs.stats_dir()
+    if directory is None:
+        directory = tempfile.mkdtemp(prefix="vllm-ext-stats-")
+        os.environ[envs.STATS_DIR] = directory
+        atexit.register(shutil.rmtree, directory, True)
+    if not _collector_registered:
+        from prometheus_client import REGISTRY
+
+        REGISTRY.register(_StepCollector())
+        _collector_registered = True
+    return directory
+
+
+def step_stats() -> StepStats:
+    """Totals and recent steps of every engine this process started (all zeros if none)."""
+    return read_dir(envs.stats_dir())
+
+
+class _StepCollector:
+    def describe(self):
+        return []  # collected lazily: the engine may not have written anything yet
+
+    def collect(self):
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
+
+        stats = step_stats()
+        yield CounterMetricFamily(f"{PREFIX}steps", "Engine steps scheduled by vllm-ext schedulers",
+                                  value=stats.steps)
+        for name, doc in _COUNTERS.items():
+            yield CounterMetricFamily(f"{PREFIX}{name}", doc, value=stats.totals[name])
+        cumulative, buckets = 0, []
+        for bound, count in stats.step_seconds_buckets:
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily(f"{PREFIX}step_seconds",
+                                    "Wall time of one engine step (schedule, run, update)",
+                                    buckets=buckets, sum_value=stats.totals["wall_s"])
+        last = stats.recent[-1] if stats.recent else None
+        for name in ("decode_tokens", "prefill_tokens", "partial_prefills", "wall_s"):
+            yield GaugeMetricFamily(f"{PREFIX}last_step_{name}", f"{name} of the latest step",
+                                    value=getattr(last, name) if last else 0)

@@ -1,0 +1,152 @@
+"""vLLM scheduler classes for the policies in `vllm_ext.schedulers` (selected by dotted
+name through `scheduler_cls`, vLLM's supported hook).
+
+Each class keeps vLLM's scheduling loop and its bookkeeping (KV blocks, prefix
+cache, preemption, outputs) and changes only what the policy decides. vLLM's loop
+hands out the token budget to running requests in list order, each taking
+min(tokens wanted, budget left), then admits waiting requests FCFS while budget and
+KV remain, and preempts from the end of the running list when KV runs out. Every
+class also writes one step record per step (see `vllm_ext.metrics`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from vllm_ext import envs
+from vllm_ext.schedulers import PrefillFirstPolicy, ReqState, SarathiConfig, SarathiPolicy
+from vllm_ext.schedulers.request import blocks_for
+from vllm_ext.schedulers.steplog import StepLogWriter, StepRecord
+from vllm_ext.selection import selection_from_config
+
+logger = logging.getLogger("vllm_ext")
+
+
+def req_state(req: Request, num_computed: int | None = None) -> ReqState:
+    return ReqState(req.request_id, req.arrival_time, req.num_prompt_tokens, req.num_tokens,
+                    req.num_computed_tokens if num_computed is None else num_computed)
+
+
+def describe(selection: dict) -> str:
+    """`scheduler=sarathi(token_budget=256, kv_admission=full)`, for the start-up line."""
+    parts = []
+    for kind, settings in selection.items():
+        args = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "name")
+        parts.append(f"{kind}={settings['name']}" + (f"({args})" if args else ""))
+    return "; ".join(parts)
+
+
+class StockScheduler(Scheduler):
+    """vLLM's scheduler unchanged, with step records: the baseline of every A/B run."""
+
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        self.ext_selection = selection_from_config(vllm_config.additional_config)
+        self.ext_settings = {k: v for k, v in self.ext_selection.get("scheduler", {}).items()
+                             if k != "name"}
+        logger.info("vllm-ext active: %s", describe(self.ext_selection) or "scheduler=vllm")
+        directory = envs.stats_dir()
+        self._steplog = StepLogWriter(directory) if directory else None
+        self._in_flight: collections.deque[StepRecord] = collections.deque()
+
+    # Policies override this; it runs right before vLLM's loop.
+    def before_schedule(self) -> None:
+        pass
+
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        t0 = time.monotonic()
+        running_decodes = sum(req_state(r).is_decode for r in self.running)
+        self.before_schedule()
+        out = super().schedule(throttle_prefills)
+        self.after_schedule(out)
+        if self._steplog is not None and out.total_num_scheduled_tokens:
+            self._in_flight.append(self._record(out, t0, running_decodes))
+        return out
+
+    def after_schedule(self, out: SchedulerOutput) -> None:
+        pass
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self._in_flight and scheduler_output.total_num_scheduled_tokens:
+            rec = self._in_flight.popleft()
+            self._steplog.append(dataclasses.replace(rec, wall_s=time.monotonic() - rec.t_start))
+        return outputs
+
+    def _record(self, out: SchedulerOutput, t0: float, running_decodes: int) -> StepRecord:
+        decode = prefill = prefill_reqs = partial = 0
+        for req_id, n in out.num_scheduled_tokens.items():
+            req = self.requests[req_id]
+            # vLLM has already advanced num_computed_tokens past this step.
+            before = req_state(req, req.num_computed_tokens - n)
+            if before.is_decode:
+                decode += n
+            else:
+                prefill += n
+                prefill_reqs += 1
+                partial += before.num_computed + n < req.num_tokens
+        return StepRecord(t0, 0.0, decode, prefill, prefill_reqs, partial, running_decodes,
+                          len(out.preempted_req_ids or ()), len(self.waiting))
+
+    def shutdown(self) -> None:
+        if self._steplog is not None:
+            self._steplog.close()
+            self._steplog = None
+        super().shutdown()
+
+
+class SarathiScheduler(StockScheduler):
+    """Sarathi-Serve stall-free batching (see `vllm_ext.schedulers.sarathi`).
+
+    The token budget is vLLM's max_num_batched_tokens (set by the selection),
+    KV admission maps onto vLLM's whole-sequence admission gate, and the running
+    list is put in the policy's order before vLLM's loop hands out the budget.
+    """
+
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        self.policy = SarathiPolicy(SarathiConfig(**self.ext_settings))
+        if self.policy.config.token_budget != self.max_num_scheduled_tokens:
+            raise ValueError(
+                f"sarathi token budget {self.policy.config.token_budget} differs from the "
+                f"engine's max_num_batched_tokens {self.max_num_scheduled_tokens}; select the "
+                f"scheduler through vllm_ext (flags or vllm_ext.engine_kwargs)")
+        self.scheduler_reserve_full_isl = self.policy.reserve_full_prompt
+
+    def before_schedule(self) -> None:
+        self.running.sort(key=lambda r: self.policy.order_key(req_state(r)))
+
+
+class PrefillFirstScheduler(StockScheduler):
+    """Prefill-first (Orca / vLLM-V0) baseline: see `vllm_ext.schedulers.prefill_first`.
+
+    Chunked prefill is off (set by the selection), so prompts run whole. In a
+    prefill step every running decode is held back through vLLM's per-request
+    decode-eligibility step, which the loop already honours.
+    """
+
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        self.policy = PrefillFirstPolicy()
+        self._last_step_empty = False
+
+    def before_schedule(self) -> None:
+        head = self.waiting.peek_request() if self.waiting else None
+        fits = head is not None and len(self.running) < self.max_num_active_reqs and (
+            blocks_for(head.num_tokens, self.block_size)
+            <= self.kv_cache_manager.block_pool.get_num_free_blocks())
+        if self.policy.prefill_only(head is not None, fits, self._last_step_empty):
+            # schedule() is about to advance current_step by one; skip exactly that step.
+            hold = self.current_step + 2
+            for req in self.running:
+                req.next_decode_eligible_step = max(req.next_decode_eligible_step, hold)
+
+    def after_schedule(self, out: SchedulerOutput) -> None:
+        self._last_step_empty = out.total_num_scheduled_tokens == 0

@@ -1,0 +1,103 @@
+"""Turn a component selection into engine arguments: one path for the CLI and Python.
+
+The result travels to the engine and worker processes inside vLLM's own config:
+classes by dotted name (`scheduler_cls`), our settings under
+`additional_config["vllm_ext"]`. Nothing else crosses the process boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from vllm_ext.components import KINDS, Component, ConfigureContext, SelectionError
+from vllm_ext.registry import components
+
+CONFIG_KEY = "vllm_ext"
+
+__all__ = ["CONFIG_KEY", "SelectionError", "engine_kwargs", "resolve", "selection_from_config"]
+
+
+def _choose(kind: str, name: str) -> Component:
+    choices = components(kind)
+    if name not in choices:
+        flag, _ = KINDS[kind]
+        raise SelectionError(
+            f"{flag}: unknown {kind.replace('_', ' ')} {name!r}; choose from: "
+            f"{', '.join(sorted(choices))}")
+    return choices[name]
+
+
+def option_dests() -> dict[str, tuple[str, str, Any]]:
+    """Every component option by its snake-case name: (kind, component, option)."""
+    return {opt.dest(comp.name): (kind, comp.name, opt)
+            for kind in KINDS for comp in components(kind).values() for opt in comp.options}
+
+
+def resolve(selected: Mapping[str, str | None], options: Mapping[str, Any],
+            user_engine_args: Mapping[str, Any], platform: str) -> dict[str, Any]:
+    """Engine-argument overrides for the selected components.
+
+    `selected` maps kind to component name (None: not selected); `options` maps
+    option dests (`sarathi_token_budget`) to values; `user_engine_args` holds only
+    the engine arguments the operator set, so that conflicts can be named.
+    """
+    dests = option_dests()
+    chosen = {kind: _choose(kind, name) for kind, name in selected.items() if name is not None}
+    for dest, value in options.items():
+        if value is None:
+            continue
+        kind, comp_name, opt = dests[dest]
+        if chosen.get(kind) is None or chosen[kind].name != comp_name:
+            raise SelectionError(
+                f"{opt.flag(comp_name)} applies to {KINDS[kind][0]} {comp_name}, "
+                f"which is not selected")
+    if "scheduler" in chosen and user_engine_args.get("scheduler_cls") is not None:
+        raise SelectionError(
+            "--scheduler and --scheduler-cls both choose the scheduler class; give one of them")
+    if not chosen:
+        return {}
+
+    ctx = ConfigureContext(platform, dict(user_engine_args))
+    overrides: dict[str, Any] = {}
+    record: dict[str, Any] = {}
+    for kind, comp in chosen.items():
+        settings = {opt.name.replace("-", "_"): opt.check(comp.name, options.get(opt.dest(comp.name)))
+                    for opt in comp.options}
+        resolved, engine = comp.configure(settings, ctx)
+        clash = overrides.keys() & engine.keys()
+        if clash:
+            raise SelectionError(f"components disagree on engine arguments {sorted(clash)}")
+        overrides.update(engine)
+        record[kind] = {"name": comp.name, **resolved}
+
+    additional = dict(user_engine_args.get("additional_config") or {})
+    additional[CONFIG_KEY] = record
+    overrides["additional_config"] = additional
+    from vllm_ext import metrics
+
+    metrics.prepare_front_end()
+    return overrides
+
+
+def selection_from_config(additional_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The resolved selection recorded in an engine's `additional_config`."""
+    return dict((additional_config or {}).get(CONFIG_KEY) or {})
+
+
+def current_platform_name() -> str:
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type or "unknown"
+
+
+def engine_kwargs(**kwargs: Any) -> dict[str, Any]:
+    """`vllm_ext.engine_kwargs`: see there."""
+    from vllm_ext.versions import check_supported
+
+    check_supported()
+    selected = {kind: kwargs.pop(kind, None) for kind in KINDS}
+    dests = option_dests()
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in dests}
+    overrides = resolve(selected, options, kwargs, current_platform_name())
+    return {**kwargs, **overrides}
