@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from vllm_ext.serve import CPU_SERVE_ENV
+
 HERE = Path(__file__).parent
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from vllm_ext.models import make_model
 
-    cache = os.environ.get("VLLM_EXT_TEST_MODEL_DIR")
+    cache = os.environ.get("VLLMEXT_TEST_MODEL_DIR")
     root = Path(cache) if cache else tmp_path_factory.mktemp("models")
     return make_model(root / "tiny", preset="tiny", seed=0, progress=False)
 
@@ -31,7 +32,7 @@ def run_engine(tiny_model, tmp_path_factory):
             out = tmp_path_factory.mktemp("engine") / "result.json"
             proc = subprocess.run(
                 [sys.executable, str(HERE / "engine_runner.py"), str(tiny_model), str(out), *args],
-                env={**os.environ, **ENGINE_ENV}, capture_output=True, text=True, timeout=600)
+                env={**os.environ, **CPU_SERVE_ENV}, capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, proc.stderr[-4000:]
             cache[args] = json.loads(out.read_text())
         return cache[args]

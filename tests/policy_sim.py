@@ -43,6 +43,8 @@ class Step:
     waiting_before: list[str]
     preempted: list[str]
     budget: int
+    # For each preemption: the victim's arrival and the latest arrival left running.
+    victims: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def running_decodes(self) -> list[str]:
@@ -82,6 +84,7 @@ class Sim:
         left = self.budget
         scheduled: dict[str, int] = {}
         preempted: list[str] = []
+        victims: list[tuple[float, float]] = []
         skip_decodes = False
         if isinstance(self.policy, SarathiPolicy):
             self.running.sort(key=lambda r: self.policy.order_key(r.state()))
@@ -102,6 +105,8 @@ class Sim:
             need = blocks_for(req.computed + n, self.block_size) - req.blocks
             while need > self.free:
                 victim = self.running.pop()
+                victims.append((victim.arrival, max((r.arrival for r in self.running),
+                                                    default=float("-inf"))))
                 self._preempt(victim, scheduled)
                 preempted.append(victim.req_id)
                 if victim is req:
@@ -130,7 +135,8 @@ class Sim:
             admitted[req.req_id] = wanted
             left -= n
 
-        self.steps.append(Step(scheduled, before, admitted, waiting_before, preempted, self.budget))
+        self.steps.append(Step(scheduled, before, admitted, waiting_before, preempted, self.budget,
+                               victims))
         for req in list(self.running):
             n = scheduled.get(req.req_id, 0)
             req.computed += n

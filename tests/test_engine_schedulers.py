@@ -32,6 +32,15 @@ def test_greedy_tokens_identical_to_stock(run_engine, stock, args):
     assert all(len(t) == 40 for t in result["tokens"].values())
 
 
+@pytest.mark.parametrize("admission", ["full", "chunk"])
+def test_sarathi_out_of_kv_preempts_and_loses_nothing(run_engine, stock, admission):
+    # 40 blocks of 16 tokens hold 640 tokens; the workload needs about 1,600.
+    result = run_engine("--scheduler", "sarathi", "--budget", str(BUDGET),
+                        "--kv-admission", admission, "--num-blocks", "40")
+    assert sum(s["preempted"] for s in result["steps"]) > 0, "the workload must run out of KV"
+    assert result["tokens"] == stock["tokens"], "recomputed requests must match stock vLLM"
+
+
 def test_stock_run_without_flags_is_untouched(stock):
     assert stock["config"]["scheduler_cls"] in ("None", "vllm.v1.core.sched.scheduler.Scheduler")
     assert "vllm_ext" not in stock["config"]["additional_config"]

@@ -106,7 +106,7 @@ def test_selection_errors_name_what_is_allowed(selected, options, user, message)
 
 
 def test_sarathi_selection_sets_engine_arguments(monkeypatch, tmp_path):
-    monkeypatch.setenv("VLLM_EXT_STATS_DIR", str(tmp_path))
+    monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
     out = resolve({"scheduler": "sarathi"}, {}, {"max_num_batched_tokens": 128,
                                                  "additional_config": {"other": 1}}, "cpu")
     assert out["scheduler_cls"] == "vllm_ext.scheduling.SarathiScheduler"
@@ -124,7 +124,7 @@ def test_no_selection_changes_nothing():
 def test_engine_kwargs_is_one_call_for_python(monkeypatch, tmp_path):
     import vllm_ext
 
-    monkeypatch.setenv("VLLM_EXT_STATS_DIR", str(tmp_path))
+    monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
     kw = vllm_ext.engine_kwargs(model="m", dtype="float32", scheduler="sarathi",
                                 sarathi_token_budget=96, sarathi_kv_admission="chunk")
     assert kw["model"] == "m" and kw["dtype"] == "float32"

@@ -49,6 +49,8 @@ def test_sarathi_every_step(reqs, budget, spare_blocks, admission):
             assert all(step.scheduled.get(r) == 1 for r in decodes), step
         _assert_prefills_fcfs(step)
         _assert_admissions_fcfs(step)
+        for victim, latest_left in step.victims:  # recompute the latest arrival
+            assert victim > latest_left, step
 
 
 def _assert_prefills_fcfs(step) -> None:
@@ -81,6 +83,19 @@ def test_prefill_first_every_step(reqs, spare_blocks):
         if step.admitted and (prev is None or prev.scheduled):
             # Decodes wait while prompts run, unless the last step made no progress.
             assert not any(r in step.scheduled for r in step.running_decodes), step
+
+
+@pytest.mark.parametrize("admission", ["full", "chunk"])
+def test_sarathi_under_kv_pressure_preempts_latest_and_loses_nothing(admission):
+    reqs = [(i, SimReq(f"r{i}", arrival=float(i), prompt=120 + 10 * i, output=40))
+            for i in range(8)]
+    sim = Sim(SarathiPolicy(SarathiConfig(64, admission)), budget=64,
+              num_blocks=_largest(reqs) + 4, block_size=BLOCK)
+    sim.run(reqs)
+    victims = [v for s in sim.steps for v in s.victims]
+    assert victims, "the workload must run out of KV"
+    assert all(victim > latest_left for victim, latest_left in victims)
+    assert sorted(sim.finished) == sorted(r.req_id for _, r in reqs)
 
 
 def test_sarathi_order_puts_decodes_first_then_prefills_by_arrival():

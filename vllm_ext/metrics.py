@@ -1,7 +1,7 @@
 """vllm-ext's per-step scheduler statistics on vLLM's `/metrics` and in Python.
 
 Engine processes write step logs (`vllm_ext.schedulers.steplog`) into the
-directory named by VLLM_EXT_STATS_DIR. The front-end process creates that
+directory named by VLLMEXT_STATS_DIR. The front-end process creates that
 directory before it spawns the engine, so the engine inherits it, and registers a
 Prometheus collector that reads the logs at scrape time.
 """

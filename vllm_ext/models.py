@@ -17,13 +17,12 @@ import json
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ModelPreset", "PRESETS", "make_model"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ModelPreset:
     name: str
     hidden_size: int
@@ -63,17 +62,15 @@ _CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 )
 _COMMON_WORDS = (
-    "the of and to in is was that for it with as on be at by this had not are but from or have an "
-    "they which one you were all we her she there would their will when who him been has more if no "
-    "out so said what up its about than into them can only other new some could time these two may "
+    "the of and to in is was that for it with as on be at by this had not are but from or have "
+    "they which one you were all we her she there would their will when who him been has more if "
+    "out so said what up its about than into them can only other new some could time these two "
     "first then do any like my now over such our man me even most made after also did many before "
-    "must through back years where much your way well down should because each just those people how "
-    "too little state good very make world still own see men work long get here between both life "
-    "being under never day same another know while last might us great old year off come since against "
-    "go came right used take three model token cache request batch queue memory engine prompt decode"
+    "must through back years where much your way well down should because each just those people "
+    "hello world model token cache request batch queue memory engine prompt decode serve"
 ).split()
-_ONSETS = ("", "b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t", "v", "w",
-           "br", "ch", "cl", "cr", "dr", "fl", "gr", "pl", "pr", "sh", "sl", "st", "str", "th", "tr")
+_ONSETS = ("", "b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t", "v", "w", "br",
+           "ch", "cl", "cr", "dr", "fl", "gr", "pl", "pr", "sh", "sl", "st", "str", "th", "tr")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ee", "io", "ou", "oo")
 _CODAS = ("", "", "n", "r", "s", "t", "l", "m", "nd", "ng", "nt", "rd", "st", "ck", "sh", "th")
 
@@ -90,7 +87,7 @@ def _corpus(num_sentences: int, seed: int = 1234) -> Iterator[str]:
         words = [rng.choice(_COMMON_WORDS) if rng.random() < 0.6 else rng.choice(lexicon)
                  for _ in range(rng.randint(4, 16))]
         words[0] = words[0].capitalize()
-        yield " ".join(words) + rng.choice((".", ".", ".", "?", "!", ",")) + rng.choice(("", " 42", " 2024"))
+        yield " ".join(words) + rng.choice(".....?!,") + rng.choice(("", " 42", " 2024"))
 
 
 def _build_tokenizer(preset: ModelPreset, out_dir: Path) -> None:
@@ -107,7 +104,7 @@ def _build_tokenizer(preset: ModelPreset, out_dir: Path) -> None:
     )
     tok.train_from_iterator(_corpus(20_000), trainer)
     if tok.get_vocab_size() != preset.vocab_size:
-        raise RuntimeError(f"BPE produced {tok.get_vocab_size()} tokens, wanted {preset.vocab_size}")
+        raise RuntimeError(f"BPE made {tok.get_vocab_size()} tokens, not {preset.vocab_size}")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)])
     hf_tok = PreTrainedTokenizerFast(

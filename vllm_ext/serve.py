@@ -1,0 +1,86 @@
+"""Start and stop a real `vllm serve` on 127.0.0.1 (for the demo, tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+# CPU-friendly engine settings used wherever this project starts a server itself.
+CPU_SERVE_ARGS = ("--dtype", "float32", "--enforce-eager")
+CPU_SERVE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerError(RuntimeError):
+    """The server exited or never became healthy; carries the tail of its log."""
+
+
+class VllmServer:
+    """`with VllmServer(model, args, log) as url:` serves until the block ends."""
+
+    def __init__(self, model: str | os.PathLike, args: list[str] | tuple[str, ...],
+                 log_path: str | os.PathLike, startup_timeout: float = 300.0,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = ["vllm", "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+                    *args]
+        self.log_path = Path(log_path)
+        self.startup_timeout = startup_timeout
+        self.env = {**os.environ, **CPU_SERVE_ENV, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def __enter__(self) -> str:
+        self._log = open(self.log_path, "w")
+        # Own session, so stopping it reaches the engine processes it spawns too.
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while not self._healthy():
+            if self.proc.poll() is not None:
+                self.stop()
+                raise ServerError(f"vllm serve exited with {self.proc.returncode}:\n"
+                                  f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(f"vllm serve not healthy after {self.startup_timeout:.0f} s:\n"
+                                  f"{self.log_tail()}")
+            time.sleep(1)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self, grace: float = 60.0) -> int | None:
+        """SIGINT (vLLM's clean shutdown), then SIGKILL after `grace` seconds."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode if self.proc is not None else None
