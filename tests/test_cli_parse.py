@@ -6,7 +6,7 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def serve_parser():
+def serve_parser(tmp_path_factory):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -18,7 +18,11 @@ def serve_parser():
         ns = parser.parse_args(["model-dir", *args])
         return ns, AsyncEngineArgs.from_cli_args(ns)
 
-    return parse
+    # Folding a selection prepares this process as a front end (stats directory in the
+    # environment); keep that out of the engines later tests start.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLMEXT_STATS_DIR", str(tmp_path_factory.mktemp("stats")))
+        yield parse
 
 
 def test_without_flags_vllm_parses_as_before(serve_parser):

@@ -67,3 +67,18 @@ def test_prometheus_export(monkeypatch, tmp_path):
     assert 'vllm_ext_step_seconds_bucket{le="+Inf"} 2.0' in text
     assert "vllm_ext_last_step_prefill_tokens 20.0" in text
     w.close()
+
+
+def test_front_end_keeps_an_operator_dir_but_not_an_inherited_one(monkeypatch, tmp_path):
+    import os
+
+    from vllm_ext import metrics
+
+    monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
+    monkeypatch.delenv("VLLMEXT_STATS_OWNER", raising=False)
+    assert metrics.prepare_front_end() == str(tmp_path)  # set by the operator: shared
+
+    monkeypatch.setenv("VLLMEXT_STATS_OWNER", str(os.getppid()))  # another front end's
+    own = metrics.prepare_front_end()
+    assert own != str(tmp_path) and os.environ["VLLMEXT_STATS_OWNER"] == str(os.getpid())
+    assert metrics.prepare_front_end() == own  # and stays ours

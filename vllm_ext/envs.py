@@ -6,6 +6,7 @@ warns about (or, in strict mode, refuses) the ones it does not know.
 | variable                  | meaning                                                              |
 |---------------------------|----------------------------------------------------------------------|
 | VLLMEXT_STATS_DIR        | where engine processes write per-step scheduler stats (set by vllm-ext in the front-end process before the engine is spawned; an operator may set it to keep the files) |
+| VLLMEXT_STATS_OWNER      | pid of the front end that created VLLMEXT_STATS_DIR itself; a front end that inherits another's temporary directory makes its own instead of mixing stats |
 | VLLMEXT_TRACE_PLUGINS    | `1` prints every pluggy hook call while components are collected      |
 | VLLMEXT_ALLOW_ANY_VLLM   | `1` skips the supported-vLLM-version check (at your own risk)         |
 """
@@ -15,12 +16,18 @@ from __future__ import annotations
 import os
 
 STATS_DIR = "VLLMEXT_STATS_DIR"
+STATS_OWNER = "VLLMEXT_STATS_OWNER"
 TRACE_PLUGINS = "VLLMEXT_TRACE_PLUGINS"
 ALLOW_ANY_VLLM = "VLLMEXT_ALLOW_ANY_VLLM"
 
 
 def stats_dir() -> str | None:
     return os.environ.get(STATS_DIR) or None
+
+
+def stats_owner() -> int | None:
+    value = os.environ.get(STATS_OWNER)
+    return int(value) if value else None
 
 
 def trace_plugins() -> bool:

@@ -31,9 +31,13 @@ def prepare_front_end() -> str:
     """Make sure engines started from this process will log, and that we export it."""
     global _collector_registered
     directory = envs.stats_dir()
-    if directory is None:
+    owner = envs.stats_owner()
+    # A directory set by the operator is kept and shared on purpose; one inherited from
+    # another front end's start-up is that front end's, and mixing would corrupt both.
+    if directory is None or (owner is not None and owner != os.getpid()):
         directory = tempfile.mkdtemp(prefix="vllm-ext-stats-")
         os.environ[envs.STATS_DIR] = directory
+        os.environ[envs.STATS_OWNER] = str(os.getpid())
         atexit.register(shutil.rmtree, directory, True)
     if not _collector_registered:
         from prometheus_client import REGISTRY
