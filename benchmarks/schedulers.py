@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_ext.ab.metron import Timeline, percentile, pooled_gaps
+
 ARMS = {
     "vllm": {"scheduler": "vllm"},
     "prefill-first": {"scheduler": "prefill-first"},
@@ -46,15 +48,6 @@ def workload() -> list[Req]:
     reqs = [Req(0.05 * i, 32 + 4 * i, DECODE_TOKENS) for i in range(DECODERS)]
     reqs += [Req(3.0 + LONG_EVERY_S * j, LONG_LEN - 32 * j, 16) for j in range(LONG_PROMPTS)]
     return reqs
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 async def _run_arm(model: str, arm: str, reqs: list[Req]) -> dict:
@@ -95,24 +88,15 @@ async def _run_arm(model: str, arm: str, reqs: list[Req]) -> dict:
             "engine_steps": len(measured)}
 
 
-def timeline(raw: dict) -> tuple[list[float], list[float], int, float]:
-    """Pooled token gaps, TTFTs, output tokens and the measured span of one arm."""
-    ttft, gaps, tokens = [], [], 0
-    for r in raw["requests"]:
-        prev = r["sent"]
-        for i, (t, n) in enumerate(r["events"]):
-            (ttft if i == 0 else gaps).append(t - prev)
-            # Metron: an event of k tokens is one gap followed by k-1 zero gaps.
-            gaps.extend([0.0] * max(0, n - 1))
-            tokens += n
-            prev = t
-    span = (max(r["events"][-1][0] for r in raw["requests"])
-            - min(r["sent"] for r in raw["requests"]))
-    return gaps, ttft, tokens, span
+def timelines(raw: dict) -> list[Timeline]:
+    return [Timeline.of(r["sent"], r["events"]) for r in raw["requests"]]
 
 
 def summarize(arm: str, raw: dict) -> dict:
-    gaps, ttft, tokens, span = timeline(raw)
+    tls = timelines(raw)
+    gaps, ttft = pooled_gaps(tls), [tl.ttft for tl in tls]
+    tokens = sum(tl.num_tokens for tl in tls)
+    span = max(tl.sent + tl.e2e for tl in tls) - min(tl.sent for tl in tls)
     return {
         "arm": arm, "budget": raw["max_num_batched_tokens"],
         "tbt_p50_ms": 1e3 * percentile(gaps, 50), "tbt_p99_ms": 1e3 * percentile(gaps, 99),
@@ -132,7 +116,7 @@ def plot(raws: dict[str, dict], title: str, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for arm, raw in raws.items():
-        gaps = sorted(g for g in timeline(raw)[0] if g > 0)
+        gaps = sorted(g for g in pooled_gaps(timelines(raw)) if g > 0)
         n = len(gaps)
         ax.step(gaps, [1 - k / n for k in range(n)], where="post", label=arm)
     ax.set(xscale="log", yscale="log", xlabel="time between tokens (s)",

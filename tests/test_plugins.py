@@ -181,7 +181,8 @@ def test_engine_agnostic_modules_do_not_import_vllm():
     import subprocess
 
     code = ("import sys, vllm_ext.schedulers, vllm_ext.schedulers.steplog, vllm_ext.kernels, "
-            "vllm_ext.allocators, vllm_ext.models, vllm_ext.registry, vllm_ext.selection; "
+            "vllm_ext.allocators, vllm_ext.models, vllm_ext.registry, vllm_ext.selection, "
+            "vllm_ext.ab.metron; "
             "print('vllm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

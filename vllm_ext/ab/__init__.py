@@ -1,0 +1,1 @@
+"""A/B benchmark harness: Metron user-facing metrics (`metron`); runner and reports build on it."""
