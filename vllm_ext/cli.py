@@ -45,10 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     mk.set_defaults(run=_make_model)
     ls = sub.add_parser("components", help="list the selectable components and their flags")
     ls.set_defaults(run=_components)
-    demo = sub.add_parser("demo", help="make the tiny model, serve it with --scheduler sarathi on "
-                                       "127.0.0.1, stream one completion, stop")
-    demo.add_argument("--workdir", default="demo", help="where the model and server log go")
+    demo = sub.add_parser("demo", help="A/B of the schedulers (vllm, prefill-first, sarathi) on "
+                                       "the small synthetic model on CPU, ~10 minutes")
+    demo.add_argument("--workdir", default="demo", help="where the model and the report go")
     demo.set_defaults(run=_demo)
+    bench = sub.add_parser("bench", help="benchmarks (ab: A/B of serve flag sets or endpoints)")
+    from vllm_ext.ab.cli import add_parser as add_ab
+
+    add_ab(bench.add_subparsers(dest="bench", required=True))
     return parser
 
 

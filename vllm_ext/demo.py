@@ -1,37 +1,53 @@
-"""The README's main job: a synthetic model served with `--scheduler sarathi`, one
-streamed request through the openai client, then a clean stop."""
+"""The README's main job: an A/B run of the three schedulers on the small synthetic model,
+on CPU, through the same `vllm-ext bench ab` an operator would use.
+
+Prompts of a few hundred to ~2K tokens arrive while earlier requests decode: the
+traffic where a prefill either stalls running decodes (prefill-first, and stock
+vLLM when a long chunk leads its step) or shares each step with them (sarathi).
+"""
 
 from __future__ import annotations
 
+import shlex
 import sys
-import time
 from pathlib import Path
 
-from vllm_ext.serve import CPU_SERVE_ARGS, VllmServer, stream_completion
+from vllm_ext.serve import CPU_SERVE_ARGS
+
+ARMS = {"vllm": "--scheduler vllm", "prefill-first": "--scheduler prefill-first",
+        "sarathi": "--scheduler sarathi"}
+# Sized to finish on 2 CPU cores in about ten minutes after set-up (three server
+# starts, two seeds of 16 requests per arm, the equivalence prompts).
+TRAFFIC = ("--num-requests", "16", "--qps", "0.4", "--prompt-len", "lognormal:384:0.8",
+           "--max-prompt-tokens", "2048", "--output-len", "uniform:32:96", "--seeds", "2",
+           "--ttft-slo-s", "5", "--tbt-slo-ms", "1000")
 
 
-def run(workdir: str | Path = "demo", max_tokens: int = 32) -> int:
-    from openai import OpenAI
+def bench_argv(model: Path, out: Path) -> list[str]:
+    serve = [*CPU_SERVE_ARGS, "--max-model-len", "4096"]
+    arms = [a for name, flags in ARMS.items() for a in ("--arm", f"{name}={flags}")]
+    return ["bench", "ab", "--model", str(model), "--serve-args", shlex.join(serve), *arms,
+            *TRAFFIC, "--out", str(out)]
 
+
+def shown(argv: list[str]) -> str:
+    """The command as a person would type it: --arm NAME="FLAGS"."""
+    words = []
+    for prev, word in zip(["", *argv], argv):
+        name, _, flags = word.partition("=")
+        words.append(f'{name}="{flags}"' if prev == "--arm" else shlex.quote(word))
+    return " ".join(words)
+
+
+def run(workdir: str | Path = "demo") -> int:
+    from vllm_ext.cli import main
     from vllm_ext.models import make_model
 
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    model = make_model(workdir / "tiny", preset="tiny")
-    args = [*CPU_SERVE_ARGS, "--max-model-len", "1024", "--scheduler", "sarathi"]
-    log = workdir / "server.log"
-    print(f"$ vllm serve {model} {' '.join(args)}   (log: {log}; ready in about a minute)")
-    t0 = time.monotonic()
-    with VllmServer(model, args, log) as url:
-        print(f"healthy at {url} after {time.monotonic() - t0:.0f} s; streaming one completion:")
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-        tokens = stream_completion(client, str(model), "hello world", max_tokens,
-                                   on_text=lambda t: print(t, end="", flush=True)).tokens
-        print(f"\n{tokens} tokens streamed; stopping the server")
-        active = [l for l in log.read_text().splitlines() if "vllm-ext active" in l]
-        print(active[-1].split("] ", 1)[-1] if active else "warning: no vllm-ext start-up line")
-    print("server stopped cleanly")
-    return 0 if tokens == max_tokens and active else 1
+    model = make_model(workdir / "small", preset="small")
+    argv = bench_argv(model, workdir / "ab-report")
+    print("$ vllm-ext " + shown(argv), flush=True)
+    return main(argv)
 
 
 if __name__ == "__main__":

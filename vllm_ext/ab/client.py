@@ -1,0 +1,149 @@
+"""Replay a trace against an OpenAI-compatible endpoint, timing every streamed token.
+
+Each request asks for `logprobs=0`, so every streamed event lists the tokens it
+carries: an event of k tokens is recorded as (arrival time, k), which is how
+Metron counts a coalesced chunk (one gap, then k-1 zero gaps). Counting text
+pieces instead undercounts when the server coalesces tokens (see REFERENCES).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from vllm_ext.ab.metron import Timeline
+from vllm_ext.ab.traces import Trace
+
+TOKEN_COUNTING = ("tokens counted per streamed event from its logprobs entries (logprobs=0); "
+                  "an event of k tokens is one gap followed by k-1 zero gaps; events without "
+                  "tokens are ignored; checked against the server's usage.completion_tokens")
+
+
+class EndpointError(RuntimeError):
+    """An endpoint that cannot be reached or does not serve the model."""
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    index: int
+    scheduled: float  # when the trace says it arrives, seconds after the run's start
+    sent: float  # when it was sent, seconds after the run's start
+    prompt_tokens: int
+    max_tokens: int
+    events: list[tuple[float, int]] = field(default_factory=list)
+    completed: bool = False
+    finish_reason: str | None = None
+    usage_tokens: int | None = None  # the server's own count of output tokens
+    error: str | None = None
+
+    def timeline(self) -> Timeline:
+        return Timeline.of(self.sent, self.events, self.completed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RequestRecord":
+        return cls(**{**d, "events": [tuple(e) for e in d["events"]]})
+
+
+def get_json(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.load(r)
+
+
+def served_models(base_url: str) -> list[str]:
+    """Model names an endpoint serves (GET /v1/models), or EndpointError saying why not."""
+    try:
+        return [m["id"] for m in get_json(f"{base_url}/v1/models")["data"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise EndpointError(f"{base_url} is not a reachable OpenAI-compatible endpoint "
+                            f"(GET /v1/models: {reason})") from None
+
+
+def get_text(url: str, timeout: float = 5.0) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read().decode()
+    except (OSError, urllib.error.HTTPError):
+        return None
+
+
+async def _one(client, model: str, trace: Trace, i: int, vocab_size: int, t0: float,
+               record: RequestRecord) -> None:
+    req = trace.requests[i]
+    prompt = trace.prompt_ids(i, vocab_size)
+    record.sent = time.perf_counter() - t0
+    try:
+        stream = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=req.output_tokens, temperature=0.0,
+            stream=True, logprobs=0, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            now = time.perf_counter() - t0
+            if chunk.choices:
+                choice = chunk.choices[0]
+                lp = choice.logprobs
+                record.events.append((now, len(lp.tokens) if lp and lp.tokens else 0))
+                record.finish_reason = choice.finish_reason or record.finish_reason
+            if getattr(chunk, "usage", None) is not None:
+                record.usage_tokens = chunk.usage.completion_tokens
+        record.completed = record.finish_reason is not None
+        if not record.completed:
+            record.error = "stream ended without a finish reason"
+    except Exception as e:  # one failed request must not stop the run: it is recorded
+        record.error = f"{type(e).__name__}: {e}"
+
+
+async def _replay(base_url: str, model: str, trace: Trace, vocab_size: int,
+                  on_done: Callable[[RequestRecord], None] | None) -> list[RequestRecord]:
+    import httpx
+    from openai import AsyncOpenAI
+
+    # No retries (a retry would hide a failure and distort timings); no read timeout,
+    # since a long prefill under load may legitimately keep a stream silent.
+    client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0,
+                         timeout=httpx.Timeout(None, connect=30.0),
+                         http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=None)))
+    records = [RequestRecord(i, r.arrival, float("nan"), r.prompt_tokens, r.output_tokens)
+               for i, r in enumerate(trace.requests)]
+    t0 = time.perf_counter()
+
+    async def run(i: int) -> None:
+        await _one(client, model, trace, i, vocab_size, t0, records[i])
+        if on_done is not None:
+            on_done(records[i])
+
+    async def timed(i: int) -> None:
+        await asyncio.sleep(max(0.0, trace.requests[i].arrival - (time.perf_counter() - t0)))
+        await run(i)
+
+    async def worker(queue: asyncio.Queue) -> None:
+        while not queue.empty():
+            await run(queue.get_nowait())
+
+    try:
+        if trace.concurrency is None:
+            await asyncio.gather(*(timed(i) for i in range(len(records))))
+        else:
+            queue: asyncio.Queue = asyncio.Queue()
+            for i in range(len(records)):
+                queue.put_nowait(i)
+            await asyncio.gather(*(worker(queue) for _ in range(trace.concurrency)))
+    finally:
+        await client.close()
+    return records
+
+
+def replay(base_url: str, model: str, trace: Trace, vocab_size: int,
+           on_done: Callable[[RequestRecord], None] | None = None) -> list[RequestRecord]:
+    """Send every request of `trace` at its arrival time (or through a closed loop) as a
+    greedy streamed completion of exactly its output length; one record per request,
+    failed ones included, with times in seconds from the start of the replay."""
+    return asyncio.run(_replay(base_url, model, trace, vocab_size, on_done))

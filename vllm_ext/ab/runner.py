@@ -1,0 +1,285 @@
+"""Run an A/B benchmark: each arm served (or reached) in turn, the same traces replayed
+through it, its equivalence outputs and capacity taken, everything written to a
+report directory as it arrives, so a failing arm never costs the others' results."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shlex
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_ext.ab import capacity as cap
+from vllm_ext.ab import equivalence as eq
+from vllm_ext.ab import promtext, report
+from vllm_ext.ab.client import (EndpointError, RequestRecord, get_text, replay, served_models)
+from vllm_ext.ab.report import write_json as _write_json
+from vllm_ext.ab.summary import HEADLINE, SLO, summarize
+from vllm_ext.ab.stats import paired_bootstrap
+from vllm_ext.ab.traces import LengthDist, Trace, TraceError, synthesize
+
+QUEUE_TIME_METRIC = "vllm:request_queue_time_seconds"
+# vLLM's default request-latency buckets start at 0.3 s, too coarse to read a P50
+# scheduling delay from; finer bounds for the servers the harness starts (an arm's
+# own --custom-histogram-buckets, given later on its command line, wins).
+FINE_LATENCY_BUCKETS = ("--custom-histogram-buckets", json.dumps({"request_latency": [
+    0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.25, 1.5,
+    1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]}))
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+class ABError(ValueError):
+    """A bad A/B configuration, found before any server starts."""
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    name: str
+    serve_args: tuple[str, ...] = ()  # flags for `vllm serve MODEL ...`
+    endpoint: str | None = None  # a running server instead
+
+    @classmethod
+    def parse(cls, spec: str, endpoint: bool = False) -> "Arm":
+        name, sep, value = spec.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            form = "NAME=URL" if endpoint else 'NAME="FLAGS"'
+            raise ABError(f"{'--endpoint' if endpoint else '--arm'} {spec!r}: expected {form}")
+        if not set(name) <= _NAME_CHARS:
+            raise ABError(f"arm name {name!r}: use letters, digits, '_', '.', '-'")
+        if endpoint:
+            url = value.strip().rstrip("/").removesuffix("/v1")
+            if not url.startswith(("http://", "https://")):
+                raise ABError(f"--endpoint {spec!r}: URL must start with http:// or https://")
+            return cls(name, endpoint=url)
+        try:
+            return cls(name, tuple(shlex.split(value)))
+        except ValueError as e:
+            raise ABError(f"--arm {spec!r}: cannot split its flags ({e})") from None
+
+    def describe(self) -> str:
+        return self.endpoint or ("vllm serve MODEL " + shlex.join(self.serve_args)).strip()
+
+
+@dataclass(frozen=True, slots=True)
+class CapacitySearch:
+    target: cap.CapacityTarget
+    low_qps: float
+    high_qps: float
+    iterations: int
+    requests: int  # per probe
+
+
+@dataclass
+class ABConfig:
+    model: str | None  # served by the arms that start a server; the endpoints' model name
+    arms: list[Arm]
+    traces: list[Trace]  # one per seed, replayed by every arm
+    out: Path
+    vocab_size: int
+    slo: SLO = SLO()
+    common_args: tuple[str, ...] = ()  # flags every started server gets, before its own
+    prompts: list[eq.Prompt] | None = None  # equivalence prompt set; None skips it
+    equivalence_tokens: int = 32
+    top_k: int = 5
+    capacity: CapacitySearch | None = None
+    prompt_len: LengthDist | None = None  # for capacity probes' traces
+    output_len: LengthDist | None = None
+    max_prompt_tokens: int = 1 << 30
+    bootstrap_iterations: int = 1000
+    startup_timeout: float = 600.0
+    warmup_requests: int = 2
+    progress: bool = True
+
+    def check(self) -> None:
+        if not self.arms:
+            raise ABError("no arms: give at least one --arm or --endpoint")
+        names = [a.name for a in self.arms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ABError(f"arm names must differ; repeated: {', '.join(dupes)}")
+        if self.model is None and any(a.endpoint is None for a in self.arms):
+            raise ABError("--model is required to start servers for --arm")
+
+
+@dataclass
+class ArmResult:
+    arm: Arm
+    runs: list[list[RequestRecord]] = field(default_factory=list)
+    sched_delay_p50_s: float | None = None
+    summary: dict | None = None
+    outputs: list[eq.Output] | None = None
+    capacity: cap.Capacity | None = None
+    error: str | None = None  # the arm failed: no latency figures
+    problems: list[str] = field(default_factory=list)  # parts that failed after the figures
+    log: str | None = None
+    wall_s: float = 0.0
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", disable=not enabled, leave=False,
+                dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def _serving(arm: Arm, cfg: ABConfig, log: Path) -> Iterator[tuple[str, str]]:
+    """(base URL, model name) of an arm, serving for the duration of the block."""
+    if arm.endpoint is not None:
+        models = served_models(arm.endpoint)
+        if cfg.model in models:
+            yield arm.endpoint, cfg.model
+        elif cfg.model is None and len(models) == 1:
+            yield arm.endpoint, models[0]
+        else:
+            raise EndpointError(f"endpoint {arm.name} ({arm.endpoint}) serves {models}, "
+                                f"not {cfg.model!r}; pass --model with one of those")
+        return
+    from vllm_ext.serve import VllmServer
+
+    with VllmServer(cfg.model, [*FINE_LATENCY_BUCKETS, *cfg.common_args, *arm.serve_args], log,
+                    startup_timeout=cfg.startup_timeout) as url:
+        yield url, str(cfg.model)
+
+
+def _replay_measured(url: str, model: str, trace: Trace, cfg: ABConfig, desc: str):
+    """Replay with a progress bar; also the engine's scheduling delays over the replay,
+    as the delta of its queue-time histogram (None if the server lacks it)."""
+    before = promtext.histogram(get_text(f"{url}/metrics"), QUEUE_TIME_METRIC)
+    with _bar(len(trace.requests), desc, cfg.progress) as bar:
+        records = replay(url, model, trace, cfg.vocab_size, on_done=lambda r: bar.update())
+    time.sleep(0.5)  # vLLM records finished requests' stats just after their last token
+    after = promtext.histogram(get_text(f"{url}/metrics"), QUEUE_TIME_METRIC)
+    return records, promtext.delta(before, after)
+
+
+def _add(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return {k: a.get(k, 0.0) + v for k, v in b.items()}
+
+
+def _probe_trace(cfg: ABConfig, qps: float, index: int) -> Trace:
+    # Distinct seeds per probe: prompts never repeat on the same server, so the prefix
+    # cache cannot flatter later probes.
+    return synthesize(cfg.capacity.requests, "poisson", cfg.prompt_len, cfg.output_len,
+                      seed=10_000 + index, qps=qps, max_prompt=cfg.max_prompt_tokens)
+
+
+def run_arm(arm: Arm, cfg: ABConfig, say=print) -> ArmResult:
+    result = ArmResult(arm)
+    log = cfg.out / "logs" / f"{arm.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    result.log = str(log) if arm.endpoint is None else None
+    t0 = time.monotonic()
+    try:
+        with _serving(arm, cfg, log) as (url, model):
+            say(f"[{arm.name}] serving at {url} after {time.monotonic() - t0:.0f} s")
+            if cfg.warmup_requests:
+                warm = synthesize(cfg.warmup_requests, "concurrency", LengthDist("fixed", 16),
+                                  LengthDist("fixed", 4), seed=-1, concurrency=cfg.warmup_requests)
+                replay(url, model, warm, cfg.vocab_size)
+            queue_hist = None
+            for trace in cfg.traces:
+                records, hist = _replay_measured(url, model, trace, cfg,
+                                                 f"{arm.name} seed {trace.seed}")
+                result.runs.append(records)
+                queue_hist = _add(queue_hist, hist)
+                _write_json(cfg.out / "raw" / arm.name / f"seed{trace.seed}.json",
+                            {"arm": arm.name, "seed": trace.seed, "trace": trace.description,
+                             "requests": [r.to_dict() for r in records]})
+            result.sched_delay_p50_s = promtext.quantile(queue_hist, 0.5)
+            result.summary = summarize(result.runs, cfg.slo, result.sched_delay_p50_s)
+            # The latency figures are in; a failure from here on loses only its own part.
+            if cfg.prompts:
+                say(f"[{arm.name}] equivalence: {len(cfg.prompts)} greedy prompts")
+                with _part(result, "equivalence", say):
+                    result.outputs = eq.fetch(url, model, cfg.prompts, cfg.equivalence_tokens,
+                                              cfg.top_k)
+                    _write_json(cfg.out / "equivalence" / f"{arm.name}.json",
+                                [{"text": o.text, "token_ids": o.token_ids,
+                                  "top": [{str(k): v for k, v in t.items()} for t in o.top]}
+                                 for o in result.outputs])
+            if cfg.capacity is not None:
+                with _part(result, "capacity search", say):
+                    result.capacity = _search_capacity(url, model, cfg, arm.name, say)
+    except Exception as e:
+        # Whatever broke (ServerError carries the log tail), this arm is recorded as
+        # failed and the others still run.
+        result.error = f"{type(e).__name__}: {e}"
+        say(f"[{arm.name}] FAILED: {result.error}")
+    result.wall_s = time.monotonic() - t0
+    return result
+
+
+@contextlib.contextmanager
+def _part(result: ArmResult, part: str, say) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:
+        result.problems.append(f"{part} failed: {type(e).__name__}: {e}")
+        say(f"[{result.arm.name}] {result.problems[-1]}")
+
+
+def _search_capacity(url: str, model: str, cfg: ABConfig, name: str, say) -> cap.Capacity:
+    search = cfg.capacity
+    count = iter(range(search.iterations))
+
+    def probe(qps: float) -> cap.Probe:
+        trace = _probe_trace(cfg, qps, next(count))
+        records, hist = _replay_measured(url, model, trace, cfg, f"{name} capacity {qps:.3g} QPS")
+        s = summarize([records], cfg.slo, promtext.quantile(hist, 0.5))
+        delay = None if math.isnan(s["sched_delay_p50_s"]) else s["sched_delay_p50_s"]
+        return search.target.judge(qps, s["tbt_p99_ms"], delay, s["failed"])
+
+    def show(p: cap.Probe) -> None:
+        delay = "n/a" if p.sched_delay_p50_s is None else f"{p.sched_delay_p50_s:.2f} s"
+        say(f"[{name}] capacity probe {p.qps:.3g} QPS: TBT P99 {p.tbt_p99_ms:.0f} ms, "
+            f"scheduling delay P50 {delay} -> {'pass' if p.passed else 'fail'}")
+
+    return cap.bisect_capacity(probe, search.low_qps, search.high_qps, search.iterations, show)
+
+
+def compare_arms(results: list[ArmResult], cfg: ABConfig, known: dict | None = None) -> dict:
+    """Each arm against the first (the base): bootstrap intervals on the headline
+    metrics, and output equivalence. Arms already in `known` are not redone."""
+    base, out = results[0], dict(known or {})
+    if base.error or not base.runs:
+        return out
+    base_tls = [[r.timeline() for r in run] for run in base.runs]
+    for res in results[1:]:
+        if res.error or len(res.runs) != len(base.runs) or res.arm.name in out:
+            continue
+        tls = [[r.timeline() for r in run] for run in res.runs]
+        entry = {"ci": {key: paired_bootstrap(base_tls, tls, fn, cfg.bootstrap_iterations).to_dict()
+                        for key, (_, fn, _) in HEADLINE.items()}}
+        if base.outputs is not None and res.outputs is not None:
+            cmp = eq.compare(cfg.prompts, base.outputs, res.outputs)
+            entry["equivalence"] = {**cmp, "verdict": eq.verdict(res.arm.name, base.arm.name, cmp)}
+        out[res.arm.name] = entry
+    return out
+
+
+def run_ab(cfg: ABConfig, say=print) -> tuple[list[ArmResult], dict]:
+    """All arms, one at a time; the report is rewritten after each, so it is whole at
+    any moment and an interrupted run keeps what finished."""
+    cfg.check()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    for trace in cfg.traces:
+        _write_json(cfg.out / "trace" / f"seed{trace.seed}.json", trace.to_dict())
+    results: list[ArmResult] = []
+    comparisons: dict = {}
+    for i, arm in enumerate(cfg.arms, start=1):
+        say(f"[{arm.name}] arm {i} of {len(cfg.arms)}: {arm.describe()}")
+        results.append(run_arm(arm, cfg, say))
+        comparisons = compare_arms(results, cfg, comparisons)
+        report.write(cfg, results, comparisons)
+    return results, comparisons
+
+
+__all__ = ["ABConfig", "ABError", "Arm", "ArmResult", "CapacitySearch", "run_ab", "TraceError"]
