@@ -96,6 +96,15 @@ def test_histogram_quantiles():
     assert promtext.quantile(promtext.delta(before, h), 0.5) == pytest.approx(0.1 + 0.9 * 3 / 5)
     assert promtext.histogram("other_metric 1\n", "vllm:request_queue_time_seconds") is None
     assert promtext.quantile(None, 0.5) is None
+    assert promtext.add(before, h) == {0.1: 8.0, 1.0: 13.0, math.inf: 14.0}
+
+
+def test_counters_sum_over_engines():
+    text = ('vllm:prefix_cache_hits_total{engine="0"} 10.0\n'
+            'vllm:prefix_cache_hits_total{engine="1"} 5.0\n'
+            'vllm:prefix_cache_hits_created{engine="0"} 1.7e9\n')
+    assert promtext.counter(text, "vllm:prefix_cache_hits") == 15.0
+    assert promtext.counter(text, "vllm:prefix_cache_queries") is None
 
 
 def _tls(shift: float, n: int = 40):

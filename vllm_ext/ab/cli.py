@@ -51,7 +51,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="clip sampled prompt lengths (keep prompt + output within the context)")
     t.add_argument("--trace-csv", metavar="FILE",
                    help="replay arrival,prompt_tokens,output_tokens rows instead of synthesizing")
-    t.add_argument("--seeds", type=int, default=1, help="paired traces per arm (seeds 0..N-1)")
+    t.add_argument("--seeds", type=int, default=1, help="paired traces per arm")
+    t.add_argument("--first-seed", type=int, default=0,
+                   help="seeds run from here; change it to replay against a server that has "
+                        "seen earlier runs' prompts in its prefix cache")
     t.add_argument("--vocab-size", type=int,
                    help="for random prompt ids; read from MODEL/config.json when it is a directory")
     s = p.add_argument_group("SLOs (deadlines, fluidity, goodput)")
@@ -101,15 +104,16 @@ def build_config(a: argparse.Namespace):
     arms = [Arm.parse(s) for s in a.arm] + [Arm.parse(s, endpoint=True) for s in a.endpoint]
     if a.seeds < 1:
         raise TraceError(f"--seeds must be >= 1, got {a.seeds}")
+    seeds = range(a.first_seed, a.first_seed + a.seeds)
     prompt, output = LengthDist.parse(a.prompt_len, "--prompt-len"), LengthDist.parse(a.output_len,
                                                                                         "--output-len")
     if a.trace_csv:
-        traces = [load_csv(a.trace_csv, seed=s) for s in range(a.seeds)]
+        traces = [load_csv(a.trace_csv, seed=s) for s in seeds]
     else:
         traces = [synthesize(a.num_requests, a.arrival, prompt, output, seed=s, qps=a.qps,
                              burstiness=a.burstiness, concurrency=a.concurrency,
                              max_prompt=a.max_prompt_tokens)
-                  for s in range(a.seeds)]
+                  for s in seeds]
     capacity = None
     if a.capacity:
         try:

@@ -28,11 +28,29 @@ def histogram(text: str | None, name: str) -> dict[float, float] | None:
     return buckets or None
 
 
+def counter(text: str | None, name: str) -> float | None:
+    """Counter `name` (with or without its `_total` suffix) summed over label sets."""
+    if not text:
+        return None
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and m.group(1) in (name, f"{name}_total"):
+            total, seen = total + float(m.group(3)), True
+    return total if seen else None
+
+
 def delta(before: dict[float, float] | None, after: dict[float, float] | None):
     if after is None:
         return None
     before = before or {}
     return {b: c - before.get(b, 0.0) for b, c in after.items()}
+
+
+def add(a: dict[float, float] | None, b: dict[float, float] | None):
+    if a is None or b is None:
+        return b if a is None else a
+    return {k: a.get(k, 0.0) + v for k, v in b.items()}
 
 
 def quantile(buckets: dict[float, float] | None, q: float) -> float | None:

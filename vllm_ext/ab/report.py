@@ -31,6 +31,7 @@ COLUMNS = (
     ("out_tok_per_s", "output tok/s", "{:.1f}"), ("req_per_s", "req/s", "{:.2f}"),
     ("goodput_req_s", "goodput req/s", "{:.2f}"), ("deadline_miss_rate", "deadline miss %", "{:.1%}"),
     ("fluid_requests", "fluidity >= 0.9", "{:.0%}"), ("sched_delay_p50_s", "sched. delay P50 s", "{:.2f}"),
+    ("prefix_cache_hit_rate", "prefix-cache hits", "{:.1%}"),
 )
 
 
@@ -158,6 +159,13 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
                       f"probes of {cfg.capacity.requests} requests between {cfg.capacity.low_qps:g} "
                       f"and {cfg.capacity.high_qps:g} QPS)."),
                 ("ul", [f"{r.arm.name}: {r.capacity.describe()}" for r in caps])]
+    cached = [f"{r.arm.name}: {r.summary['prefix_cache_hit_rate']:.1%} of prompt tokens" for r in results
+              if r.summary and r.summary.get("prefix_cache_hit_rate", 0) > 0.001]
+    if cached:
+        out += [("h2", "Warning: prefix-cache hits"),
+                ("p", "Measured prompts were partly served from the prefix cache (a server that saw "
+                      "these prompts before: use --first-seed to draw new ones), which shortens "
+                      "their prefills:"), ("ul", cached)]
     miscounted = [f"{r.arm.name}: {r.summary['token_count_mismatches']} requests" for r in results
                   if r.summary and r.summary["token_count_mismatches"]]
     if miscounted:

@@ -16,13 +16,13 @@ from pathlib import Path
 from vllm_ext.ab import capacity as cap
 from vllm_ext.ab import equivalence as eq
 from vllm_ext.ab import promtext, report
+from vllm_ext.ab.server_view import ServerView
 from vllm_ext.ab.client import (EndpointError, RequestRecord, get_text, replay, served_models)
 from vllm_ext.ab.report import write_json as _write_json
 from vllm_ext.ab.summary import HEADLINE, SLO, summarize
 from vllm_ext.ab.stats import paired_bootstrap
 from vllm_ext.ab.traces import LengthDist, Trace, TraceError, synthesize
 
-QUEUE_TIME_METRIC = "vllm:request_queue_time_seconds"
 # vLLM's default request-latency buckets start at 0.3 s, too coarse to read a P50
 # scheduling delay from; finer bounds for the servers the harness starts (an arm's
 # own --custom-histogram-buckets, given later on its command line, wins).
@@ -110,7 +110,6 @@ class ABConfig:
 class ArmResult:
     arm: Arm
     runs: list[list[RequestRecord]] = field(default_factory=list)
-    sched_delay_p50_s: float | None = None
     summary: dict | None = None
     outputs: list[eq.Output] | None = None
     capacity: cap.Capacity | None = None
@@ -148,20 +147,12 @@ def _serving(arm: Arm, cfg: ABConfig, log: Path) -> Iterator[tuple[str, str]]:
 
 
 def _replay_measured(url: str, model: str, trace: Trace, cfg: ABConfig, desc: str):
-    """Replay with a progress bar; also the engine's scheduling delays over the replay,
-    as the delta of its queue-time histogram (None if the server lacks it)."""
-    before = promtext.histogram(get_text(f"{url}/metrics"), QUEUE_TIME_METRIC)
+    """Replay with a progress bar, and what the server's metrics saw of it."""
+    before = ServerView.scrape(url)
     with _bar(len(trace.requests), desc, cfg.progress) as bar:
         records = replay(url, model, trace, cfg.vocab_size, on_done=lambda r: bar.update())
     time.sleep(0.5)  # vLLM records finished requests' stats just after their last token
-    after = promtext.histogram(get_text(f"{url}/metrics"), QUEUE_TIME_METRIC)
-    return records, promtext.delta(before, after)
-
-
-def _add(a: dict | None, b: dict | None) -> dict | None:
-    if a is None or b is None:
-        return b if a is None else a
-    return {k: a.get(k, 0.0) + v for k, v in b.items()}
+    return records, ServerView.scrape(url).since(before)
 
 
 def _probe_trace(cfg: ABConfig, qps: float, index: int) -> Trace:
@@ -184,17 +175,16 @@ def run_arm(arm: Arm, cfg: ABConfig, say=print) -> ArmResult:
                 warm = synthesize(cfg.warmup_requests, "concurrency", LengthDist("fixed", 16),
                                   LengthDist("fixed", 4), seed=-1, concurrency=cfg.warmup_requests)
                 replay(url, model, warm, cfg.vocab_size)
-            queue_hist = None
+            seen = ServerView()
             for trace in cfg.traces:
-                records, hist = _replay_measured(url, model, trace, cfg,
+                records, view = _replay_measured(url, model, trace, cfg,
                                                  f"{arm.name} seed {trace.seed}")
                 result.runs.append(records)
-                queue_hist = _add(queue_hist, hist)
+                seen = seen + view
                 _write_json(cfg.out / "raw" / arm.name / f"seed{trace.seed}.json",
                             {"arm": arm.name, "seed": trace.seed, "trace": trace.description,
                              "requests": [r.to_dict() for r in records]})
-            result.sched_delay_p50_s = promtext.quantile(queue_hist, 0.5)
-            result.summary = summarize(result.runs, cfg.slo, result.sched_delay_p50_s)
+            result.summary = {**summarize(result.runs, cfg.slo), **seen.figures()}
             # The latency figures are in; a failure from here on loses only its own part.
             if cfg.prompts:
                 say(f"[{arm.name}] equivalence: {len(cfg.prompts)} greedy prompts")
@@ -232,10 +222,10 @@ def _search_capacity(url: str, model: str, cfg: ABConfig, name: str, say) -> cap
 
     def probe(qps: float) -> cap.Probe:
         trace = _probe_trace(cfg, qps, next(count))
-        records, hist = _replay_measured(url, model, trace, cfg, f"{name} capacity {qps:.3g} QPS")
-        s = summarize([records], cfg.slo, promtext.quantile(hist, 0.5))
-        delay = None if math.isnan(s["sched_delay_p50_s"]) else s["sched_delay_p50_s"]
-        return search.target.judge(qps, s["tbt_p99_ms"], delay, s["failed"])
+        records, view = _replay_measured(url, model, trace, cfg, f"{name} capacity {qps:.3g} QPS")
+        s = summarize([records], cfg.slo)
+        return search.target.judge(qps, s["tbt_p99_ms"], promtext.quantile(view.queue_time, 0.5),
+                                   s["failed"])
 
     def show(p: cap.Probe) -> None:
         delay = "n/a" if p.sched_delay_p50_s is None else f"{p.sched_delay_p50_s:.2f} s"

@@ -58,8 +58,7 @@ HEADLINE: dict[str, tuple[str, Callable[[Sequence[Timeline]], float], bool]] = {
 }
 
 
-def summarize(runs: Sequence[Sequence[RequestRecord]], slo: SLO,
-              sched_delay_p50_s: float | None = None) -> dict:
+def summarize(runs: Sequence[Sequence[RequestRecord]], slo: SLO) -> dict:
     """Figures pooled over `runs` (one per seed): percentiles over all requests of all
     runs, throughput as all output tokens over the runs' summed durations."""
     records = [r for run in runs for r in run]
@@ -100,7 +99,6 @@ def summarize(runs: Sequence[Sequence[RequestRecord]], slo: SLO,
         "fluidity_mean": _mean(fluidity),
         "fluid_requests": (sum(f >= 0.9 for f in fluidity) / len(fluidity)) if fluidity else math.nan,
         "goodput_req_s": good / duration if duration else math.nan,
-        "sched_delay_p50_s": math.nan if sched_delay_p50_s is None else sched_delay_p50_s,
         "client_lag_p99_s": _pct([r.sent - r.scheduled for r in records], 99),
         "token_count_mismatches": sum(1 for r, tl in zip(records, tls)
                                       if r.usage_tokens is not None and r.usage_tokens != tl.num_tokens),

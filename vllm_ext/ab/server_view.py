@@ -1,0 +1,46 @@
+"""What a vLLM server's /metrics saw of a replay: the scheduling delays (time from
+arrival to first scheduling) and prefix-cache hits, as differences between scrapes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from vllm_ext.ab import promtext
+from vllm_ext.ab.client import get_text
+
+QUEUE_TIME_METRIC = "vllm:request_queue_time_seconds"
+
+
+@dataclass
+class ServerView:
+    """What the server's /metrics saw of a replay (None where it does not export it)."""
+
+    queue_time: dict | None = None  # scheduling-delay histogram, observations of the replay
+    cache_hits: float | None = None  # prefix-cache tokens hit / queried during the replay
+    cache_queries: float | None = None
+
+    @classmethod
+    def scrape(cls, url: str) -> "ServerView":
+        text = get_text(f"{url}/metrics")
+        return cls(promtext.histogram(text, QUEUE_TIME_METRIC),
+                   promtext.counter(text, "vllm:prefix_cache_hits"),
+                   promtext.counter(text, "vllm:prefix_cache_queries"))
+
+    def since(self, before: "ServerView") -> "ServerView":
+        sub = lambda a, b: None if a is None else a - (b or 0.0)
+        return ServerView(promtext.delta(before.queue_time, self.queue_time),
+                          sub(self.cache_hits, before.cache_hits),
+                          sub(self.cache_queries, before.cache_queries))
+
+    def __add__(self, other: "ServerView") -> "ServerView":
+        add = lambda a, b: b if a is None else a if b is None else a + b
+        return ServerView(promtext.add(self.queue_time, other.queue_time),
+                          add(self.cache_hits, other.cache_hits),
+                          add(self.cache_queries, other.cache_queries))
+
+    def figures(self) -> dict:
+        delay = promtext.quantile(self.queue_time, 0.5)
+        hit = self.cache_hits / self.cache_queries if self.cache_queries else None
+        return {"sched_delay_p50_s": math.nan if delay is None else delay,
+                "prefix_cache_hit_rate": math.nan if hit is None else hit}
