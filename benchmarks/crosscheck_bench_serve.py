@@ -64,11 +64,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="model directory (default: build the small preset)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    a = ap.parse_args()
+    opts = ap.parse_args()
     from vllm_ext.models import make_model
 
     work = Path(tempfile.mkdtemp(prefix="crosscheck-"))
-    model = str(a.model or make_model(work / "small", preset="small"))
+    model = str(opts.model or make_model(work / "small", preset="small"))
     args = [*CPU_SERVE_ARGS, "--max-model-len", "4096", "--scheduler", "sarathi"]
     plain, with_lp, ours = [], [], []
     with VllmServer(model, args, work / "server.log") as url:
@@ -90,7 +90,7 @@ def main() -> None:
             f"the tools take turns, {ROUNDS} runs each, means shown. {machine()}.\n\n"
             f"{md_table(head, rows)}\n")
     print(text)
-    out = Path(a.out)
+    out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "crosscheck-cpu.md").write_text(text)
     (out / "crosscheck-cpu.json").write_text(json.dumps({"harness": ours, "vllm_bench_serve": plain,

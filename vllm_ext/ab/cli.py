@@ -69,7 +69,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--equivalence-tokens", type=int, default=32)
     e.add_argument("--top-logprobs", type=int, default=5)
     c = p.add_argument_group("capacity search (Sarathi-Serve's method)")
-    c.add_argument("--capacity", action="store_true", help="bisect each arm's capacity")
+    c.add_argument("--capacity", action="store_true",
+                   help="bisect each arm's capacity (probes: Poisson arrivals, --prompt-len and "
+                        "--output-len lengths)")
     c.add_argument("--capacity-tbt-slo-ms", type=float, help="P99 TBT bound (default --tbt-slo-ms)")
     c.add_argument("--capacity-sched-delay-s", type=float, default=2.0, help="P50 bound")
     c.add_argument("--capacity-qps", default="0.1:10", metavar="LO:HI")
@@ -131,7 +133,7 @@ def build_config(a: argparse.Namespace):
         prompts = load_prompts(a.equivalence_prompts) if a.equivalence_prompts else default_prompts()
     out = Path(a.out or datetime.datetime.now(datetime.timezone.utc).strftime("ab-report-%Y%m%d-%H%M%S"))
     cfg = ABConfig(model=a.model, arms=arms, traces=traces, out=out,
-                   vocab_size=vocab_size_of(a.model, a.vocab_size),
+                   vocab_size=0,
                    slo=SLO(a.ttft_slo_s, a.tbt_slo_ms, a.prefill_ms_per_token),
                    common_args=tuple(shlex.split(a.serve_args)), prompts=prompts,
                    equivalence_tokens=a.equivalence_tokens, top_k=a.top_logprobs,
@@ -140,6 +142,7 @@ def build_config(a: argparse.Namespace):
                    bootstrap_iterations=a.bootstrap, startup_timeout=a.startup_timeout,
                    progress=not a.no_progress and sys.stderr.isatty())
     cfg.check()
+    cfg.vocab_size = vocab_size_of(a.model, a.vocab_size)
     return cfg
 
 

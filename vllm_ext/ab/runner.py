@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shlex
 import time
 from collections.abc import Iterator
@@ -16,11 +15,11 @@ from pathlib import Path
 from vllm_ext.ab import capacity as cap
 from vllm_ext.ab import equivalence as eq
 from vllm_ext.ab import promtext, report
-from vllm_ext.ab.server_view import ServerView
-from vllm_ext.ab.client import (EndpointError, RequestRecord, get_text, replay, served_models)
+from vllm_ext.ab.client import EndpointError, RequestRecord, replay, served_models
 from vllm_ext.ab.report import write_json as _write_json
-from vllm_ext.ab.summary import HEADLINE, SLO, summarize
+from vllm_ext.ab.server_view import ServerView
 from vllm_ext.ab.stats import paired_bootstrap
+from vllm_ext.ab.summary import HEADLINE, SLO, summarize
 from vllm_ext.ab.traces import LengthDist, Trace, TraceError, synthesize
 
 # vLLM's default request-latency buckets start at 0.3 s, too coarse to read a P50
@@ -133,7 +132,7 @@ def _serving(arm: Arm, cfg: ABConfig, log: Path) -> Iterator[tuple[str, str]]:
         models = served_models(arm.endpoint)
         if cfg.model in models:
             yield arm.endpoint, cfg.model
-        elif cfg.model is None and len(models) == 1:
+        elif len(models) == 1:  # --model may be the local path the vocabulary came from
             yield arm.endpoint, models[0]
         else:
             raise EndpointError(f"endpoint {arm.name} ({arm.endpoint}) serves {models}, "
@@ -156,10 +155,11 @@ def _replay_measured(url: str, model: str, trace: Trace, cfg: ABConfig, desc: st
 
 
 def _probe_trace(cfg: ABConfig, qps: float, index: int) -> Trace:
-    # Distinct seeds per probe: prompts never repeat on the same server, so the prefix
-    # cache cannot flatter later probes.
+    # Seeds of their own per probe (and per --first-seed): prompts never repeat on the
+    # same server, so the prefix cache cannot flatter later probes.
     return synthesize(cfg.capacity.requests, "poisson", cfg.prompt_len, cfg.output_len,
-                      seed=10_000 + index, qps=qps, max_prompt=cfg.max_prompt_tokens)
+                      seed=10_000 + 100 * cfg.traces[0].seed + index, qps=qps,
+                      max_prompt=cfg.max_prompt_tokens)
 
 
 def run_arm(arm: Arm, cfg: ABConfig, say=print) -> ArmResult:
