@@ -1,0 +1,367 @@
+"""POD-Attention: one Triton launch for a hybrid batch of decodes and prefills over
+vLLM's paged KV cache.
+
+A prefill tile (one head, BLOCK_M query tokens of one prompt) is compute-bound; a
+decode tile (one KV head's query group of one request, one split of its context) is
+memory-bound. Every program of the launch takes a ticket and picks its kind of work
+from it, so that work of both kinds runs side by side on every SM:
+
+- on CUDA, the ticket comes from a per-SM counter (read %smid), so each SM gets
+  prefill and decode tiles in the planned ratio whatever order the hardware
+  dispatches programs in;
+- elsewhere (TRITON_INTERPRET=1 on a CPU), the ticket is the program id.
+
+The kind then hands out its next tile from a global counter; a program whose kind
+has run out takes a tile of the other kind. Decodes too few to fill the GPU are split
+along their context; the last split of a group to finish merges the splits by their
+log-sum-exp. All counters are reset by the launch itself, so buffers are reused
+across launches (and CUDA-graph captures) without zeroing.
+
+plan() (per batch, the attention metadata builder's job) / pod_attention() (per layer).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # softmax runs in log2 units; LSE out in ln
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _decode_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+                 part_o_ptr, part_lse_ptr, merge_ptr, qk_scale,
+                 s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
+                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                 GROUP: tl.constexpr, GROUP_P: tl.constexpr, SPLITS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, DIM_P: tl.constexpr, IEEE: tl.constexpr):
+    # One request's query heads that share a KV head, over one split of its context:
+    # the group's rows are padded to a tensor-core tile, so each K/V row is read once.
+    seq = t // (NUM_KV_HEADS * SPLITS)
+    kvh = (t // SPLITS) % NUM_KV_HEADS
+    split = t % SPLITS
+    ctx = tl.load(seq_lens_ptr + seq)
+    tok = tl.load(qsl_ptr + seq)
+    g = tl.arange(0, GROUP_P)
+    d = tl.arange(0, DIM_P)
+    gmask, dmask = g < GROUP, d < HEAD_DIM
+    heads = kvh * GROUP + g
+    out_mask = gmask[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + tok * s_qt + heads[:, None] * s_qh + d[None, :], mask=out_mask, other=0.0)
+    chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N  # whole steps per split
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, ctx)
+    m = tl.full([GROUP_P], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_P], tl.float32)
+    acc = tl.zeros([GROUP_P, DIM_P], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        nmask = n < hi
+        blk = tl.load(bt_ptr + seq * s_bt + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        kv_off = blk[:, None] * s_kb + (n % BLOCK_SIZE)[:, None] * s_ks + kvh * s_kh + d[None, :]
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        m, l, acc = _online_softmax_step(q, k, v, m, l, acc, nmask[None, :], qk_scale, IEEE)
+    if SPLITS == 1:
+        tl.store(o_ptr + tok * s_ot + heads[:, None] * s_oh + d[None, :],
+                 (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(lse_ptr + tok * (NUM_KV_HEADS * GROUP) + heads, (m + tl.log2(l)) * LN2,
+                 mask=gmask)
+    else:
+        # This split's normalised output and LSE (log2 units); the last split of the
+        # group to finish merges them all.
+        safe_l = tl.where(l > 0, l, 1.0)  # an empty split: LSE -inf, weight 0
+        row = (seq * NUM_KV_HEADS * GROUP + heads) * SPLITS
+        tl.store(part_lse_ptr + row + split, m + tl.log2(safe_l), mask=gmask)
+        tl.store(part_o_ptr + (row + split)[:, None] * DIM_P + d[None, :], acc / safe_l[:, None],
+                 mask=out_mask)
+        done = tl.atomic_add(merge_ptr + seq * NUM_KV_HEADS + kvh, 1, sem="acq_rel")
+        if done == SPLITS - 1:
+            top = tl.full([GROUP_P], float("-inf"), tl.float32)
+            total = tl.zeros([GROUP_P], tl.float32)
+            o = tl.zeros([GROUP_P, DIM_P], tl.float32)
+            for sp in range(SPLITS):
+                lse_sp = tl.load(part_lse_ptr + row + sp, mask=gmask, other=float("-inf"),
+                                 cache_modifier=".cg")
+                o_sp = tl.load(part_o_ptr + (row + sp)[:, None] * DIM_P + d[None, :],
+                               mask=out_mask, other=0.0, cache_modifier=".cg")
+                new_top = tl.maximum(top, lse_sp)
+                new_top = tl.where(new_top == float("-inf"), 0.0, new_top)
+                scale_old = tl.exp2(top - new_top)
+                w = tl.exp2(lse_sp - new_top)
+                o = o * scale_old[:, None] + w[:, None] * o_sp
+                total = total * scale_old + w
+                top = new_top
+            total = tl.where(gmask, total, 1.0)  # padding rows: no warnings from 0/0
+            tl.store(o_ptr + tok * s_ot + heads[:, None] * s_oh + d[None, :],
+                     (o / total[:, None]).to(o_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(lse_ptr + tok * (NUM_KV_HEADS * GROUP) + heads,
+                     (top + tl.log2(total)) * LN2, mask=gmask)
+            tl.atomic_xchg(merge_ptr + seq * NUM_KV_HEADS + kvh, 0)  # ready for the next launch
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, m, l, acc, visible, qk_scale, IEEE: tl.constexpr):
+    """One K/V block of flash attention: scores, running max and sum, rescaled output.
+    IEEE: exact float32 dots (float32 inputs, or bf16 under the interpreter, whose bf16
+    dot is wrong in Triton 3.9); otherwise the input dtype's tensor-core dot."""
+    if IEEE:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(visible, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _prefill_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, work_ptr,
+                  qk_scale, s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
+                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_HEADS: tl.constexpr,
+                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DIM_P: tl.constexpr, IEEE: tl.constexpr):
+    entry = t // NUM_HEADS
+    h = t % NUM_HEADS
+    kvh = h // GROUP
+    seq = tl.load(work_ptr + 2 * entry)
+    q_off = tl.load(work_ptr + 2 * entry + 1)  # first query token of this tile, in its prompt
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    ctx = tl.load(seq_lens_ptr + seq)
+    mi = q_off + tl.arange(0, BLOCK_M)
+    mmask = mi < q_len
+    pos = ctx - q_len + mi  # each query token's position in its sequence
+    d = tl.arange(0, DIM_P)
+    dmask = d < HEAD_DIM
+    q = tl.load(q_ptr + (q_start + mi)[:, None] * s_qt + h * s_qh + d[None, :],
+                mask=mmask[:, None] & dmask[None, :], other=0.0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DIM_P], tl.float32)
+    # Causal: nothing past this tile's last query position is visible.
+    kv_end = tl.minimum(ctx, ctx - q_len + q_off + BLOCK_M)
+    for start in range(0, kv_end, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        nmask = n < kv_end
+        blk = tl.load(bt_ptr + seq * s_bt + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        kv_off = blk[:, None] * s_kb + (n % BLOCK_SIZE)[:, None] * s_ks + kvh * s_kh + d[None, :]
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        visible = (n[None, :] <= pos[:, None]) & nmask[None, :]
+        m, l, acc = _online_softmax_step(q, k, v, m, l, acc, visible, qk_scale, IEEE)
+    tl.store(o_ptr + (q_start + mi)[:, None] * s_ot + h * s_oh + d[None, :],
+             (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + (q_start + mi) * NUM_HEADS + h, (m + tl.log2(l)) * LN2, mask=mmask)
+
+
+@triton.jit
+def pod_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+                         work_ptr, part_o_ptr, part_lse_ptr, merge_ptr, counter_ptr, qk_scale,
+                         num_prefill_tiles, num_decode_tiles,
+                         s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
+                         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                         GROUP: tl.constexpr, GROUP_P: tl.constexpr, SPLITS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         DECODE_BLOCK_N: tl.constexpr, DIM_P: tl.constexpr, IEEE: tl.constexpr,
+                         RATIO_P: tl.constexpr, RATIO_D: tl.constexpr, USE_SMID: tl.constexpr,
+                         NUM_COUNTERS_P: tl.constexpr):
+    # counters: [0] next prefill tile, [1] next decode tile, [2] finished programs,
+    # [3 + sm] tickets handed out on each SM.
+    if USE_SMID:
+        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32,
+                                       is_pure=True, pack=1)
+        ticket = tl.atomic_add(counter_ptr + 3 + sm, 1)
+    else:
+        ticket = tl.program_id(0)
+    want_prefill = (ticket % (RATIO_P + RATIO_D)) < RATIO_P
+    # Take a tile of the wanted kind; when that kind has run out, one of the other.
+    if want_prefill:
+        t = tl.atomic_add(counter_ptr + 0, 1)
+        is_prefill = t < num_prefill_tiles
+        if t >= num_prefill_tiles:
+            t = tl.atomic_add(counter_ptr + 1, 1)
+    else:
+        t = tl.atomic_add(counter_ptr + 1, 1)
+        is_prefill = t >= num_decode_tiles
+        if t >= num_decode_tiles:
+            t = tl.atomic_add(counter_ptr + 0, 1)
+    if is_prefill:
+        _prefill_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+                      work_ptr, qk_scale, s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
+                      HEAD_DIM, BLOCK_SIZE, NUM_HEADS, GROUP, BLOCK_M, BLOCK_N, DIM_P, IEEE)
+    else:
+        _decode_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+                     part_o_ptr, part_lse_ptr, merge_ptr, qk_scale,
+                     s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
+                     HEAD_DIM, BLOCK_SIZE, NUM_KV_HEADS, GROUP, GROUP_P, SPLITS,
+                     DECODE_BLOCK_N, DIM_P, IEEE)
+    # The last program to finish resets every counter for the next launch.
+    finished = tl.atomic_add(counter_ptr + 2, 1, sem="acq_rel")
+    if finished == num_prefill_tiles + num_decode_tiles - 1:
+        c = tl.arange(0, NUM_COUNTERS_P)
+        tl.store(counter_ptr + c, tl.zeros([NUM_COUNTERS_P], tl.int32))
+
+
+@dataclass(frozen=True)
+class PodPlan:
+    """Per-batch work list and launch shape, shared by every layer of a step."""
+
+    num_prefill_tiles: int
+    num_decode_tiles: int
+    prefill_work: torch.Tensor  # int32 [entries, 2]: (sequence, first query token of the tile)
+    splits: int
+    ratio: tuple[int, int]  # prefill : decode tickets
+    block_m: int
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _num_sms(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_decodes: int,
+         num_heads: int, num_kv_heads: int, block_m: int = 64,
+         decode_splits: int | None = None) -> PodPlan:
+    """Tiles and splits for a batch. Decode splits fill one wave of the GPU when the
+    decodes alone would not (none on a CPU unless asked for)."""
+    qsl = query_start_loc.tolist()
+    num_seqs = len(qsl) - 1
+    if not 0 <= num_decodes <= num_seqs:
+        raise ValueError(f"num_decodes={num_decodes} must be within 0..{num_seqs} sequences")
+    q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
+    if any(n != 1 for n in q_lens[:num_decodes]):
+        raise ValueError("the first num_decodes sequences must have exactly one query token each")
+    work = [(s, off) for s in range(num_decodes, num_seqs) for off in range(0, q_lens[s], block_m)]
+    if decode_splits is None:
+        sms = _num_sms(query_start_loc.device)
+        groups = num_decodes * num_kv_heads
+        decode_splits = 1
+        if sms and groups and groups < sms:
+            longest = max(seq_lens[:num_decodes].tolist())
+            decode_splits = max(1, min(sms // groups, longest // 256))
+    num_prefill = len(work) * num_heads
+    num_decode = num_decodes * num_kv_heads * decode_splits
+    # Tickets in proportion to the work, in small whole numbers, so both kinds of
+    # tile run from the start of the launch to its end.
+    if num_prefill and num_decode:
+        g = math.gcd(num_prefill, num_decode)
+        rp, rd = num_prefill // g, num_decode // g
+        while rp + rd > 16:
+            rp, rd = max(1, round(rp / 2)), max(1, round(rd / 2))
+    else:
+        rp, rd = (1, 0) if num_prefill else (0, 1)
+    prefill_work = torch.tensor(work or [(0, 0)], dtype=torch.int32,
+                                device=query_start_loc.device)
+    return PodPlan(num_prefill, num_decode, prefill_work, decode_splits, (rp, rd), block_m)
+
+
+def _interpreted() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeros(key: tuple, n: int, device, dtype=torch.int32) -> torch.Tensor:
+    """A zeroed buffer reused across launches: the kernel leaves it zeroed again."""
+    buf = _BUFFERS.get((key, device))
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1), dtype=dtype, device=device)
+        _BUFFERS[(key, device)] = buf
+    return buf
+
+
+def _check(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, out):
+    if query.dim() != 3 or key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
+        raise ValueError("query must be [tokens, heads, head_dim] and key/value caches "
+                         "[blocks, block_size, kv_heads, head_dim] of the same shape")
+    head_dim = query.shape[2]
+    if head_dim not in SUPPORTED_HEAD_DIMS or key_cache.shape[3] != head_dim:
+        raise ValueError(f"head_dim {head_dim} (cache {key_cache.shape[3]}): supported are "
+                         f"{SUPPORTED_HEAD_DIMS}")
+    if query.dtype not in SUPPORTED_DTYPES or key_cache.dtype != query.dtype:
+        raise ValueError(f"dtypes {query.dtype}/{key_cache.dtype}: both one of "
+                         f"{[str(d) for d in SUPPORTED_DTYPES]}")
+    if query.shape[1] % key_cache.shape[2]:
+        raise ValueError(f"{query.shape[1]} query heads is not a multiple of "
+                         f"{key_cache.shape[2]} KV heads")
+    for name, t in (("block_table", block_table), ("seq_lens", seq_lens),
+                    ("query_start_loc", query_start_loc)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {t.dtype}")
+    if query.stride(2) != 1 or key_cache.stride(3) != 1 or value_cache.stride() != key_cache.stride():
+        raise ValueError("head_dim must be contiguous, and the two caches laid out alike")
+    if out is not None and (out.shape != query.shape or out.dtype != query.dtype
+                            or out.stride(2) != 1):
+        raise ValueError("out must match query's shape and dtype")
+
+
+def pod_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                  block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  query_start_loc: torch.Tensor, num_decodes: int, scale: float,
+                  out: torch.Tensor | None = None, return_lse: bool = False,
+                  pod_plan: PodPlan | None = None):
+    """Causal attention of a hybrid batch (decodes first) in one launch; see
+    vllm_ext.kernels.reference.pod_attention for the exact contract."""
+    _check(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, out)
+    num_tokens, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    p = pod_plan or plan(query_start_loc, seq_lens, num_decodes, num_heads, num_kv_heads)
+    out = torch.empty_like(query) if out is None else out
+    lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=query.device)
+    total = p.num_prefill_tiles + p.num_decode_tiles
+    if total == 0:
+        return (out, lse) if return_lse else out
+    dim_p = _next_pow2(head_dim)
+    device = query.device
+    sms = _num_sms(device)
+    n_counters = 3 + (sms or 0)
+    counters = _zeros("counters", _next_pow2(n_counters), device)
+    merge = _zeros("merge", max(1, num_decodes * num_kv_heads), device)
+    if p.splits > 1:
+        part_lse = torch.empty(num_decodes * num_heads * p.splits, dtype=torch.float32, device=device)
+        part_o = torch.empty(num_decodes * num_heads * p.splits * dim_p, dtype=torch.float32,
+                             device=device)
+    else:
+        part_lse = part_o = lse  # unused
+    pod_attention_kernel[(total,)](
+        query, key_cache, value_cache, out, lse, block_table, seq_lens, query_start_loc,
+        p.prefill_work, part_o, part_lse, merge, counters, scale * LOG2E,
+        p.num_prefill_tiles, p.num_decode_tiles,
+        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
+        key_cache.stride(2), out.stride(0), out.stride(1), block_table.stride(0),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
+        GROUP=group, GROUP_P=max(16, _next_pow2(group)), SPLITS=p.splits,
+        BLOCK_M=p.block_m, BLOCK_N=32, DECODE_BLOCK_N=32,
+        DIM_P=dim_p, IEEE=query.dtype == torch.float32 or (
+            _interpreted() and query.dtype == torch.bfloat16),
+        RATIO_P=p.ratio[0], RATIO_D=p.ratio[1],
+        USE_SMID=sms is not None, NUM_COUNTERS_P=_next_pow2(n_counters))
+    return (out, lse) if return_lse else out
