@@ -125,3 +125,12 @@ def test_decodes_must_come_first_with_one_token():
     batch = make_batch([], [(3, 3), (4, 4)])
     with pytest.raises(ValueError, match="exactly one query token"):
         pod_attention(*batch[:-1], num_decodes=1, scale=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_llama3_8b_shapes_compiled():
+    # Enough decodes to skip splitting, then few enough to split, on the real kernel.
+    for decodes in ([1000, 4000, 33, 2048] * 8, [3000, 17]):
+        check(make_batch(decodes, [(700, 2000), (64, 64)], heads=32, kv_heads=8, head_dim=128,
+                         dtype=torch.bfloat16), dtype=torch.bfloat16)
