@@ -65,11 +65,8 @@ def _decode_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, q
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         nmask = n < hi
-        blk = tl.load(bt_ptr + seq * s_bt + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        kv_off = blk[:, None] * s_kb + (n % BLOCK_SIZE)[:, None] * s_ks + kvh * s_kh + d[None, :]
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        k, v = _load_kv(k_ptr, v_ptr, bt_ptr + seq * s_bt, n, nmask, kvh, d, dmask, s_kb, s_ks,
+                        s_kh, BLOCK_SIZE)
         m, l, acc = _online_softmax_step(q, k, v, m, l, acc, nmask[None, :], qk_scale, IEEE)
     if SPLITS == 1:
         tl.store(o_ptr + tok * s_ot + heads[:, None] * s_oh + d[None, :],
@@ -107,6 +104,16 @@ def _decode_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, q
             tl.store(lse_ptr + tok * (NUM_KV_HEADS * GROUP) + heads,
                      (top + tl.log2(total)) * LN2, mask=gmask)
             tl.atomic_xchg(merge_ptr + seq * NUM_KV_HEADS + kvh, 0)  # ready for the next launch
+
+
+@triton.jit
+def _load_kv(k_ptr, v_ptr, table_ptr, n, nmask, kvh, d, dmask, s_kb, s_ks, s_kh,
+             BLOCK_SIZE: tl.constexpr):
+    """K and V rows of positions `n` of one sequence, through its block table."""
+    blk = tl.load(table_ptr + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+    off = blk[:, None] * s_kb + (n % BLOCK_SIZE)[:, None] * s_ks + kvh * s_kh + d[None, :]
+    mask = nmask[:, None] & dmask[None, :]
+    return tl.load(k_ptr + off, mask=mask, other=0.0), tl.load(v_ptr + off, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -159,11 +166,8 @@ def _prefill_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, 
     for start in range(0, kv_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         nmask = n < kv_end
-        blk = tl.load(bt_ptr + seq * s_bt + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        kv_off = blk[:, None] * s_kb + (n % BLOCK_SIZE)[:, None] * s_ks + kvh * s_kh + d[None, :]
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        k, v = _load_kv(k_ptr, v_ptr, bt_ptr + seq * s_bt, n, nmask, kvh, d, dmask, s_kb, s_ks,
+                        s_kh, BLOCK_SIZE)
         visible = (n[None, :] <= pos[:, None]) & nmask[None, :]
         m, l, acc = _online_softmax_step(q, k, v, m, l, acc, visible, qk_scale, IEEE)
     tl.store(o_ptr + (q_start + mi)[:, None] * s_ot + h * s_oh + d[None, :],

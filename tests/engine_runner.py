@@ -2,6 +2,7 @@
 
 Run as a script (vLLM spawns processes, and one engine per process keeps tests
 independent):  python engine_runner.py MODEL OUT.json [--scheduler NAME] [--budget N]
+[--attn NAME] [--pod-impl torch|triton]
 
 Short prompts start decoding first; long prompts arrive while they decode, so a
 scheduler's handling of prefills next to decodes shows in the step records.
@@ -26,6 +27,12 @@ def prompts(vocab: int) -> list[list[int]]:
             for i, n in enumerate(lengths)]
 
 
+def _attention_backends(worker) -> list[str]:
+    """Runs in the worker: the attention backend class of every layer group."""
+    return [f"{group.backend.__module__}.{group.backend.__qualname__}"
+            for groups in worker.model_runner.attn_groups for group in groups]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -33,10 +40,15 @@ def main() -> None:
     ap.add_argument("--scheduler", default=None)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--kv-admission", default=None)
+    ap.add_argument("--attn", default=None)
+    ap.add_argument("--pod-impl", default=None)
     ap.add_argument("--num-blocks", type=int, default=None,
                     help="KV blocks of 32 tokens (few: forces preemption)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # Lets collective_rpc carry a function to the worker (to ask which attention
+    # backend it runs); test harness only.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
     import vllm_ext
     from vllm import SamplingParams
@@ -48,10 +60,12 @@ def main() -> None:
     if args.num_blocks is not None:
         # The longest request (520 + 40 tokens) must still fit on its own.
         kwargs.update(num_gpu_blocks_override=args.num_blocks, block_size=32, max_model_len=576)
-    if args.scheduler is not None:
-        options = {k: v for k, v in (("sarathi_token_budget", args.budget),
-                                     ("sarathi_kv_admission", args.kv_admission)) if v}
-        kwargs = vllm_ext.engine_kwargs(scheduler=args.scheduler, **options, **kwargs)
+    chosen = {k: v for k, v in (("scheduler", args.scheduler), ("attn", args.attn),
+                                ("sarathi_token_budget", args.budget),
+                                ("sarathi_kv_admission", args.kv_admission),
+                                ("pod_impl", args.pod_impl)) if v}
+    if chosen:
+        kwargs = vllm_ext.engine_kwargs(**chosen, **kwargs)
     before = vllm_ext.step_stats().steps
     engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
     vocab = engine.model_config.get_vocab_size()
@@ -70,7 +84,9 @@ def main() -> None:
         step += 1
 
     stats = vllm_ext.step_stats()
+    backends = sorted(set(engine.collective_rpc(_attention_backends)[0]))
     result = {
+        "attention_backends": backends,
         "tokens": tokens,
         "config": {
             "max_num_batched_tokens": engine.vllm_config.scheduler_config.max_num_batched_tokens,

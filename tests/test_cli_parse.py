@@ -58,3 +58,24 @@ def test_prefill_first_turns_chunking_off(serve_parser):
     _, engine_args = serve_parser("--scheduler", "prefill-first")
     assert engine_args.scheduler_cls == "vllm_ext.scheduling.PrefillFirstScheduler"
     assert engine_args.enable_chunked_prefill is False
+
+
+def test_attn_pod_reaches_the_engine_processes_through_the_environment(serve_parser, monkeypatch):
+    from vllm_ext.attn_select import ENV_ATTN, ENV_POD_IMPL
+
+    monkeypatch.delenv(ENV_ATTN, raising=False)
+    monkeypatch.delenv(ENV_POD_IMPL, raising=False)
+    _, engine_args = serve_parser("--attn", "pod", "--pod-impl", "triton")
+    assert engine_args.additional_config == {"vllm_ext": {"attn": {"name": "pod", "impl": "triton"}}}
+    import os
+
+    assert (os.environ[ENV_ATTN], os.environ[ENV_POD_IMPL]) == ("pod", "triton")
+    serve_parser("--attn", "vllm")  # choosing the stock backend again clears it
+    assert ENV_ATTN not in os.environ
+
+
+def test_pod_impl_choices(serve_parser, capsys):
+    with pytest.raises(SystemExit) as e:
+        serve_parser("--attn", "pod", "--pod-impl", "cuda")
+    assert e.value.code == 2
+    assert "argument --pod-impl: invalid choice: 'cuda' (choose from 'torch', 'triton')" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm_ext import attn_select
 from vllm_ext.components import Component, ConfigureContext, Option, SelectionError
 from vllm_ext.hookspecs import hookimpl
 from vllm_ext.schedulers.sarathi import KV_ADMISSION, SarathiConfig
@@ -80,10 +81,32 @@ def vllm_ext_schedulers() -> list[Component]:
     ]
 
 
+def _configure_stock_attn(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
+    attn_select.select("vllm")
+    return {}, {}
+
+
+def _configure_pod(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
+    if ctx.platform != "cpu":
+        raise SelectionError(f"--attn pod is wired into vLLM's CPU platform in this release, "
+                             f"not {ctx.platform!r}; the kernel itself (vllm_ext.kernels."
+                             f"pod_attention) runs on CUDA")
+    impl = settings.get("impl") or "torch"
+    attn_select.select("pod", impl, ctx.platform)
+    return {"impl": impl}, {}
+
+
 @hookimpl
 def vllm_ext_attention_backends() -> list[Component]:
-    return [Component("attn", "vllm", "vLLM's own attention backend for the platform",
-                      lambda settings, ctx: ({}, {}))]
+    return [
+        Component("attn", "vllm", "vLLM's own attention backend for the platform",
+                  _configure_stock_attn),
+        Component("attn", "pod", "POD-Attention: prefills and decodes of a step in one kernel",
+                  _configure_pod,
+                  options=(Option("impl", str, "torch: the PyTorch reference (default on CPUs); "
+                                  "triton: the Triton kernel (interpreted on CPUs, slow)",
+                                  choices=attn_select.IMPLS),)),
+    ]
 
 
 @hookimpl

@@ -31,9 +31,11 @@ def register() -> None:
         logger.warning("%s; vllm-ext stays off", e)
         return
 
+    from vllm_ext.attn_select import register_if_selected
     from vllm_ext.patches import apply_all
 
     apply_all(version)
+    register_if_selected()
 
 
 def _share_vllm_log_handlers() -> None:

@@ -1,0 +1,31 @@
+"""`--attn pod` on the real vLLM engine (CPU, float32, greedy), tiny model: vLLM runs
+the POD backend in its worker, and the tokens are exactly stock vLLM's, through the
+PyTorch path and through the Triton kernel (interpreted), alone and with Sarathi."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
+
+POD = "vllm_ext.pod_backend.PodAttentionBackend"
+
+
+@pytest.fixture(scope="module")
+def stock(run_engine):
+    return run_engine()
+
+
+@pytest.mark.parametrize("args", [
+    ("--attn", "pod"),
+    ("--attn", "pod", "--pod-impl", "triton"),
+    ("--attn", "pod", "--pod-impl", "triton", "--scheduler", "sarathi", "--budget", "64"),
+], ids=["torch", "triton", "triton+sarathi"])
+def test_pod_tokens_identical_to_stock(run_engine, stock, args):
+    result = run_engine(*args)
+    assert result["attention_backends"] == [POD]
+    assert stock["attention_backends"] != [POD]
+    assert len(result["tokens"]) == 7
+    for rid, tokens in stock["tokens"].items():
+        assert len(tokens) == 40
+        assert result["tokens"][rid] == tokens, rid

@@ -1,0 +1,33 @@
+"""`--attn pod` refuses what it cannot run, before serving, with what it supports."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_ext.builtin import _configure_pod
+from vllm_ext.components import ConfigureContext, SelectionError
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"head_size": 32}, "head size 32"),
+    ({"sliding_window": 128}, "sliding windows"),
+    ({"alibi_slopes": [0.5, 0.25]}, "ALiBi"),
+    ({"logits_soft_cap": 30.0}, "logit soft-capping"),
+    ({"kv_cache_dtype": "fp8"}, "fp8 KV cache"),
+    ({"attn_type": "encoder_only"}, "encoder_only attention"),
+])
+def test_unsupported_model_features_fail_naming_what_is_supported(change, says):
+    from vllm_ext.pod_backend import PodAttentionImpl
+
+    kwargs = dict(num_heads=2, head_size=64, scale=0.125, num_kv_heads=1, alibi_slopes=None,
+                  sliding_window=None, kv_cache_dtype="auto", **{})
+    kwargs.update(change)
+    with pytest.raises(ValueError) as e:
+        PodAttentionImpl(**kwargs)
+    assert says in str(e.value)
+    assert "head sizes [64, 80, 96, 128, 256]" in str(e.value) and "--attn vllm" in str(e.value)
+
+
+def test_other_platforms_are_refused_for_now():
+    with pytest.raises(SelectionError, match="CPU platform in this release, not 'cuda'"):
+        _configure_pod({}, ConfigureContext("cuda", {}))

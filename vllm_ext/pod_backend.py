@@ -1,0 +1,116 @@
+"""`--attn pod`: POD-Attention as vLLM's attention backend on the CPU platform.
+
+The backend keeps vLLM's CPU KV-cache tensor and its layout ([blocks, kv_heads,
+2 * block_size rows of head_dim]: a block's keys, then its values) but writes the
+rows itself, plainly, so that the kernel reads them through strided views with no
+copy. Its metadata builder asks vLLM to put decodes first, as the kernel expects.
+Imported by vLLM, by dotted path, in engine processes only (see attn_select).
+"""
+
+from __future__ import annotations
+
+import os
+
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder)
+
+from vllm_ext.attn_select import ENV_POD_IMPL
+
+from vllm_ext.kernels import reference
+from vllm_ext.kernels.pod import SUPPORTED_HEAD_DIMS, pod_attention
+
+# On a CPU the Triton kernel runs under Triton's interpreter, which this process got
+# from its environment before it first imported Triton (see attn_select.select).
+IMPL = os.environ.get(ENV_POD_IMPL, "torch")
+
+
+class PodAttentionBackend(CPUAttentionBackend):
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(SUPPORTED_HEAD_DIMS)
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        from vllm.v1.attention.backend import AttentionType
+
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_impl_cls():
+        return PodAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return PodMetadataBuilder
+
+
+class PodMetadataBuilder(CPUAttentionMetadataBuilder):
+    # Decodes (one query token) first: the kernel's grid is laid out that way.
+    reorder_batch_threshold = 1
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        q_lens = (md.query_start_loc[1:] - md.query_start_loc[:-1]).tolist()
+        md.num_decode_tokens = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+        return md
+
+
+class PodAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+                 kv_cache_dtype, logits_soft_cap=None, attn_type="decoder",
+                 kv_sharing_target_layer_name=None, sinks=None) -> None:
+        unsupported = [what for what, present in (
+            ("ALiBi", alibi_slopes is not None), ("sliding windows", sliding_window is not None),
+            ("logit soft-capping", bool(logits_soft_cap)), ("attention sinks", sinks is not None),
+            (f"{kv_cache_dtype} KV cache", kv_cache_dtype not in ("auto", "float32", "float16",
+                                                                    "bfloat16")),
+            (f"{attn_type} attention", attn_type != "decoder")) if present]
+        if head_size not in SUPPORTED_HEAD_DIMS:
+            unsupported.append(f"head size {head_size}")
+        if unsupported:
+            raise ValueError(f"--attn pod does not support {', '.join(unsupported)}; it runs causal "
+                             f"decoder attention with head sizes {list(SUPPORTED_HEAD_DIMS)} in "
+                             f"float16, bfloat16 or float32, without ALiBi, sliding windows, "
+                             f"soft-capping or sinks (use --attn vllm for this model)")
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+                         kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
+                         sinks)
+        self.kernel = pod_attention if IMPL == "triton" else reference.pod_attention
+
+    @staticmethod
+    def _kv_views(kv_cache):
+        """[blocks, kv_heads, 2 * block_size, head_dim] -> key and value caches as the
+        kernel indexes them, [blocks, block_size, kv_heads, head_dim] (strided views)."""
+        blocks, heads, block_size, _ = kv_cache.shape
+        rows = kv_cache.view(blocks, heads, 2 * block_size, -1)
+        key, value = rows[:, :, :block_size], rows[:, :, block_size:]
+        return key.transpose(1, 2), value.transpose(1, 2)
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        key_cache, value_cache = self._kv_views(kv_cache)
+        n = slot_mapping.shape[0]
+        slots = slot_mapping.long()
+        keep = slots >= 0  # padding tokens carry slot -1
+        block_size = key_cache.shape[1]
+        blocks, offsets = slots[keep] // block_size, slots[keep] % block_size
+        key_cache[blocks, offsets] = key[:n][keep].to(key_cache.dtype)
+        value_cache[blocks, offsets] = value[:n][keep].to(value_cache.dtype)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("--attn pod: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling run
+            return output
+        n = attn_metadata.num_actual_tokens
+        key_cache, value_cache = self._kv_views(kv_cache)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        self.kernel(query[:n].reshape(n, self.num_heads, self.head_size), key_cache, value_cache,
+                    attn_metadata.block_table, attn_metadata.seq_lens,
+                    attn_metadata.query_start_loc, attn_metadata.num_decode_tokens, self.scale,
+                    out=out)
+        return output
