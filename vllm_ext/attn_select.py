@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 
-ENV_ATTN = "VLLMEXT_ATTN"  # "pod" in every process of an engine started with --attn pod
-ENV_POD_IMPL = "VLLMEXT_POD_IMPL"  # torch | triton
+from vllm_ext.envs import ATTN as ENV_ATTN
+from vllm_ext.envs import POD_IMPL as ENV_POD_IMPL
+
 IMPLS = ("torch", "triton")
 BACKEND_PATH = "vllm_ext.pod_backend.PodAttentionBackend"
-
-
 _INTERPRET = "TRITON_INTERPRET"
 _we_set_interpret = False
 

@@ -9,6 +9,8 @@ warns about (or, in strict mode, refuses) the ones it does not know.
 | VLLMEXT_STATS_OWNER      | pid of the front end that created VLLMEXT_STATS_DIR itself; a front end that inherits another's temporary directory makes its own instead of mixing stats |
 | VLLMEXT_TRACE_PLUGINS    | `1` prints every pluggy hook call while components are collected      |
 | VLLMEXT_ALLOW_ANY_VLLM   | `1` skips the supported-vLLM-version check (at your own risk)         |
+| VLLMEXT_ATTN             | `pod` when `--attn pod` was chosen: set by the CLI process for the engine processes it spawns, which then register the POD backend |
+| VLLMEXT_POD_IMPL         | `torch` or `triton` (`--pod-impl`), set the same way                  |
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ STATS_DIR = "VLLMEXT_STATS_DIR"
 STATS_OWNER = "VLLMEXT_STATS_OWNER"
 TRACE_PLUGINS = "VLLMEXT_TRACE_PLUGINS"
 ALLOW_ANY_VLLM = "VLLMEXT_ALLOW_ANY_VLLM"
+ATTN = "VLLMEXT_ATTN"
+POD_IMPL = "VLLMEXT_POD_IMPL"
 
 
 def stats_dir() -> str | None:
