@@ -49,7 +49,7 @@ def third_party_plugin():
 
 def test_builtin_components():
     assert sorted(registry.components("scheduler")) == ["prefill-first", "sarathi", "vllm"]
-    assert sorted(registry.components("attn")) == ["vllm"]
+    assert sorted(registry.components("attn")) == ["pod", "vllm"]
     assert sorted(registry.components("kv_allocator")) == ["vllm"]
 
 
@@ -98,7 +98,9 @@ def test_duplicate_component_names_are_refused():
     ({"scheduler": "sarathi"}, {"sarathi_token_budget": 0}, {}, "token budget must be >= 1"),
     ({"scheduler": "sarathi"}, {}, {"enable_chunked_prefill": False}, "needs enable_chunked_prefill"),
     ({"scheduler": "sarathi"}, {}, {"long_prefill_token_threshold": 32}, "long_prefill_token"),
-    ({"attn": "pod"}, {}, {}, "--attn: unknown attn 'pod'; choose from: vllm"),
+    ({"attn": "flash"}, {}, {}, "--attn: unknown attn 'flash'; choose from: pod, vllm"),
+    ({"attn": "vllm"}, {"pod_impl": "triton"}, {}, "which is not selected"),
+    ({"attn": "pod"}, {"pod_impl": "cuda"}, {}, "--pod-impl: 'cuda' is not one of: torch, triton"),
 ])
 def test_selection_errors_name_what_is_allowed(selected, options, user, message):
     with pytest.raises(SelectionError, match=message.replace("(", r"\(").replace(")", r"\)")):
