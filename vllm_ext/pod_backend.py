@@ -17,7 +17,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm_ext.attn_select import ENV_POD_IMPL
 
 from vllm_ext.kernels import reference
-from vllm_ext.kernels.pod import SUPPORTED_HEAD_DIMS, pod_attention
+from vllm_ext.kernels.pod import SUPPORTED_HEAD_DIMS, plan, pod_attention
 
 # On a CPU the Triton kernel runs under Triton's interpreter, which this process got
 # from its environment before it first imported Triton (see attn_select.select).
@@ -56,6 +56,9 @@ class PodMetadataBuilder(CPUAttentionMetadataBuilder):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
         q_lens = (md.query_start_loc[1:] - md.query_start_loc[:-1]).tolist()
         md.num_decode_tokens = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+        # The kernel's tile list is per step, not per layer: plan it once here.
+        md.pod_plan = (plan(md.query_start_loc, md.seq_lens, md.num_decode_tokens,
+                            self.num_heads, self.num_kv_heads) if IMPL == "triton" else None)
         return md
 
 
@@ -112,5 +115,6 @@ class PodAttentionImpl(CPUAttentionBackendImpl):
         self.kernel(query[:n].reshape(n, self.num_heads, self.head_size), key_cache, value_cache,
                     attn_metadata.block_table, attn_metadata.seq_lens,
                     attn_metadata.query_start_loc, attn_metadata.num_decode_tokens, self.scale,
-                    out=out)
+                    out=out, **({"pod_plan": attn_metadata.pod_plan}
+                                if attn_metadata.pod_plan is not None else {}))
         return output

@@ -4,6 +4,7 @@ report.html (tables and plots), plots/*.png; raw/ and logs/ are written by the r
 from __future__ import annotations
 
 import base64
+import functools
 import datetime
 import html
 import json
@@ -53,7 +54,9 @@ def _clean(x):
     return x
 
 
+@functools.cache
 def machine() -> str:
+    """The machine and versions, found once per process (it runs nvidia-smi)."""
     cpu = platform.processor() or platform.machine()
     try:
         names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
