@@ -3,6 +3,14 @@
 | patch      | target                                          | vLLM     | why                                   |
 |------------|-------------------------------------------------|----------|---------------------------------------|
 | cli_flags  | vllm.engine.arg_utils:EngineArgs.add_cli_args   | 0.32.x   | `--scheduler`/`--attn`/`--kv-allocator` and component options on every engine CLI |
+| kv_pool_alloc | vllm.v1.worker.gpu_model_runner:allocate_kv_cache | 0.32.x | vattention: the worker's KV memory in a VirtualKVPool |
+| paged_block_pool | vllm.v1.core.kv_cache_manager:get_kv_cache_coordinator | 0.32.x | vattention: page-aware choice of free blocks, physical cap |
+| page_ops_schedule | vllm.v1.core.sched.scheduler:Scheduler.schedule | 0.32.x | vattention: each step's page orders attached to the SchedulerOutput |
+| page_ops_worker | vllm.v1.worker.gpu_worker:Worker.execute_model | 0.32.x | vattention: the worker carries out those orders before the step |
+
+The vattention patches are applied only in processes where `--kv-allocator
+vattention` was chosen (VLLMEXT_KV_POOL set); their wrappers check it again and
+run vLLM's original code otherwise.
 """
 
 from __future__ import annotations
@@ -11,12 +19,21 @@ from packaging.version import Version
 
 from vllm_ext.patches.base import Patch, PatchError
 from vllm_ext.patches.cli_flags import CliFlags
+from vllm_ext.patches.kv_pool_alloc import KVPoolAlloc
+from vllm_ext.patches.page_ops_schedule import PageOpsSchedule
+from vllm_ext.patches.page_ops_worker import PageOpsWorker
+from vllm_ext.patches.paged_block_pool import PagedBlockPoolPatch
 
 PATCHES: tuple[Patch, ...] = (CliFlags(),)
+VATTENTION_PATCHES: tuple[Patch, ...] = (KVPoolAlloc(), PagedBlockPoolPatch(), PageOpsSchedule(),
+                                         PageOpsWorker())
 
-__all__ = ["PATCHES", "Patch", "PatchError", "apply_all"]
+__all__ = ["PATCHES", "VATTENTION_PATCHES", "Patch", "PatchError", "apply_all"]
 
 
 def apply_all(vllm_version: Version) -> None:
-    for patch in PATCHES:
+    from vllm_ext import envs
+
+    wanted = PATCHES + (VATTENTION_PATCHES if envs.kv_pool_selected() else ())
+    for patch in wanted:
         patch.apply(vllm_version)

@@ -20,10 +20,12 @@ MAX_TOKENS = 40
 ARRIVE_AFTER_STEPS = (0, 0, 0, 0, 3, 6, 9)  # step at which each prompt is added
 
 
-def prompts(vocab: int) -> list[list[int]]:
-    """Deterministic token-id prompts (token ids avoid any tokenizer dependence)."""
+def prompts(vocab: int, shared_prefix: int = 0) -> list[list[int]]:
+    """Deterministic token-id prompts (token ids avoid any tokenizer dependence); with
+    `shared_prefix`, every prompt starts with the same that many tokens."""
     lengths = (*SHORT, *LONG)
-    return [[(7 + 31 * i + 17 * j) % (vocab - 10) + 5 for j in range(n)]
+    prefix = [(3 + 13 * j) % (vocab - 10) + 5 for j in range(shared_prefix)]
+    return [prefix + [(7 + 31 * i + 17 * j) % (vocab - 10) + 5 for j in range(n)]
             for i, n in enumerate(lengths)]
 
 
@@ -42,6 +44,12 @@ def main() -> None:
     ap.add_argument("--kv-admission", default=None)
     ap.add_argument("--attn", default=None)
     ap.add_argument("--pod-impl", default=None)
+    ap.add_argument("--kv-allocator", default=None)
+    for opt in ("page-size", "premap", "watermark", "physical-limit"):
+        ap.add_argument(f"--vattention-{opt}", default=None)
+    ap.add_argument("--shared-prefix", type=int, default=0)
+    ap.add_argument("--block-size", type=int, default=None)
+    ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--num-blocks", type=int, default=None,
                     help="KV blocks of 32 tokens (few: forces preemption)")
     args = ap.parse_args()
@@ -60,10 +68,17 @@ def main() -> None:
     if args.num_blocks is not None:
         # The longest request (520 + 40 tokens) must still fit on its own.
         kwargs.update(num_gpu_blocks_override=args.num_blocks, block_size=32, max_model_len=576)
+    if args.block_size is not None:
+        kwargs.update(block_size=args.block_size)
+    if args.max_model_len is not None:
+        kwargs.update(max_model_len=args.max_model_len)
     chosen = {k: v for k, v in (("scheduler", args.scheduler), ("attn", args.attn),
                                 ("sarathi_token_budget", args.budget),
                                 ("sarathi_kv_admission", args.kv_admission),
-                                ("pod_impl", args.pod_impl)) if v}
+                                ("pod_impl", args.pod_impl), ("kv_allocator", args.kv_allocator),
+                                *((f"vattention_{o}", getattr(args, f"vattention_{o}"))
+                                  for o in ("page_size", "premap", "watermark",
+                                            "physical_limit"))) if v}
     if chosen:
         kwargs = vllm_ext.engine_kwargs(**chosen, **kwargs)
     before = vllm_ext.step_stats().steps
@@ -71,7 +86,7 @@ def main() -> None:
     vocab = engine.model_config.get_vocab_size()
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
-    todo = list(enumerate(prompts(vocab)))
+    todo = list(enumerate(prompts(vocab, args.shared_prefix)))
     tokens: dict[str, list[int]] = {}
     step = 0
     while todo or engine.has_unfinished_requests():
@@ -84,6 +99,10 @@ def main() -> None:
         step += 1
 
     stats = vllm_ext.step_stats()
+    from vllm_ext.allocators.poolstats import read_pool_dir
+    from vllm_ext.envs import stats_dir
+
+    pool = read_pool_dir(stats_dir())
     backends = sorted(set(engine.collective_rpc(_attention_backends)[0]))
     result = {
         "attention_backends": backends,
@@ -95,6 +114,9 @@ def main() -> None:
         },
         "steps_recorded": stats.steps - before,
         "steps": [dataclasses.asdict(r) for r in stats.recent],
+        "prefix_cache_hits": sum(m.value for m in engine.get_metrics()
+                                 if m.name == "vllm:prefix_cache_hits"),
+        "kv_pool": {"totals": pool.totals, "samples": pool.samples},
     }
     with open(args.out, "w") as f:
         json.dump(result, f)

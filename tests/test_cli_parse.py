@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -79,3 +81,23 @@ def test_pod_impl_choices(serve_parser, capsys):
         serve_parser("--attn", "pod", "--pod-impl", "cuda")
     assert e.value.code == 2
     assert "argument --pod-impl: invalid choice: 'cuda' (choose from 'torch', 'triton')" in capsys.readouterr().err
+
+
+def test_vattention_settings_reach_the_engine_processes(serve_parser, monkeypatch):
+    import json
+
+    monkeypatch.delenv("VLLMEXT_KV_POOL", raising=False)  # restored after the test
+    _, engine_args = serve_parser("--kv-allocator", "vattention", "--vattention-page-size",
+                                  "16KiB", "--vattention-physical-limit", "1.5GiB")
+    expected = {"layout": "blocks", "page_size": 16384, "premap": 2, "watermark": 8,
+                "physical_limit": 3 << 29}
+    assert engine_args.additional_config == {"vllm_ext": {"kv_allocator": {
+        "name": "vattention", **expected}}}
+    assert json.loads(os.environ["VLLMEXT_KV_POOL"]) == {"backend": "host", **expected}
+
+
+def test_vattention_sizes_are_checked_by_the_parser(serve_parser, capsys):
+    with pytest.raises(SystemExit):
+        serve_parser("--kv-allocator", "vattention", "--vattention-page-size", "lots")
+    assert "argument --vattention-page-size: invalid size_in_bytes value: 'lots'" in \
+        capsys.readouterr().err

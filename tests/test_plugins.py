@@ -50,7 +50,7 @@ def third_party_plugin():
 def test_builtin_components():
     assert sorted(registry.components("scheduler")) == ["prefill-first", "sarathi", "vllm"]
     assert sorted(registry.components("attn")) == ["pod", "vllm"]
-    assert sorted(registry.components("kv_allocator")) == ["vllm"]
+    assert sorted(registry.components("kv_allocator")) == ["vattention", "vllm"]
 
 
 def test_every_hookspec_is_exercised_by_a_third_party_plugin_here():
@@ -101,8 +101,18 @@ def test_duplicate_component_names_are_refused():
     ({"attn": "flash"}, {}, {}, "--attn: unknown attn 'flash'; choose from: pod, vllm"),
     ({"attn": "vllm"}, {"pod_impl": "triton"}, {}, "which is not selected"),
     ({"attn": "pod"}, {"pod_impl": "cuda"}, {}, "--pod-impl: 'cuda' is not one of: torch, triton"),
+    ({"kv_allocator": "paged"}, {}, {}, "--kv-allocator: unknown kv allocator 'paged'; choose "
+                                        "from: vattention, vllm"),
+    ({"kv_allocator": "vattention"}, {}, {"tensor_parallel_size": 2},
+     "one worker per engine in this release; tensor_parallel_size=2"),
+    ({"kv_allocator": "vattention"}, {"vattention_premap": -1}, {},
+     "--vattention-premap is a number of pages >= 0, got -1"),
+    ({"kv_allocator": "vattention"}, {"vattention_layout": "slots"}, {},
+     "--vattention-layout: 'slots' is not one of: blocks"),
+    ({"kv_allocator": "vllm"}, {"vattention_watermark": 1}, {}, "which is not selected"),
 ])
-def test_selection_errors_name_what_is_allowed(selected, options, user, message):
+def test_selection_errors_name_what_is_allowed(selected, options, user, message, monkeypatch):
+    monkeypatch.delenv("VLLMEXT_KV_POOL", raising=False)
     with pytest.raises(SelectionError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resolve(selected, options, user, "cpu")
 
@@ -117,6 +127,12 @@ def test_sarathi_selection_sets_engine_arguments(monkeypatch, tmp_path):
     assert out["enable_chunked_prefill"] is True and out["async_scheduling"] is False
     assert out["additional_config"] == {"other": 1, CONFIG_KEY: {
         "scheduler": {"name": "sarathi", "token_budget": 128, "kv_admission": "full"}}}
+
+
+def test_vattention_refuses_platforms_without_a_backend(monkeypatch):
+    monkeypatch.delenv("VLLMEXT_KV_POOL", raising=False)
+    with pytest.raises(SelectionError, match="runs on vLLM's cpu and cuda platforms, not 'tpu'"):
+        resolve({"kv_allocator": "vattention"}, {}, {}, "tpu")
 
 
 def test_no_selection_changes_nothing():

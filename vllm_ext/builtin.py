@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_ext import attn_select
+import os
+from dataclasses import asdict
+
+from vllm_ext import attn_select, envs
+from vllm_ext.allocators.settings import LAYOUTS, VAttentionSettings, size_in_bytes
 from vllm_ext.components import Component, ConfigureContext, Option, SelectionError
 from vllm_ext.hookspecs import hookimpl
 from vllm_ext.schedulers.sarathi import KV_ADMISSION, SarathiConfig
@@ -109,7 +113,57 @@ def vllm_ext_attention_backends() -> list[Component]:
     ]
 
 
+def _configure_stock_kv(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
+    os.environ.pop(envs.KV_POOL, None)
+    return {}, {}
+
+
+_KV_BACKENDS = {"cpu": "host", "cuda": "cuda"}
+
+
+def _configure_vattention(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
+    backend = _KV_BACKENDS.get(ctx.platform)
+    if backend is None:
+        raise SelectionError(f"--kv-allocator vattention runs on vLLM's cpu and cuda platforms, "
+                             f"not {ctx.platform!r}")
+    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if (ctx.user_engine_args.get(key) or 1) > 1:
+            raise SelectionError(f"--kv-allocator vattention runs one worker per engine in this "
+                                 f"release; {key}={ctx.user_engine_args[key]} was given")
+    given = {k: v for k, v in settings.items() if v is not None}
+    try:
+        chosen = VAttentionSettings(backend=backend, **given)
+    except ValueError as e:
+        raise SelectionError(str(e)) from None
+    # The engine processes read the choice from their environment (they are spawned
+    # after this); this process applies the patches too, in case it hosts the engine.
+    os.environ[envs.KV_POOL] = chosen.to_json()
+    from vllm_ext.patches import VATTENTION_PATCHES
+    from vllm_ext.versions import installed_vllm_version
+
+    for patch in VATTENTION_PATCHES:
+        patch.apply(installed_vllm_version())
+    return {k: v for k, v in asdict(chosen).items() if k != "backend"}, {}
+
+
 @hookimpl
 def vllm_ext_kv_allocators() -> list[Component]:
-    return [Component("kv_allocator", "vllm", "vLLM's own paged KV cache",
-                      lambda settings, ctx: ({}, {}))]
+    return [
+        Component("kv_allocator", "vllm", "vLLM's own paged KV cache", _configure_stock_kv),
+        Component(
+            "kv_allocator", "vattention",
+            "vAttention: KV in contiguous virtual memory, physical pages mapped on demand",
+            _configure_vattention,
+            options=(
+                Option("layout", str, "blocks: vLLM's block ids and tables, a page mapped while "
+                       "a live block uses it", choices=LAYOUTS),
+                Option("page-size", size_in_bytes, "bytes per page per layer, e.g. 64KiB, 2MiB "
+                       "(default: 64KiB on CPUs, 2MiB on GPUs; rounded up to hold whole blocks)"),
+                Option("premap", int, "idle pages mapped ahead of need in the background "
+                       "(default 2)"),
+                Option("watermark", int, "freed pages kept mapped for reuse beyond the premap "
+                       "pages before they are unmapped (default 8)"),
+                Option("physical-limit", size_in_bytes, "cap on physical KV memory, all layers, "
+                       "e.g. 512MiB; at the cap requests are preempted (default: none)"),
+            )),
+    ]

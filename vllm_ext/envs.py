@@ -11,6 +11,7 @@ warns about (or, in strict mode, refuses) the ones it does not know.
 | VLLMEXT_ALLOW_ANY_VLLM   | `1` skips the supported-vLLM-version check (at your own risk)         |
 | VLLMEXT_ATTN             | `pod` when `--attn pod` was chosen: set by the CLI process for the engine processes it spawns, which then register the POD backend |
 | VLLMEXT_POD_IMPL         | `torch` or `triton` (`--pod-impl`), set the same way                  |
+| VLLMEXT_KV_POOL          | the vattention settings as JSON when `--kv-allocator vattention` was chosen: set by the CLI process for the engine processes, which then apply the vattention patches |
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ TRACE_PLUGINS = "VLLMEXT_TRACE_PLUGINS"
 ALLOW_ANY_VLLM = "VLLMEXT_ALLOW_ANY_VLLM"
 ATTN = "VLLMEXT_ATTN"
 POD_IMPL = "VLLMEXT_POD_IMPL"
+KV_POOL = "VLLMEXT_KV_POOL"
 
 
 def stats_dir() -> str | None:
@@ -40,3 +42,7 @@ def trace_plugins() -> bool:
 
 def allow_any_vllm() -> bool:
     return os.environ.get(ALLOW_ANY_VLLM, "") == "1"
+
+
+def kv_pool_selected() -> bool:
+    return bool(os.environ.get(KV_POOL))

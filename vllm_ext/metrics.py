@@ -76,3 +76,35 @@ class _StepCollector:
         for name in ("decode_tokens", "prefill_tokens", "partial_prefills", "wall_s"):
             yield GaugeMetricFamily(f"{PREFIX}last_step_{name}", f"{name} of the latest step",
                                     value=getattr(last, name) if last else 0)
+        yield from _kv_pool_metrics(envs.stats_dir())
+
+
+_KV_GAUGES = {
+    "reserved_bytes": "Virtual KV memory reserved (vattention)",
+    "mapped_bytes": "Physical KV memory mapped (vattention)",
+    "live_bytes": "KV bytes of the blocks in use by requests (vattention)",
+    "live_page_bytes": "Bytes of the pages holding those blocks (vattention)",
+    "max_map_seconds": "Slowest page map so far (vattention)",
+}
+_KV_COUNTERS = {
+    "maps": "Pages mapped (vattention)",
+    "unmaps": "Pages unmapped (vattention)",
+    "map_seconds": "Time spent mapping pages (vattention)",
+    "unmap_seconds": "Time spent unmapping pages (vattention)",
+    "critical_maps": "Pages a step had to wait for: not mapped ahead in time (vattention)",
+    "critical_wait_seconds": "Time steps waited for page maps (vattention)",
+}
+
+
+def _kv_pool_metrics(directory):
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from vllm_ext.allocators.poolstats import read_pool_dir
+
+    pools = read_pool_dir(directory)
+    if not pools.samples:
+        return
+    for name, doc in _KV_GAUGES.items():
+        yield GaugeMetricFamily(f"{PREFIX}kv_{name}", doc, value=pools.totals[name])
+    for name, doc in _KV_COUNTERS.items():
+        yield CounterMetricFamily(f"{PREFIX}kv_{name}", doc, value=pools.totals[name])

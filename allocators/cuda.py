@@ -1,0 +1,147 @@
+"""CUDA backend: CUDA virtual memory management through cuda-python (`cuda.bindings.driver`).
+
+An address range is reserved once (cuMemAddressReserve); committing a page creates
+a physical allocation (cuMemCreate), maps it (cuMemMap) and opens it to the device
+(cuMemSetAccess); decommitting unmaps it. cuMemCreate is the slow call (~200 us a
+2 MiB page where measured, against ~1.5 us for cuMemMap), so unmapped physical
+handles are kept for reuse up to `keep_handles` and released on `trim()` or when
+the device runs out of memory. Every driver result is checked; an error names the
+call and carries the driver's message.
+"""
+
+from __future__ import annotations
+
+from vllm_ext.allocators.errors import DriverError, PhysicalMemoryError
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise DriverError("import cuda.bindings.driver", "ImportError",
+                          "the cuda backend needs cuda-python: pip install "
+                          "'vllm-ext[vattention-cuda]'") from e
+    return driver
+
+
+class _DeviceMemory:
+    """Hands a raw device range to torch through __cuda_array_interface__ (no copy)."""
+
+    __slots__ = ("__cuda_array_interface__",)
+
+    def __init__(self, addr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|i1",
+                                         "data": (addr, False), "version": 3}
+
+
+class CudaBackend:
+    """Reserve, commit and decommit ranges of a CUDA device's virtual address space."""
+
+    __slots__ = ("_cu", "device_index", "granularity", "_prop", "_access", "_handles", "_spare",
+                 "keep_handles")
+    device = "cuda"
+
+    def __init__(self, device_index: int | None = None, keep_handles: int = 0) -> None:
+        import torch
+
+        self._cu = cu = _driver()
+        self.device_index = torch.cuda.current_device() if device_index is None else device_index
+        torch.cuda.init()  # a current context for the driver calls below
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = self.device_index
+        self._prop = prop
+        access = cu.CUmemAccessDesc()
+        access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = self.device_index
+        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self._access = access
+        self.granularity = int(self._call(
+            "cuMemGetAllocationGranularity", cu.cuMemGetAllocationGranularity, prop,
+            cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM))
+        self._handles: dict[int, tuple[object, int]] = {}  # mapped address -> (handle, size)
+        self._spare: list[tuple[object, int]] = []  # unmapped physical pages kept for reuse
+        self.keep_handles = keep_handles
+
+    def _call(self, name: str, fn, *args):
+        result, *values = fn(*args)
+        if result != self._cu.CUresult.CUDA_SUCCESS:
+            _, text = self._cu.cuGetErrorString(result)
+            msg = text.decode() if isinstance(text, bytes) else str(text)
+            oom = result == self._cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY
+            raise (PhysicalMemoryError if oom else DriverError)(name, result, msg)
+        return values[0] if len(values) == 1 else values
+
+    def reserve(self, nbytes: int, alignment: int) -> int:
+        return int(self._call("cuMemAddressReserve", self._cu.cuMemAddressReserve,
+                              nbytes, alignment, 0, 0))
+
+    def free(self, addr: int, nbytes: int) -> None:
+        for a in [a for a in self._handles if addr <= a < addr + nbytes]:
+            self.decommit(a, self._handles[a][1])
+        self.trim()
+        self._call("cuMemAddressFree", self._cu.cuMemAddressFree, addr, nbytes)
+
+    def _physical(self, nbytes: int):
+        for i, (handle, size) in enumerate(self._spare):
+            if size == nbytes:
+                del self._spare[i]
+                return handle
+        try:
+            return self._call("cuMemCreate", self._cu.cuMemCreate, nbytes, self._prop, 0)
+        except PhysicalMemoryError:
+            if not self._spare:
+                raise
+            self.trim()  # spare pages of another size are in the way: give them back, retry
+            return self._call("cuMemCreate", self._cu.cuMemCreate, nbytes, self._prop, 0)
+
+    def commit(self, addr: int, nbytes: int) -> None:
+        cu = self._cu
+        handle = self._physical(nbytes)
+        try:
+            self._call("cuMemMap", cu.cuMemMap, addr, nbytes, 0, handle, 0)
+        except DriverError:
+            self._call("cuMemRelease", cu.cuMemRelease, handle)
+            raise
+        try:
+            self._call("cuMemSetAccess", cu.cuMemSetAccess, addr, nbytes, [self._access], 1)
+        except DriverError:
+            self._call("cuMemUnmap", cu.cuMemUnmap, addr, nbytes)
+            self._call("cuMemRelease", cu.cuMemRelease, handle)
+            raise
+        self._handles[addr] = (handle, nbytes)
+
+    def decommit(self, addr: int, nbytes: int) -> None:
+        handle, size = self._handles.pop(addr)
+        self._call("cuMemUnmap", self._cu.cuMemUnmap, addr, size)
+        if len(self._spare) < self.keep_handles:
+            self._spare.append((handle, size))
+        else:
+            self._call("cuMemRelease", self._cu.cuMemRelease, handle)
+
+    def trim(self) -> int:
+        """Release every kept physical page; returns the bytes given back."""
+        freed = 0
+        while self._spare:
+            handle, size = self._spare.pop()
+            self._call("cuMemRelease", self._cu.cuMemRelease, handle)
+            freed += size
+        return freed
+
+    def tensor(self, addr: int, nbytes: int):
+        import torch
+
+        return torch.as_tensor(_DeviceMemory(addr, nbytes), device=f"cuda:{self.device_index}")
+
+    def fence(self):
+        """An event after the work queued so far on the current stream."""
+        import torch
+
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def wait(self, fence) -> None:
+        if fence is not None:
+            fence.synchronize()

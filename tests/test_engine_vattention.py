@@ -1,0 +1,84 @@
+"""`--kv-allocator vattention` on the real vLLM engine (CPU, float32, greedy), tiny model.
+
+The KV cache lives in a VirtualKVPool whose pages are mapped as blocks are handed
+out. The tests check three things:
+- the tokens are exactly stock vLLM's;
+- the mapped bytes, read from the statistics behind /metrics after every step, follow
+  the live blocks within the configured reserve;
+- a low physical cap preempts requests instead of failing, and every request still
+  completes with the same tokens. Prefix caching keeps hitting.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
+
+VATT = ("--kv-allocator", "vattention")
+SMALL_PAGES = (*VATT, "--vattention-page-size", "16KiB", "--block-size", "32",
+               "--max-model-len", "576")
+PREMAP, WATERMARK = 2, 8  # the defaults
+
+
+@pytest.fixture(scope="module")
+def stock(run_engine):
+    return run_engine()
+
+
+def _page_bytes(result) -> float:
+    totals = result["kv_pool"]["totals"]
+    return totals["mapped_bytes"] / totals["mapped_pages"]
+
+
+def _check_memory_follows_live_blocks(result, reserve_pages):
+    samples = result["kv_pool"]["samples"]
+    assert len(samples) > 20  # one per step
+    page = _page_bytes(result)
+    for _, live, live_pages, mapped in samples:
+        assert live <= live_pages <= mapped  # every live block is in a mapped page
+        assert mapped <= live_pages + reserve_pages * page
+    peak_live = max(s[1] for s in samples)
+    assert peak_live >= 10 * samples[0][1]  # the run did grow, and memory grew with it
+    assert max(s[3] for s in samples) <= (1 + reserve_pages) * page + peak_live * 1.0001 + \
+        max(s[2] - s[1] for s in samples)
+    totals = result["kv_pool"]["totals"]
+    assert totals["reserved_bytes"] >= 100 * max(s[3] for s in samples)
+    assert totals["maps"] > 0 and totals["unmaps"] > 0
+
+
+def test_tokens_identical_and_mapped_memory_follows_live_blocks(run_engine, stock):
+    result = run_engine(*VATT)
+    assert result["tokens"] == stock["tokens"] and len(result["tokens"]) == 7
+    assert all(len(t) == 40 for t in result["tokens"].values())
+    _check_memory_follows_live_blocks(result, PREMAP + WATERMARK)
+    # One 128-token block fills a 64 KiB page here: the bound is exact, with no
+    # rounding slack beyond the reserve.
+    for _, live, live_pages, mapped in result["kv_pool"]["samples"]:
+        assert live_pages == live
+
+
+def test_small_pages_without_look_ahead_or_reuse(run_engine, stock):
+    result = run_engine(*SMALL_PAGES, "--vattention-premap", "0", "--vattention-watermark", "0")
+    assert result["tokens"] == stock["tokens"]
+    samples = result["kv_pool"]["samples"]
+    # No reserve: after every step exactly the pages of live blocks are mapped.
+    assert all(mapped == live_pages for _, _, live_pages, mapped in samples)
+    assert result["kv_pool"]["totals"]["critical_maps"] == result["kv_pool"]["totals"]["maps"]
+
+
+def test_physical_cap_preempts_and_every_request_completes(run_engine, stock):
+    cap = 640 << 10  # 20 pages of 32 KiB (2 layers): one 576-token request needs 19
+    result = run_engine(*SMALL_PAGES, "--vattention-physical-limit", str(cap),
+                        "--scheduler", "vllm")
+    assert sum(step["preempted"] for step in result["steps"]) >= 1
+    assert result["tokens"] == stock["tokens"]
+    assert max(s[3] for s in result["kv_pool"]["samples"]) <= cap
+
+
+def test_prefix_caching_keeps_working(run_engine):
+    base = run_engine("--shared-prefix", "256")
+    result = run_engine(*VATT, "--shared-prefix", "256")
+    assert result["tokens"] == base["tokens"]
+    assert base["prefix_cache_hits"] > 0
+    assert result["prefix_cache_hits"] == base["prefix_cache_hits"]

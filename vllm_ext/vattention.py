@@ -1,0 +1,294 @@
+"""vAttention in vLLM (`--kv-allocator vattention`): the glue between the engine and
+`vllm_ext.allocators`.
+
+Where things run. The scheduler (engine-core process) hands out KV blocks; the
+worker owns the KV memory, in another process on vLLM's CPU platform. So the
+decisions are made where blocks are handed out and carried to the worker with
+each step:
+
+- scheduler side: vLLM's `BlockPool` becomes a `PagedBlockPool`. Its free queue asks a
+  `PagePlanner` which free block to hand out (compactly), and `get_num_free_blocks`
+  counts only blocks that fit under the physical cap, so vLLM preempts at the cap
+  exactly as it does when its own pool runs out. When a page is unmapped, the
+  prefix-cache entries of its blocks are evicted first: their bytes are about to go.
+- every step: the planner's `PageOps` ride on the `SchedulerOutput` to the worker.
+- worker side: every layer's KV is a view of one `VirtualKVPool`; before the step
+  runs, the worker maps what the step needs (waiting only for pages the look-ahead
+  did not map in time), queues unmaps behind a device fence, and queues the
+  look-ahead maps on the pool's background thread.
+
+Both sides derive the page size from the same numbers (block bytes, requested page
+size, granularity), so they agree on which blocks share a page without talking.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import mmap
+import os
+
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
+
+from vllm_ext import envs
+from vllm_ext.allocators.pages import PageOps, PagePlanner
+from vllm_ext.allocators.pool import DEFAULT_PAGE_SIZE, VirtualKVPool
+from vllm_ext.allocators.settings import VAttentionSettings, page_size_for
+
+logger = logging.getLogger("vllm_ext")
+
+OPS_ATTR = "vllm_ext_page_ops"  # the SchedulerOutput attribute that carries PageOps
+# The scheduler may live in a process that never touches the device, so it cannot
+# ask the driver; every current NVIDIA GPU has a 2 MiB minimum granularity, and the
+# worker checks that the driver agrees before it reserves anything.
+GRANULARITY = {"host": mmap.PAGESIZE, "cuda": 2 << 20}
+
+
+class VAttentionError(RuntimeError):
+    """The model or engine configuration does not fit vAttention; the message says why."""
+
+
+def selected() -> VAttentionSettings | None:
+    text = os.environ.get(envs.KV_POOL)
+    return VAttentionSettings.from_json(text) if text else None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Geometry:
+    """Where a block's bytes are: the same offset in each layer's contiguous region."""
+
+    num_blocks: int
+    num_layers: int
+    block_bytes: int  # one block of one layer
+    page_size: int  # one page of one layer
+    blocks_per_page: int
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_size * self.num_layers
+
+
+def geometry(kv_cache_config, settings: VAttentionSettings) -> Geometry:
+    """Check that vLLM's KV placement is one a pool can hold, and size its pages."""
+    groups = kv_cache_config.kv_cache_groups
+    tensors = kv_cache_config.kv_cache_tensors
+    if len(groups) != 1 or len(tensors) != 1:
+        raise VAttentionError(
+            f"--kv-allocator vattention supports models with one kind of attention layer "
+            f"(one KV cache group); this model has {len(groups)} groups in {len(tensors)} "
+            f"KV tensors (sliding-window, hybrid or Mamba layers)")
+    tensor = tensors[0]
+    spec = groups[0].kv_cache_spec
+    num_blocks = kv_cache_config.num_blocks
+    block_bytes = tensor.block_stride
+    if (block_bytes != spec.page_size_bytes or tensor.offset != 0
+            or tensor.layer_stride != num_blocks * block_bytes):
+        raise VAttentionError(
+            "--kv-allocator vattention needs a layer-outermost KV cache layout whose blocks "
+            "are dense (VLLM_KV_CACHE_LAYOUT LBHNC or LBNHC); this engine resolved block "
+            f"stride {block_bytes}, layer stride {tensor.layer_stride}, page "
+            f"{spec.page_size_bytes} bytes")
+    requested = settings.page_size or DEFAULT_PAGE_SIZE[settings.backend]
+    page = page_size_for(block_bytes, requested, GRANULARITY[settings.backend])
+    return Geometry(num_blocks, len(tensor.layers), block_bytes, page, page // block_bytes)
+
+
+# -- scheduler side ----------------------------------------------------------------------
+class PagedFreeQueue(FreeKVCacheBlockQueue):
+    """vLLM's free-block queue, with the planner choosing which free block goes next.
+
+    The linked list stays vLLM's; every change to it is also told to the planner.
+    """
+
+    def __init__(self, free_blocks, all_blocks, planner: PagePlanner) -> None:
+        super().__init__(free_blocks)
+        self._all = all_blocks
+        self.planner = planner
+
+    def popleft(self):
+        return self.popleft_n(1)[0]
+
+    def popleft_n(self, n: int):
+        blocks = [self._all[i] for i in self.planner.take(n)] if n else []
+        for block in blocks:
+            FreeKVCacheBlockQueue.remove(self, block)
+        return blocks
+
+    def remove(self, block) -> None:  # a prefix-cache hit on a free block
+        super().remove(block)
+        self.planner.use(block.block_id)
+
+    def append(self, block) -> None:
+        super().append(block)
+        self.planner.free((block.block_id,))
+
+    def append_n(self, blocks) -> None:
+        super().append_n(blocks)
+        self.planner.free(b.block_id for b in blocks)
+
+    def prepend_n(self, blocks) -> None:
+        super().prepend_n(blocks)
+        self.planner.free(b.block_id for b in blocks)
+
+
+class PagedBlockPool(BlockPool):
+    """A `BlockPool` whose blocks live in pages mapped on demand (made by `make_paged`)."""
+
+    planner: PagePlanner
+
+    def get_num_free_blocks(self) -> int:
+        return min(self.free_block_queue.num_free_blocks, self.planner.allocatable())
+
+    def take_page_ops(self) -> PageOps:
+        return self.planner.drain()
+
+    def _forget(self, block_ids) -> None:
+        for block_id in block_ids:
+            self._maybe_evict_cached_block(self.blocks[block_id])
+
+
+def make_paged(block_pool: BlockPool, kv_cache_config, max_model_len: int,
+               settings: VAttentionSettings) -> PagedBlockPool:
+    """Turn a freshly built BlockPool (only the null block taken) into a PagedBlockPool.
+
+    The object keeps its identity, because the coordinator's managers already hold it.
+    """
+    geo = geometry(kv_cache_config, settings)
+    max_pages = None
+    if settings.physical_limit is not None:
+        max_pages = settings.physical_limit // geo.page_bytes
+        block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        blocks = -(-max_model_len // block_size)
+        needed = 1 + -(-blocks // geo.blocks_per_page)  # and the null block's page
+        if max_pages < needed:
+            raise VAttentionError(
+                f"--vattention-physical-limit {settings.physical_limit} bytes holds {max_pages} "
+                f"pages of {geo.page_bytes} bytes ({geo.page_size} per layer x {geo.num_layers} "
+                f"layers); one request of max_model_len {max_model_len} needs {needed} pages: "
+                f"raise it to at least {needed * geo.page_bytes} bytes "
+                f"or lower --max-model-len")
+    null = block_pool.null_block
+    block_pool.__class__ = PagedBlockPool
+    planner = PagePlanner(geo.num_blocks, geo.blocks_per_page, premap=settings.premap,
+                          watermark=settings.watermark, max_pages=max_pages,
+                          live_from_start=(null.block_id,), on_unmap=block_pool._forget)
+    block_pool.planner = planner
+    free = [b for b in block_pool.blocks if b is not null]
+    block_pool.free_block_queue = PagedFreeQueue(free, block_pool.blocks, planner)
+    logger.info("vllm-ext vattention: %d blocks in %d pages of %d blocks (%s per layer, %d "
+                "layers), physical cap %s", geo.num_blocks, planner.num_pages,
+                geo.blocks_per_page, _fmt(geo.page_size), geo.num_layers,
+                "none" if max_pages is None else f"{max_pages} pages")
+    return block_pool
+
+
+# -- worker side -------------------------------------------------------------------------
+class PoolRuntime:
+    """The worker's pool, applying each step's PageOps and publishing statistics."""
+
+    def __init__(self, pool: VirtualKVPool, geo: Geometry) -> None:
+        self.pool = pool
+        self.geo = geo
+        # vLLM's null block is allocated for good and its page mapped with the pool.
+        self.live_bytes = geo.block_bytes * geo.num_layers
+        self.live_page_bytes = geo.page_bytes
+        self._shut = False
+        directory = envs.stats_dir()
+        if directory:
+            from vllm_ext.allocators.poolstats import PoolStatsWriter
+
+            self._writer = PoolStatsWriter(directory)
+        else:
+            self._writer = None
+        self._publish()
+        atexit.register(self.shutdown)
+
+    def apply(self, ops: PageOps | None) -> None:
+        pool = self.pool
+        pool.wait()  # look-ahead maps of earlier steps: pages this step may use
+        self._publish()  # the state the previous step's orders left, all carried out
+        if ops is None:
+            return
+        if ops.map_now:
+            pool.map(ops.map_now)
+        if ops.unmap:
+            pool.unmap(ops.unmap, fence=pool.backend.fence())
+        if ops.map_ahead:
+            pool.map_async(ops.map_ahead)
+        self.live_bytes = ops.live_blocks * self.geo.block_bytes * self.geo.num_layers
+        self.live_page_bytes = ops.live_pages * self.geo.page_bytes
+
+    def _publish(self) -> None:
+        if self._writer is not None:
+            self._writer.write(self.pool.stats(), self.live_bytes, self.live_page_bytes)
+
+    def shutdown(self) -> None:
+        if self._shut:
+            return
+        self._shut = True
+        self.pool.wait()
+        s = self.pool.stats()
+        share = s.critical_maps / s.maps if s.maps else 0.0
+        logger.info(
+            "vllm-ext vattention: reserved %s, mapped %s at shutdown; %d pages mapped (mean "
+            "%.0f us, max %.0f us), %d unmapped (mean %.0f us); %.1f%% of maps on the critical "
+            "path", _fmt(s.reserved_bytes), _fmt(s.mapped_bytes), s.maps,
+            1e6 * s.map_seconds / max(s.maps, 1), 1e6 * s.max_map_seconds, s.unmaps,
+            1e6 * s.unmap_seconds / max(s.unmaps, 1), 100 * share)
+        if self._writer is not None:
+            self._publish()
+            self._writer.close()
+            self._writer = None
+
+
+_runtime: PoolRuntime | None = None
+
+
+def runtime() -> PoolRuntime | None:
+    """This process's pool runtime, if vattention allocated its KV cache here."""
+    return _runtime
+
+
+def allocate_kv_cache(kv_cache_config, device, layout, kernel_block_sizes,
+                      settings: VAttentionSettings) -> dict:
+    """vLLM's `allocate_kv_cache`, with the backing memory in a VirtualKVPool.
+
+    Each layer's region is rounded up to whole pages, so the per-layer views differ
+    from vLLM's only in where each layer starts.
+    """
+    global _runtime
+    from vllm.v1.kv_cache_interface import create_kv_cache_views
+
+    if _runtime is not None:
+        raise VAttentionError("this worker already holds a vattention KV pool; "
+                              "re-initialising the KV cache is not supported")
+    geo = geometry(kv_cache_config, settings)
+    tensor = kv_cache_config.kv_cache_tensors[0]
+    spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+    kwargs = {"device_index": device.index} if settings.backend == "cuda" else {}
+    pool = VirtualKVPool(geo.num_layers, geo.num_blocks * geo.block_bytes, geo.page_size,
+                         backend=settings.backend, **kwargs)
+    if pool.page_size != geo.page_size:
+        pool.close()
+        raise VAttentionError(f"the device's mapping granularity does not divide the page size "
+                              f"{geo.page_size} chosen by the scheduler; set "
+                              f"--vattention-page-size to a multiple of "
+                              f"{pool.backend.granularity}")
+    placed = dataclasses.replace(tensor, size=pool.reserved_bytes, layer_stride=pool.region_bytes)
+    kernel_block_size = kernel_block_sizes[0] if kernel_block_sizes else None
+    views = create_kv_cache_views(pool.buffer, spec, geo.num_blocks, layout, placed,
+                                  kernel_block_size=kernel_block_size)
+    pool.map([0])  # the null block's page: padded block tables point there
+    _runtime = PoolRuntime(pool, geo)
+    logger.info("vllm-ext vattention: reserved %s of virtual KV memory (%d layers), %s mapped",
+                _fmt(pool.reserved_bytes), geo.num_layers, _fmt(pool.mapped_bytes))
+    return dict(zip(tensor.layers, views))
+
+
+def _fmt(nbytes: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} B"
