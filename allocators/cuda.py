@@ -38,15 +38,26 @@ class CudaBackend:
     """Reserve, commit and decommit ranges of a CUDA device's virtual address space."""
 
     __slots__ = ("_cu", "device_index", "granularity", "_prop", "_access", "_handles", "_spare",
-                 "keep_handles")
+                 "keep_handles", "_ctx")
     device = "cuda"
 
-    def __init__(self, device_index: int | None = None, keep_handles: int = 0) -> None:
-        import torch
+    def __init__(self, device_index: int | None = None, keep_handles: int = 0,
+                 driver=None) -> None:
+        """`driver` stands in for `cuda.bindings.driver` in tests without a GPU."""
+        if driver is None:
+            import torch
 
-        self._cu = cu = _driver()
-        self.device_index = torch.cuda.current_device() if device_index is None else device_index
-        torch.cuda.init()  # a current context for the driver calls below
+            driver = _driver()
+            device_index = torch.cuda.current_device() if device_index is None else device_index
+            torch.cuda.init()
+        self._cu = cu = driver
+        self.device_index = device_index or 0
+        self._call("cuInit", cu.cuInit, 0)
+        device = self._call("cuDeviceGet", cu.cuDeviceGet, self.device_index)
+        # torch works in the device's primary context; the pool's own thread must too,
+        # or the mapped range is invisible to torch's kernels.
+        self._ctx = self._call("cuDevicePrimaryCtxRetain", cu.cuDevicePrimaryCtxRetain, device)
+        self._current()
         prop = cu.CUmemAllocationProp()
         prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
@@ -73,11 +84,16 @@ class CudaBackend:
             raise (PhysicalMemoryError if oom else DriverError)(name, result, msg)
         return values[0] if len(values) == 1 else values
 
+    def _current(self) -> None:
+        self._call("cuCtxSetCurrent", self._cu.cuCtxSetCurrent, self._ctx)
+
     def reserve(self, nbytes: int, alignment: int) -> int:
+        self._current()
         return int(self._call("cuMemAddressReserve", self._cu.cuMemAddressReserve,
                               nbytes, alignment, 0, 0))
 
     def free(self, addr: int, nbytes: int) -> None:
+        self._current()
         for a in [a for a in self._handles if addr <= a < addr + nbytes]:
             self.decommit(a, self._handles[a][1])
         self.trim()
@@ -98,6 +114,7 @@ class CudaBackend:
 
     def commit(self, addr: int, nbytes: int) -> None:
         cu = self._cu
+        self._current()  # called from the pool's thread
         handle = self._physical(nbytes)
         try:
             self._call("cuMemMap", cu.cuMemMap, addr, nbytes, 0, handle, 0)
@@ -113,6 +130,7 @@ class CudaBackend:
         self._handles[addr] = (handle, nbytes)
 
     def decommit(self, addr: int, nbytes: int) -> None:
+        self._current()
         handle, size = self._handles.pop(addr)
         self._call("cuMemUnmap", self._cu.cuMemUnmap, addr, size)
         if len(self._spare) < self.keep_handles:
@@ -122,6 +140,7 @@ class CudaBackend:
 
     def trim(self) -> int:
         """Release every kept physical page; returns the bytes given back."""
+        self._current()
         freed = 0
         while self._spare:
             handle, size = self._spare.pop()

@@ -34,6 +34,7 @@ class PageOps:
     """What the pool must do before (map_now, unmap) and during (map_ahead) the next step."""
 
     map_now: tuple[int, ...]  # pages of blocks handed out since the last drain, not mapped ahead
+    touched: tuple[int, ...]  # every page a block was handed out from since the last drain
     unmap: tuple[int, ...]
     map_ahead: tuple[int, ...]
     live_blocks: int  # after these ops, for the pool's statistics
@@ -73,12 +74,14 @@ class PagePlanner:
         self._idle: list[int] = []
         self._unmapped = list(range(self.num_pages))
         self._map_now: list[int] = []
+        self._touched: set[int] = set()
         for block in live_from_start:
             page = block // self.k
             if not self._mapped[page]:
                 self._set_mapped(page)
             self._claim_block(block)
         self._map_now.clear()  # the pool maps these pages when it is created
+        self._touched.clear()
         if self._n_mapped > self.max_pages:
             raise KVPoolError(f"a physical cap of {self.max_pages} pages cannot even hold the "
                               f"engine's reserved blocks ({self._n_mapped} pages)")
@@ -161,9 +164,10 @@ class PagePlanner:
 
     # -- internals -----------------------------------------------------------------------
     def _ops(self, unmap: list[int], ahead: list[int]) -> PageOps:
-        ops = PageOps(tuple(self._map_now), tuple(unmap), tuple(ahead), self._live_total,
-                      self.live_pages, self._n_mapped)
+        ops = PageOps(tuple(self._map_now), tuple(sorted(self._touched)), tuple(unmap),
+                      tuple(ahead), self._live_total, self.live_pages, self._n_mapped)
         self._map_now.clear()
+        self._touched.clear()
         return ops
 
     def _claim_block(self, block: int) -> None:
@@ -172,6 +176,7 @@ class PagePlanner:
         self._live[page] += 1
         self._live_total += 1
         self._free_mapped -= 1
+        self._touched.add(page)
         if self._free[page]:
             heapq.heappush(self._open, page)
 

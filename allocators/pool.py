@@ -86,6 +86,7 @@ class VirtualKVPool:
         self._actual = bytearray(self.num_pages)  # as the backend has it now
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="kv-pool")
         self._last: Future | None = None
+        self._pending: dict[int, Future] = {}  # pages queued by map_async, until waited for
         self._lock = threading.Lock()
         self._counts = dict(maps=0, unmaps=0, map_seconds=0.0, unmap_seconds=0.0,
                             max_map_seconds=0.0, critical_maps=0, critical_wait_seconds=0.0)
@@ -115,28 +116,48 @@ class VirtualKVPool:
         """Map `pages` and return once they are usable (the caller's critical path)."""
         todo = self._claim(pages, want_mapped=False)
         t0 = time.perf_counter()
-        self._submit(self._commit, todo).result()
+        self._result(self._submit(self._commit, todo))
         self._critical(len(todo), time.perf_counter() - t0)
 
     def map_async(self, pages: Iterable[int]) -> Future:
-        """Queue `pages` for mapping in the background; `wait()` before touching them."""
-        return self._submit(self._commit, self._claim(pages, want_mapped=False))
+        """Queue `pages` for mapping in the background; `wait(pages)` before touching them."""
+        todo = self._claim(pages, want_mapped=False)
+        future = self._submit(self._commit, todo)
+        self._pending.update(dict.fromkeys(todo, future))
+        return future
 
     def unmap(self, pages: Iterable[int], fence=None) -> Future:
         """Give `pages` back; with a `fence` (see backend.fence()), only once the device is past it."""
-        return self._submit(self._decommit, self._claim(pages, want_mapped=True), fence)
+        todo = self._claim(pages, want_mapped=True)
+        for j in todo:
+            self._pending.pop(j, None)
+        return self._submit(self._decommit, todo, fence)
 
-    def wait(self) -> None:
-        """Block until all queued work is done; re-raises a failure of that work."""
-        last = self._last
-        if last is None or last.done():
-            if last is not None:
-                last.result()
-            return
-        pending = sum(1 for j in range(self.num_pages) if self._mapped[j] and not self._actual[j])
+    def wait(self, pages: Iterable[int] | None = None) -> None:
+        """Block until `pages` (default: all queued work) are mapped; re-raises a failure.
+
+        Waiting for a page whose background map is unfinished counts as a critical map.
+        """
+        if pages is None:
+            work = {self._last} if self._last is not None else set()
+            late = [j for j, f in self._pending.items() if not f.done()]
+            self._pending.clear()
+        else:
+            found = {j: self._pending.pop(j) for j in pages if j in self._pending}
+            work = set(found.values())
+            late = [j for j, f in found.items() if not f.done()]
         t0 = time.perf_counter()
-        last.result()
-        self._critical(pending, time.perf_counter() - t0)
+        for future in work:
+            self._result(future)
+        self._critical(len(late), time.perf_counter() - t0)
+
+    def idle(self) -> bool:
+        """Whether every queued map and unmap has been carried out."""
+        return self._last is None or self._last.done()
+
+    def last_work(self) -> Future | None:
+        """The most recently queued work (done when everything queued so far is done)."""
+        return self._last
 
     def map_bytes(self, offset: int, nbytes: int) -> list[int]:
         """Map the pages under [offset, offset+nbytes) of every layer that are not mapped yet."""
@@ -158,7 +179,7 @@ class VirtualKVPool:
 
     def trim(self) -> int:
         """Give back physical memory held for reuse (CUDA handles); returns bytes freed."""
-        return self._submit(self.backend.trim).result()
+        return self._result(self._submit(self.backend.trim))
 
     def stats(self) -> PoolStats:
         with self._lock:
@@ -211,6 +232,15 @@ class VirtualKVPool:
         for j in todo:
             self._mapped[j] = not want_mapped
         return todo
+
+    def _result(self, future: Future):
+        """A failure is raised to one caller only; the pool stays usable after it."""
+        try:
+            return future.result()
+        except BaseException:
+            if self._last is future:
+                self._last = None
+            raise
 
     def _submit(self, fn, *args) -> Future:
         future = self._thread.submit(fn, *args)

@@ -42,6 +42,9 @@ def _check_memory_follows_live_blocks(result, reserve_pages):
     assert peak_live >= 10 * samples[0][1]  # the run did grow, and memory grew with it
     assert max(s[3] for s in samples) <= (1 + reserve_pages) * page + peak_live * 1.0001 + \
         max(s[2] - s[1] for s in samples)
+    # Once the last request is done, its memory goes back (beyond the reserve).
+    _, live, _, mapped = samples[-1]
+    assert live == samples[0][1] and mapped <= (1 + reserve_pages) * page
     totals = result["kv_pool"]["totals"]
     assert totals["reserved_bytes"] >= 100 * max(s[3] for s in samples)
     assert totals["maps"] > 0 and totals["unmaps"] > 0

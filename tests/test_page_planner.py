@@ -26,6 +26,7 @@ class ModelPool:
         self.mapped -= set(ops.unmap)
         assert not set(ops.map_ahead) & self.mapped
         self.mapped |= set(ops.map_ahead)
+        assert set(ops.touched) <= self.mapped | set(ops.unmap)
 
 
 def test_blocks_fill_mapped_pages_before_new_ones():

@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import mmap
 import os
+import threading
 
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
@@ -195,6 +196,7 @@ class PoolRuntime:
         self.live_bytes = geo.block_bytes * geo.num_layers
         self.live_page_bytes = geo.page_bytes
         self._shut = False
+        self._lock = threading.Lock()
         directory = envs.stats_dir()
         if directory:
             from vllm_ext.allocators.poolstats import PoolStatsWriter
@@ -207,28 +209,55 @@ class PoolRuntime:
 
     def apply(self, ops: PageOps | None) -> None:
         pool = self.pool
-        pool.wait()  # look-ahead maps of earlier steps: pages this step may use
-        self._publish()  # the state the previous step's orders left, all carried out
-        if ops is None:
+        with self._lock:
+            if pool.idle():
+                self._publish()  # the state the previous step's orders left, all carried out
+            if not ops:
+                return
+            # Look-ahead maps still running for pages this step's new blocks are in.
+            pool.wait(ops.touched)
+            self.live_bytes = ops.live_blocks * self.geo.block_bytes * self.geo.num_layers
+            self.live_page_bytes = ops.live_pages * self.geo.page_bytes
+            if ops.map_now:
+                pool.map(ops.map_now)
+            if ops.unmap:
+                pool.unmap(ops.unmap, fence=pool.backend.fence())
+            if ops.map_ahead:
+                pool.map_async(ops.map_ahead)
+            # Samples show only states where every order has been carried out: this one
+            # as soon as the pool is done (an idle engine sends no further step).
+            last = pool.last_work()
+            if last is not None:
+                last.add_done_callback(self._publish_if_last)
+
+    def _publish_if_last(self, work) -> None:
+        # Runs on the pool's thread. Never block here: a step holding the lock may be
+        # waiting for that thread, and it publishes at its start anyway.
+        if not self._lock.acquire(blocking=False):
             return
-        if ops.map_now:
-            pool.map(ops.map_now)
-        if ops.unmap:
-            pool.unmap(ops.unmap, fence=pool.backend.fence())
-        if ops.map_ahead:
-            pool.map_async(ops.map_ahead)
-        self.live_bytes = ops.live_blocks * self.geo.block_bytes * self.geo.num_layers
-        self.live_page_bytes = ops.live_pages * self.geo.page_bytes
+        try:
+            if work is self.pool.last_work() and work.exception() is None and not self._shut:
+                self._publish()
+        finally:
+            self._lock.release()
 
     def _publish(self) -> None:
         if self._writer is not None:
             self._writer.write(self.pool.stats(), self.live_bytes, self.live_page_bytes)
 
     def shutdown(self) -> None:
-        if self._shut:
-            return
-        self._shut = True
-        self.pool.wait()
+        with self._lock:
+            if self._shut:
+                return
+            self._shut = True
+            self.pool.wait()
+            self._log_summary()
+            if self._writer is not None:
+                self._publish()
+                self._writer.close()
+                self._writer = None
+
+    def _log_summary(self) -> None:
         s = self.pool.stats()
         share = s.critical_maps / s.maps if s.maps else 0.0
         logger.info(
@@ -237,10 +266,6 @@ class PoolRuntime:
             "path", _fmt(s.reserved_bytes), _fmt(s.mapped_bytes), s.maps,
             1e6 * s.map_seconds / max(s.maps, 1), 1e6 * s.max_map_seconds, s.unmaps,
             1e6 * s.unmap_seconds / max(s.unmaps, 1), 100 * share)
-        if self._writer is not None:
-            self._publish()
-            self._writer.close()
-            self._writer = None
 
 
 _runtime: PoolRuntime | None = None

@@ -1,0 +1,138 @@
+"""CudaBackend's bookkeeping against a stand-in driver (this machine has no GPU): every
+result is checked and names the call, a failed map is rolled back, kept physical pages
+are reused, and running out of memory fails clearly without leaking a handle.
+The real driver is exercised by tests/test_vattention_gpu.py on a GPU."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_ext.allocators import DriverError, PhysicalMemoryError, VirtualKVPool
+from vllm_ext.allocators.cuda import CudaBackend
+
+GRAN = 2 << 20
+
+
+class CUresult(enum.IntEnum):
+    CUDA_SUCCESS = 0
+    CUDA_ERROR_INVALID_VALUE = 1
+    CUDA_ERROR_OUT_OF_MEMORY = 2
+
+
+class FakeDriver:
+    """Records calls; `fail[name] = CUresult` makes the next call of `name` fail."""
+
+    CUresult = CUresult
+
+    def __init__(self, capacity_pages: int = 1000) -> None:
+        self.calls: list[str] = []
+        self.fail: dict[str, CUresult] = {}
+        self.live: set[int] = set()  # physical handles not released
+        self.mapped: dict[int, int] = {}  # address -> handle
+        self.capacity = capacity_pages
+        self._ids = itertools.count(1)
+        self.CUmemAllocationProp = lambda: SimpleNamespace(location=SimpleNamespace())
+        self.CUmemAccessDesc = lambda: SimpleNamespace(location=SimpleNamespace())
+        names = ("CU_MEM_ALLOCATION_TYPE_PINNED", "CU_MEM_LOCATION_TYPE_DEVICE",
+                 "CU_MEM_ACCESS_FLAGS_PROT_READWRITE", "CU_MEM_ALLOC_GRANULARITY_MINIMUM")
+        ns = SimpleNamespace(**{n: n for n in names})
+        self.CUmemAllocationType = self.CUmemLocationType = ns
+        self.CUmemAccess_flags = self.CUmemAllocationGranularity_flags = ns
+
+    def _r(self, name, *values):
+        self.calls.append(name)
+        code = self.fail.pop(name, CUresult.CUDA_SUCCESS)
+        return (code, *values) if code == CUresult.CUDA_SUCCESS else (code, *([None] * len(values)))
+
+    def cuGetErrorString(self, code):
+        return CUresult.CUDA_SUCCESS, f"fake {code.name}".encode()
+
+    def cuInit(self, flags): return self._r("cuInit")
+    def cuDeviceGet(self, i): return self._r("cuDeviceGet", i)
+    def cuDevicePrimaryCtxRetain(self, dev): return self._r("cuDevicePrimaryCtxRetain", "ctx")
+    def cuCtxSetCurrent(self, ctx): return self._r("cuCtxSetCurrent")
+    def cuMemGetAllocationGranularity(self, prop, flag): return self._r("granularity", GRAN)
+    def cuMemAddressReserve(self, size, align, addr, flags): return self._r("reserve", 1 << 40)
+    def cuMemAddressFree(self, addr, size): return self._r("cuMemAddressFree")
+
+    def cuMemCreate(self, size, prop, flags):
+        if len(self.live) >= self.capacity:
+            self.fail.setdefault("cuMemCreate", CUresult.CUDA_ERROR_OUT_OF_MEMORY)
+        out = self._r("cuMemCreate", next(self._ids))
+        if out[0] == CUresult.CUDA_SUCCESS:
+            self.live.add(out[1])
+        return out
+
+    def cuMemRelease(self, handle):
+        self.live.discard(handle)
+        return self._r("cuMemRelease")
+
+    def cuMemMap(self, addr, size, offset, handle, flags):
+        out = self._r("cuMemMap")
+        if out[0] == CUresult.CUDA_SUCCESS:
+            self.mapped[addr] = handle
+        return out
+
+    def cuMemUnmap(self, addr, size):
+        self.mapped.pop(addr)
+        return self._r("cuMemUnmap")
+
+    def cuMemSetAccess(self, addr, size, desc, count): return self._r("cuMemSetAccess")
+
+
+class NoTensorBackend(CudaBackend):
+    __slots__ = ()
+
+    def tensor(self, addr, nbytes):
+        return None  # no device to view
+
+
+def _pool(driver, **kw):
+    return VirtualKVPool(2, 8 * GRAN, backend=NoTensorBackend(driver=driver, **kw))
+
+
+def test_pages_map_on_every_layer_and_handles_are_reused_up_to_the_limit():
+    drv = FakeDriver()
+    pool = _pool(drv, keep_handles=2)
+    pool.map([0, 1])
+    assert len(drv.mapped) == 4 and len(drv.live) == 4  # 2 pages x 2 layers
+    pool.unmap([0, 1]).result()
+    assert drv.mapped == {} and len(drv.live) == 2  # two kept for reuse, two released
+    creates = drv.calls.count("cuMemCreate")
+    pool.map([5])
+    assert drv.calls.count("cuMemCreate") == creates  # reused, no new physical memory
+    assert pool.trim() == 0 and len(drv.live) == 2
+    pool.close()
+    assert drv.live == set() and drv.mapped == {} and drv.calls[-1] == "cuMemAddressFree"
+
+
+@pytest.mark.parametrize("failing", ["cuMemMap", "cuMemSetAccess"])
+def test_a_failed_map_is_rolled_back_and_names_the_call(failing):
+    drv = FakeDriver()
+    pool = _pool(drv)
+    pool.map([0])
+    drv.fail[failing] = CUresult.CUDA_ERROR_INVALID_VALUE
+    with pytest.raises(DriverError, match=f"{failing} failed: fake CUDA_ERROR_INVALID_VALUE"):
+        pool.map([3])
+    assert not pool.is_mapped(3) and pool.mapped_pages == 1
+    assert set(drv.mapped.values()) == drv.live  # nothing half-mapped, no handle leaked
+    pool.map([3])  # and the page can be mapped afterwards
+    pool.close()
+    assert drv.live == set()
+
+
+def test_out_of_memory_reuses_kept_pages_then_fails_clearly_without_leaks():
+    drv = FakeDriver(capacity_pages=4)
+    pool = _pool(drv, keep_handles=4)
+    pool.map([0, 1])  # all 4 physical pages in use
+    pool.unmap([1]).result()  # 2 kept
+    pool.map([2])  # reuses the kept ones
+    with pytest.raises(PhysicalMemoryError, match="cuMemCreate failed"):
+        pool.map([3])
+    assert pool.mapped_pages == 2
+    pool.close()
+    assert drv.live == set()
