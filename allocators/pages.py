@@ -105,15 +105,17 @@ class PagePlanner:
     def is_mapped(self, page: int) -> bool:
         return bool(self._mapped[page])
 
-    def allocatable(self) -> int:
+    def allocatable(self, owner: object = None) -> int:
         """Free blocks that can be handed out without exceeding the cap."""
         free_unmapped = self.num_blocks - self._live_total - self._free_mapped
         # New pages are taken lowest first and only the last page can be short.
         return self._free_mapped + min((self.max_pages - self._n_mapped) * self.k, free_unmapped)
 
     # -- changes -------------------------------------------------------------------------
-    def take(self, n: int) -> list[int]:
-        """Hand out n free blocks, compactly; pages they open are mapped by the next drain."""
+    def take(self, n: int, owner: object = None) -> list[int]:
+        """Hand out n free blocks, compactly; pages they open are mapped by the next drain.
+
+        `owner` (the request) matters only to `SlotPlanner`."""
         if n > self.allocatable():
             raise KVPoolError(f"asked for {n} blocks, only {self.allocatable()} fit under the cap "
                               f"of {self.max_pages} pages")
@@ -216,9 +218,10 @@ class PagePlanner:
         self._idle = list(idle)  # sorted is a valid heap
         return idle
 
-    def _trim(self, keep: int) -> list[int]:
+    def _trim(self, keep: int, protect: frozenset[int] = frozenset()) -> list[int]:
         idle = self._idle_pages()
-        unmap = sorted(idle, reverse=True)[:max(0, len(idle) - keep)]
+        removable = sorted((j for j in idle if j not in protect), reverse=True)
+        unmap = removable[:max(0, len(idle) - keep)]
         for page in unmap:
             self._mapped[page] = 0
             self._n_mapped -= 1
@@ -227,3 +230,121 @@ class PagePlanner:
             if self.on_unmap is not None:
                 self.on_unmap(self.blocks_of(page))
         return sorted(unmap)
+
+
+class SlotPlanner(PagePlanner):
+    """vAttention's own layout: each request owns a contiguous slot of `slot_blocks` blocks.
+
+    A request's blocks are consecutive ids from the start of its slot, so its KV is one
+    contiguous range in every layer and a kernel can address it without a block table.
+    Slots start on page boundaries (page 0 holds the engine's null block) so that no
+    two requests share a page. The slot is the request's until all its blocks are
+    freed; a new request takes the lowest free slot, whose first pages may still be
+    mapped from its last owner (deferred reclamation). Look-ahead maps, for the
+    requests closest to their next page, that page.
+    """
+
+    def __init__(self, num_blocks: int, blocks_per_page: int, slot_blocks: int, **kwargs) -> None:
+        super().__init__(num_blocks, blocks_per_page, **kwargs)
+        if slot_blocks % self.k:
+            raise KVPoolError(f"a slot of {slot_blocks} blocks does not fill whole pages of "
+                              f"{self.k} blocks")
+        self.slot_blocks = slot_blocks
+        self.first_block = self.k  # page 0 is the null block's
+        self.num_slots = (num_blocks - self.first_block) // slot_blocks
+        if self.num_slots < 1:
+            raise KVPoolError(f"{num_blocks} blocks hold no slot of {slot_blocks} blocks; "
+                              f"give the KV cache more space or lower max_model_len")
+        self._free_slots = list(range(self.num_slots))
+        self._slot_of: dict[object, int] = {}
+        self._owner: dict[int, object] = {}
+        self._next = [0] * self.num_slots  # blocks handed out so far in each slot
+        self._held = [0] * self.num_slots  # of those, not freed yet
+
+    def slot_range(self, slot: int) -> range:
+        start = self.first_block + slot * self.slot_blocks
+        return range(start, start + self.slot_blocks)
+
+    def allocatable(self, owner: object = None) -> int:
+        if owner is None:  # no request in view (statistics): blocks under the cap
+            return super().allocatable()
+        slot = self._slot_of.get(owner)
+        if slot is None:
+            if not self._free_slots:
+                return 0
+            slot = self._free_slots[0]
+        blocks = self.slot_range(slot)[self._next[slot]:]
+        budget = self.max_pages - self._n_mapped
+        fits = 0
+        for page in range(blocks.start // self.k, -(-blocks.stop // self.k)):
+            if not self._mapped[page]:
+                if budget == 0:
+                    break
+                budget -= 1
+            fits += len(range(max(blocks.start, page * self.k), min(blocks.stop, (page + 1) * self.k)))
+        return fits
+
+    def take(self, n: int, owner: object = None) -> list[int]:
+        if owner is None:
+            raise KVPoolError("the slots layout hands out blocks only for a named request")
+        if n > self.allocatable(owner):
+            raise KVPoolError(f"request {owner!r} asked for {n} blocks, only "
+                              f"{self.allocatable(owner)} fit in its slot under the cap")
+        slot = self._slot_of.get(owner)
+        if slot is None:
+            slot = heapq.heappop(self._free_slots)
+            self._slot_of[owner], self._owner[slot] = slot, owner
+        first = self.slot_range(slot).start + self._next[slot]
+        out = list(range(first, first + n))
+        for block in out:
+            page = block // self.k
+            if not self._mapped[page]:
+                self._set_mapped(page)
+                self._map_now.append(page)
+            self._claim_block(block)
+        self._next[slot] += n
+        self._held[slot] += n
+        return out
+
+    def free(self, blocks: Iterable[int]) -> None:
+        blocks = list(blocks)
+        super().free(blocks)
+        for block in blocks:
+            slot = (block - self.first_block) // self.slot_blocks
+            self._held[slot] -= 1
+            if self._held[slot] == 0:  # the request let go of everything: the slot is free
+                del self._slot_of[self._owner.pop(slot)]
+                self._next[slot] = 0
+                heapq.heappush(self._free_slots, slot)
+
+    def use(self, block: int) -> None:
+        raise KVPoolError("the slots layout does not share blocks between requests "
+                          "(prefix caching is off with it)")
+
+    def _upcoming(self) -> list[tuple[int, int]]:
+        """(blocks left before the page is needed, page) for every request's next page."""
+        out = []
+        for slot in self._owner:
+            nxt = self.slot_range(slot).start + self._next[slot]
+            left = (self.k - nxt % self.k) % self.k
+            page = nxt // self.k + (1 if left else 0)
+            if page * self.k < self.slot_range(slot).stop:
+                out.append((left, page))
+        return sorted(out)
+
+    def drain(self) -> PageOps:
+        upcoming = self._upcoming()
+        ready = frozenset([p for _, p in upcoming
+                           if self._mapped[p] and not self._live[p]][:self.premap])
+        wanted = [p for _, p in upcoming if not self._mapped[p]][:max(0, self.premap - len(ready))]
+        # Kept pages of finished requests serve only their slot's next owner, so they
+        # share the reserve with the look-ahead pages instead of standing in for them.
+        unmap = self._trim(self.premap + self.watermark - len(wanted), protect=ready)
+        ahead = []
+        for page in wanted:
+            if self._n_mapped >= self.max_pages:
+                break
+            self._set_mapped(page)
+            heapq.heappush(self._idle, page)
+            ahead.append(page)
+        return self._ops(unmap, ahead)

@@ -19,7 +19,8 @@ from vllm_ext.allocators.pool import PoolStats
 
 _MAGIC = 0x5645_5854_4B56_504C  # "VEXTKVPL"
 _HEADER = struct.Struct("<QQQ")  # magic, ring capacity, samples written
-TOTALS = ("live_bytes", "live_page_bytes", *(f.name for f in fields(PoolStats)))
+EXTRA = ("live_bytes", "live_page_bytes", "slot_requests", "slot_breaks")  # from the caller
+TOTALS = (*EXTRA, *(f.name for f in fields(PoolStats)))
 SAMPLE = ("t", "live_bytes", "live_page_bytes", "mapped_bytes")
 
 
@@ -42,9 +43,11 @@ class PoolStatsWriter:
         self._doubles = memoryview(self._mm)[_HEADER.size:].cast("d")
         self._capacity, self._count = capacity, 0
 
-    def write(self, stats: PoolStats, live_bytes: int, live_page_bytes: int) -> None:
-        values = {"live_bytes": live_bytes, "live_page_bytes": live_page_bytes,
-                  **{f: getattr(stats, f) for f in TOTALS[2:]}}
+    def write(self, stats: PoolStats, **extra: int) -> None:
+        """`extra` holds the EXTRA values; live_bytes and live_page_bytes are required."""
+        values = {**dict.fromkeys(EXTRA, 0), **extra,
+                  **{f: getattr(stats, f) for f in TOTALS[len(EXTRA):]}}
+        live_bytes, live_page_bytes = extra["live_bytes"], extra["live_page_bytes"]
         for i, name in enumerate(TOTALS):
             self._doubles[i] = float(values[name])
         n = len(SAMPLE)

@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 
-LAYOUTS = ("blocks",)
+LAYOUTS = ("blocks", "slots")
 BACKENDS = ("host", "cuda")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
           "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}

@@ -7,6 +7,7 @@
 | paged_block_pool | vllm.v1.core.kv_cache_manager:get_kv_cache_coordinator | 0.32.x | vattention: page-aware choice of free blocks, physical cap |
 | page_ops_schedule | vllm.v1.core.sched.scheduler:Scheduler.schedule | 0.32.x | vattention: each step's page orders attached to the SchedulerOutput |
 | page_ops_worker | vllm.v1.worker.gpu_worker:Worker.execute_model | 0.32.x | vattention: the worker carries out those orders before the step |
+| slot_owner | vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots | 0.32.x | vattention slots layout: the block pool knows which request it allocates for |
 
 The vattention patches are applied only in processes where `--kv-allocator
 vattention` was chosen (VLLMEXT_KV_POOL set); their wrappers check it again and
@@ -23,10 +24,11 @@ from vllm_ext.patches.kv_pool_alloc import KVPoolAlloc
 from vllm_ext.patches.page_ops_schedule import PageOpsSchedule
 from vllm_ext.patches.page_ops_worker import PageOpsWorker
 from vllm_ext.patches.paged_block_pool import PagedBlockPoolPatch
+from vllm_ext.patches.slot_owner import SlotOwner
 
 PATCHES: tuple[Patch, ...] = (CliFlags(),)
 VATTENTION_PATCHES: tuple[Patch, ...] = (KVPoolAlloc(), PagedBlockPoolPatch(), PageOpsSchedule(),
-                                         PageOpsWorker())
+                                         PageOpsWorker(), SlotOwner())
 
 __all__ = ["PATCHES", "VATTENTION_PATCHES", "Patch", "PatchError", "apply_all"]
 

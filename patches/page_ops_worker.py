@@ -29,11 +29,11 @@ class PageOpsWorker(Patch):
         @functools.wraps(original)
         def execute_model(self, scheduler_output, *args, **kwargs):
             if envs.kv_pool_selected():
-                from vllm_ext.vattention import OPS_ATTR, runtime
+                from vllm_ext.vattention import runtime
 
                 rt = runtime()
                 if rt is not None:
-                    rt.apply(getattr(scheduler_output, OPS_ATTR, None))
+                    rt.step(scheduler_output)
             return original(self, scheduler_output, *args, **kwargs)
 
         setattr(owner, attr, execute_model)

@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--attn", default=None)
     ap.add_argument("--pod-impl", default=None)
     ap.add_argument("--kv-allocator", default=None)
-    for opt in ("page-size", "premap", "watermark", "physical-limit"):
+    for opt in ("layout", "page-size", "premap", "watermark", "physical-limit"):
         ap.add_argument(f"--vattention-{opt}", default=None)
     ap.add_argument("--shared-prefix", type=int, default=0)
     ap.add_argument("--block-size", type=int, default=None)
@@ -77,7 +77,7 @@ def main() -> None:
                                 ("sarathi_kv_admission", args.kv_admission),
                                 ("pod_impl", args.pod_impl), ("kv_allocator", args.kv_allocator),
                                 *((f"vattention_{o}", getattr(args, f"vattention_{o}"))
-                                  for o in ("page_size", "premap", "watermark",
+                                  for o in ("layout", "page_size", "premap", "watermark",
                                             "physical_limit"))) if v}
     if chosen:
         kwargs = vllm_ext.engine_kwargs(**chosen, **kwargs)

@@ -1,12 +1,14 @@
 """`--kv-allocator vattention` on the real vLLM engine (CPU, float32, greedy), tiny model.
 
 The KV cache lives in a VirtualKVPool whose pages are mapped as blocks are handed
-out. The tests check three things:
+out, in both layouts (vLLM's blocks; a contiguous slot per request). The tests check:
 - the tokens are exactly stock vLLM's;
 - the mapped bytes, read from the statistics behind /metrics after every step, follow
   the live blocks within the configured reserve;
 - a low physical cap preempts requests instead of failing, and every request still
-  completes with the same tokens. Prefix caching keeps hitting.
+  completes with the same tokens;
+- in the slots layout every request's block ids are consecutive; prefix caching keeps
+  hitting in the blocks layout.
 """
 
 from __future__ import annotations
@@ -77,6 +79,21 @@ def test_physical_cap_preempts_and_every_request_completes(run_engine, stock):
     assert sum(step["preempted"] for step in result["steps"]) >= 1
     assert result["tokens"] == stock["tokens"]
     assert max(s[3] for s in result["kv_pool"]["samples"]) <= cap
+
+
+def test_slots_layout_keeps_each_request_contiguous_and_preempts_at_the_cap(run_engine, stock):
+    cap = 640 << 10
+    result = run_engine(*SMALL_PAGES, "--vattention-layout", "slots", "--scheduler", "vllm",
+                        "--vattention-physical-limit", str(cap))
+    assert result["tokens"] == stock["tokens"]
+    assert result["config"]["additional_config"]["vllm_ext"]["kv_allocator"]["layout"] == "slots"
+    totals = result["kv_pool"]["totals"]
+    preempted = sum(step["preempted"] for step in result["steps"])
+    assert preempted >= 1
+    # Every request (and every resumption after preemption) got consecutive block ids.
+    assert totals["slot_requests"] >= 7 + preempted and totals["slot_breaks"] == 0
+    assert max(s[3] for s in result["kv_pool"]["samples"]) <= cap
+    _check_memory_follows_live_blocks(result, PREMAP + WATERMARK)
 
 
 def test_prefix_caching_keeps_working(run_engine):

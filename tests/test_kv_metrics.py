@@ -16,7 +16,8 @@ def _stats(mapped: int, maps: int) -> PoolStats:
 def test_samples_and_totals_round_trip_and_feed_metrics(tmp_path, monkeypatch):
     writer = PoolStatsWriter(tmp_path, capacity=4)
     for i in range(6):  # wraps the ring: the latest 4 remain, in order
-        writer.write(_stats((i + 1) << 16, i + 1), live_bytes=i << 16, live_page_bytes=i << 16)
+        writer.write(_stats((i + 1) << 16, i + 1), live_bytes=i << 16,
+                     live_page_bytes=i << 16, slot_breaks=0)
     snap = read_pool_dir(tmp_path)
     assert [s[1] for s in snap.samples] == [2 << 16, 3 << 16, 4 << 16, 5 << 16]
     assert snap.totals["mapped_bytes"] == 6 << 16 and snap.totals["maps"] == 6

@@ -148,3 +148,81 @@ class PlannerMachine(RuleBasedStateMachine):
 
 TestPlanner = PlannerMachine.TestCase
 TestPlanner.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_slots_give_each_request_consecutive_blocks_on_its_own_pages():
+    from vllm_ext.allocators.pages import SlotPlanner
+
+    p = SlotPlanner(1 + 4 * 8 + 4, 4, slot_blocks=8, premap=0, watermark=0)
+    assert p.num_slots == 4 and p.slot_range(0) == range(4, 12)
+    a = p.take(3, owner="a") + p.take(2, owner="a")
+    b = p.take(1, owner="b")
+    assert a == [4, 5, 6, 7, 8] and b == [12]
+    assert p.allocatable("a") == 3 and p.allocatable("new") == 8
+    with pytest.raises(KVPoolError, match="only 3 fit in its slot"):
+        p.take(4, owner="a")
+    p.free(a)
+    assert p.take(2, owner="c") == [4, 5]  # the lowest free slot, from its start
+    ops = p.drain()
+    assert ops.unmap == (2,)  # a's second page held nothing any more
+
+
+def test_slots_look_ahead_maps_the_next_page_of_the_request_closest_to_it():
+    from vllm_ext.allocators.pages import SlotPlanner
+
+    p = SlotPlanner(1 + 3 * 16, 4, slot_blocks=16, premap=1, watermark=0)
+    p.take(4, owner="a")  # page 1 full: a needs page 2 with its next block
+    p.take(1, owner="b")  # b has 3 blocks left on page 5
+    ops = p.drain()
+    assert ops.map_now == (1, 5) and ops.map_ahead == (2,)
+    assert p.take(1, owner="a") == [8] and p.drain().map_now == ()
+
+
+class SlotMachine(RuleBasedStateMachine):
+    @initialize(k=st.integers(1, 4), pages_per_slot=st.integers(1, 4), slots=st.integers(1, 6),
+                premap=st.integers(0, 3), watermark=st.integers(0, 3),
+                cap=st.one_of(st.none(), st.integers(3, 20)))
+    def setup(self, k, pages_per_slot, slots, premap, watermark, cap):
+        from vllm_ext.allocators.pages import SlotPlanner
+
+        self.forgotten: set[int] = set()
+        self.p = SlotPlanner(k + slots * k * pages_per_slot + k - 1, k,
+                             slot_blocks=k * pages_per_slot, premap=premap, watermark=watermark,
+                             max_pages=cap, on_unmap=self.forgotten.update)
+        self.pool = ModelPool(self.p)
+        self.blocks: dict[int, list[int]] = {}
+        self.n = 0
+
+    @rule(owner=st.integers(0, 8), n=st.integers(1, 5))
+    def take(self, owner, n):
+        n = min(n, self.p.allocatable(owner))
+        if n == 0:
+            return
+        got = self.p.take(n, owner=owner)
+        held = self.blocks.setdefault(owner, [])
+        held += got
+        assert held == list(range(held[0], held[0] + len(held)))  # consecutive
+        assert (held[0] - self.p.first_block) % self.p.slot_blocks == 0  # from a slot's start
+
+    @precondition(lambda self: self.blocks)
+    @rule(data=st.data())
+    def finish(self, data):
+        owner = data.draw(st.sampled_from(sorted(self.blocks)))
+        self.p.free(self.blocks.pop(owner))
+
+    @rule()
+    def drain(self):
+        self.forgotten.clear()
+        ops = self.p.drain()
+        self.pool.apply(ops)
+        live = {b for held in self.blocks.values() for b in held}
+        assert not self.forgotten & live
+        pages = [{b // self.p.k for b in held} for held in self.blocks.values()]
+        assert sum(map(len, pages)) == len(set().union(*pages))  # no page shared
+        live_pages = set().union(*pages) | {0}
+        assert len(self.pool.mapped) <= len(live_pages) + self.p.premap + self.p.watermark
+        assert self.p.mapped_pages <= self.p.max_pages
+
+
+TestSlots = SlotMachine.TestCase
+TestSlots.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

@@ -107,8 +107,10 @@ def test_duplicate_component_names_are_refused():
      "one worker per engine in this release; tensor_parallel_size=2"),
     ({"kv_allocator": "vattention"}, {"vattention_premap": -1}, {},
      "--vattention-premap is a number of pages >= 0, got -1"),
-    ({"kv_allocator": "vattention"}, {"vattention_layout": "slots"}, {},
-     "--vattention-layout: 'slots' is not one of: blocks"),
+    ({"kv_allocator": "vattention"}, {"vattention_layout": "pages"}, {},
+     "--vattention-layout: 'pages' is not one of: blocks, slots"),
+    ({"kv_allocator": "vattention"}, {"vattention_layout": "slots"}, {"enable_prefix_caching": True},
+     "--kv-allocator vattention --vattention-layout slots needs enable_prefix_caching=False"),
     ({"kv_allocator": "vllm"}, {"vattention_watermark": 1}, {}, "which is not selected"),
 ])
 def test_selection_errors_name_what_is_allowed(selected, options, user, message, monkeypatch):

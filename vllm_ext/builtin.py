@@ -25,7 +25,7 @@ def _require(ctx: ConfigureContext, who: str, needed: dict[str, Any]) -> dict[st
         given = ctx.user_engine_args.get(key)
         if given is not None and given != value:
             raise SelectionError(
-                f"--scheduler {who} needs {key}={value!r}, but {key}={given!r} was given")
+                f"{who} needs {key}={value!r}, but {key}={given!r} was given")
     return dict(needed)
 
 
@@ -34,7 +34,8 @@ def _configure_vllm(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
 
 
 def _configure_prefill_first(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
-    overrides = _require(ctx, "prefill-first", {"enable_chunked_prefill": False, **_SYNC})
+    overrides = _require(ctx, "--scheduler prefill-first",
+                         {"enable_chunked_prefill": False, **_SYNC})
     return {}, {"scheduler_cls": f"{_GLUE}.PrefillFirstScheduler", **overrides}
 
 
@@ -50,7 +51,7 @@ def _configure_sarathi(settings: dict, ctx: ConfigureContext) -> tuple[dict, dic
                                          settings.get("kv_admission"))
     except ValueError as e:
         raise SelectionError(str(e)) from None
-    overrides = _require(ctx, "sarathi", {
+    overrides = _require(ctx, "--scheduler sarathi", {
         "enable_chunked_prefill": True,
         # The stock cap on one prefill's share would split chunks below the
         # budget left; Sarathi gives a partial prefill everything that is left.
@@ -135,6 +136,11 @@ def _configure_vattention(settings: dict, ctx: ConfigureContext) -> tuple[dict, 
         chosen = VAttentionSettings(backend=backend, **given)
     except ValueError as e:
         raise SelectionError(str(e)) from None
+    engine = {}
+    if chosen.layout == "slots":
+        # A slot is one request's; blocks shared through the prefix cache would break it.
+        engine = _require(ctx, "--kv-allocator vattention --vattention-layout slots",
+                          {"enable_prefix_caching": False})
     # The engine processes read the choice from their environment (they are spawned
     # after this); this process applies the patches too, in case it hosts the engine.
     os.environ[envs.KV_POOL] = chosen.to_json()
@@ -143,7 +149,7 @@ def _configure_vattention(settings: dict, ctx: ConfigureContext) -> tuple[dict, 
 
     for patch in VATTENTION_PATCHES:
         patch.apply(installed_vllm_version())
-    return {k: v for k, v in asdict(chosen).items() if k != "backend"}, {}
+    return {k: v for k, v in asdict(chosen).items() if k != "backend"}, engine
 
 
 @hookimpl
@@ -155,8 +161,10 @@ def vllm_ext_kv_allocators() -> list[Component]:
             "vAttention: KV in contiguous virtual memory, physical pages mapped on demand",
             _configure_vattention,
             options=(
-                Option("layout", str, "blocks: vLLM's block ids and tables, a page mapped while "
-                       "a live block uses it", choices=LAYOUTS),
+                Option("layout", str, "blocks (default): vLLM's block ids and tables, a page "
+                       "mapped while a live block uses it; slots: each request owns a contiguous "
+                       "slot of max_model_len tokens (consecutive block ids; prefix caching off)",
+                       choices=LAYOUTS),
                 Option("page-size", size_in_bytes, "bytes per page per layer, e.g. 64KiB, 2MiB "
                        "(default: 64KiB on CPUs, 2MiB on GPUs; rounded up to hold whole blocks)"),
                 Option("premap", int, "idle pages mapped ahead of need in the background "

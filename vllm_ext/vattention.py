@@ -34,7 +34,7 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
 
 from vllm_ext import envs
-from vllm_ext.allocators.pages import PageOps, PagePlanner
+from vllm_ext.allocators.pages import PageOps, PagePlanner, SlotPlanner
 from vllm_ext.allocators.pool import DEFAULT_PAGE_SIZE, VirtualKVPool
 from vllm_ext.allocators.settings import VAttentionSettings, page_size_for
 
@@ -103,16 +103,17 @@ class PagedFreeQueue(FreeKVCacheBlockQueue):
     The linked list stays vLLM's; every change to it is also told to the planner.
     """
 
-    def __init__(self, free_blocks, all_blocks, planner: PagePlanner) -> None:
+    def __init__(self, free_blocks, pool: PagedBlockPool) -> None:
         super().__init__(free_blocks)
-        self._all = all_blocks
-        self.planner = planner
+        self._pool = pool
+        self.planner = pool.planner
 
     def popleft(self):
         return self.popleft_n(1)[0]
 
     def popleft_n(self, n: int):
-        blocks = [self._all[i] for i in self.planner.take(n)] if n else []
+        taken = self.planner.take(n, owner=self._pool.owner) if n else []
+        blocks = [self._pool.blocks[i] for i in taken]
         for block in blocks:
             FreeKVCacheBlockQueue.remove(self, block)
         return blocks
@@ -135,12 +136,17 @@ class PagedFreeQueue(FreeKVCacheBlockQueue):
 
 
 class PagedBlockPool(BlockPool):
-    """A `BlockPool` whose blocks live in pages mapped on demand (made by `make_paged`)."""
+    """A `BlockPool` whose blocks live in pages mapped on demand (made by `make_paged`).
+
+    `owner` names the request whose blocks are being allocated (set around vLLM's
+    `allocate_slots` by the `slot_owner` patch); the slots layout needs it.
+    """
 
     planner: PagePlanner
+    owner: str | None = None
 
     def get_num_free_blocks(self) -> int:
-        return min(self.free_block_queue.num_free_blocks, self.planner.allocatable())
+        return min(self.free_block_queue.num_free_blocks, self.planner.allocatable(self.owner))
 
     def take_page_ops(self) -> PageOps:
         return self.planner.drain()
@@ -170,28 +176,75 @@ def make_paged(block_pool: BlockPool, kv_cache_config, max_model_len: int,
                 f"layers); one request of max_model_len {max_model_len} needs {needed} pages: "
                 f"raise it to at least {needed * geo.page_bytes} bytes "
                 f"or lower --max-model-len")
+    if settings.layout == "slots" and block_pool.enable_caching:
+        raise VAttentionError("--vattention-layout slots gives every request its own blocks; "
+                              "it needs prefix caching off")
     null = block_pool.null_block
     block_pool.__class__ = PagedBlockPool
-    planner = PagePlanner(geo.num_blocks, geo.blocks_per_page, premap=settings.premap,
-                          watermark=settings.watermark, max_pages=max_pages,
-                          live_from_start=(null.block_id,), on_unmap=block_pool._forget)
+    kwargs = dict(premap=settings.premap, watermark=settings.watermark, max_pages=max_pages,
+                  live_from_start=(null.block_id,), on_unmap=block_pool._forget)
+    if settings.layout == "slots":
+        block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        per_request = -(-max_model_len // block_size)
+        slot = -(-per_request // geo.blocks_per_page) * geo.blocks_per_page
+        planner = SlotPlanner(geo.num_blocks, geo.blocks_per_page, slot, **kwargs)
+        layout = f"{planner.num_slots} slots of {slot} blocks (max_model_len {max_model_len})"
+    else:
+        planner = PagePlanner(geo.num_blocks, geo.blocks_per_page, **kwargs)
+        layout = "blocks"
     block_pool.planner = planner
     free = [b for b in block_pool.blocks if b is not null]
-    block_pool.free_block_queue = PagedFreeQueue(free, block_pool.blocks, planner)
+    block_pool.free_block_queue = PagedFreeQueue(free, block_pool)
     logger.info("vllm-ext vattention: %d blocks in %d pages of %d blocks (%s per layer, %d "
-                "layers), physical cap %s", geo.num_blocks, planner.num_pages,
-                geo.blocks_per_page, _fmt(geo.page_size), geo.num_layers,
+                "layers), layout %s, physical cap %s", geo.num_blocks, planner.num_pages,
+                geo.blocks_per_page, _fmt(geo.page_size), geo.num_layers, layout,
                 "none" if max_pages is None else f"{max_pages} pages")
     return block_pool
 
 
 # -- worker side -------------------------------------------------------------------------
+class SlotCheck:
+    """Slots layout: every request's block ids run on consecutively, step after step.
+
+    That is the layout's promise (a kernel could address a request's KV without its
+    block table), so the worker checks it on the blocks each step brings.
+    """
+
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+        self.requests = 0
+        self.breaks = 0
+
+    def observe(self, out) -> None:
+        for req_id in out.finished_req_ids or ():
+            self.last.pop(req_id, None)
+        for req in out.scheduled_new_reqs:
+            self._extend(req.req_id, req.block_ids[0], fresh=True)
+        cached = out.scheduled_cached_reqs
+        for req_id, ids in zip(cached.req_ids, cached.new_block_ids):
+            if ids is not None:
+                self._extend(req_id, ids[0], fresh=req_id in cached.resumed_req_ids)
+
+    def _extend(self, req_id: str, ids: list[int], fresh: bool) -> None:
+        if not ids:
+            return
+        start = ids[0] if fresh or req_id not in self.last else self.last[req_id] + 1
+        if list(ids) != list(range(start, start + len(ids))):
+            self.breaks += 1
+            if self.breaks == 1:
+                logger.warning("vllm-ext vattention: request %s got blocks %s, not the next "
+                               "ones in its slot (from %d)", req_id, list(ids)[:8], start)
+        self.requests += fresh
+        self.last[req_id] = ids[-1]
+
+
 class PoolRuntime:
     """The worker's pool, applying each step's PageOps and publishing statistics."""
 
-    def __init__(self, pool: VirtualKVPool, geo: Geometry) -> None:
+    def __init__(self, pool: VirtualKVPool, geo: Geometry, settings: VAttentionSettings) -> None:
         self.pool = pool
         self.geo = geo
+        self.slots = SlotCheck() if settings.layout == "slots" else None
         # vLLM's null block is allocated for good and its page mapped with the pool.
         self.live_bytes = geo.block_bytes * geo.num_layers
         self.live_page_bytes = geo.page_bytes
@@ -206,6 +259,12 @@ class PoolRuntime:
             self._writer = None
         self._publish()
         atexit.register(self.shutdown)
+
+    def step(self, scheduler_output) -> None:
+        """Before the step runs: carry out its page orders (and check slots)."""
+        if self.slots is not None:
+            self.slots.observe(scheduler_output)
+        self.apply(getattr(scheduler_output, OPS_ATTR, None))
 
     def apply(self, ops: PageOps | None) -> None:
         pool = self.pool
@@ -243,7 +302,10 @@ class PoolRuntime:
 
     def _publish(self) -> None:
         if self._writer is not None:
-            self._writer.write(self.pool.stats(), self.live_bytes, self.live_page_bytes)
+            slots = self.slots or SlotCheck()
+            self._writer.write(self.pool.stats(), live_bytes=self.live_bytes,
+                               live_page_bytes=self.live_page_bytes,
+                               slot_requests=slots.requests, slot_breaks=slots.breaks)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -306,7 +368,7 @@ def allocate_kv_cache(kv_cache_config, device, layout, kernel_block_sizes,
     views = create_kv_cache_views(pool.buffer, spec, geo.num_blocks, layout, placed,
                                   kernel_block_size=kernel_block_size)
     pool.map([0])  # the null block's page: padded block tables point there
-    _runtime = PoolRuntime(pool, geo)
+    _runtime = PoolRuntime(pool, geo, settings)
     logger.info("vllm-ext vattention: reserved %s of virtual KV memory (%d layers), %s mapped",
                 _fmt(pool.reserved_bytes), geo.num_layers, _fmt(pool.mapped_bytes))
     return dict(zip(tensor.layers, views))
