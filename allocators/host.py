@@ -72,7 +72,8 @@ class HostBackend:
         _check("munmap", _libc.munmap(addr, nbytes))
 
     def commit(self, addr: int, nbytes: int) -> None:
-        _check("mprotect(READ|WRITE)", _libc.mprotect(addr, nbytes, mmap.PROT_READ | mmap.PROT_WRITE))
+        rw = mmap.PROT_READ | mmap.PROT_WRITE
+        _check("mprotect(READ|WRITE)", _libc.mprotect(addr, nbytes, rw))
         if self._populate:
             if _libc.madvise(addr, nbytes, _MADV_POPULATE_WRITE) == 0:
                 return

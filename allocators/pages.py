@@ -281,7 +281,7 @@ class SlotPlanner(PagePlanner):
                 if budget == 0:
                     break
                 budget -= 1
-            fits += len(range(max(blocks.start, page * self.k), min(blocks.stop, (page + 1) * self.k)))
+            fits += min(blocks.stop, (page + 1) * self.k) - max(blocks.start, page * self.k)
         return fits
 
     def take(self, n: int, owner: object = None) -> list[int]:

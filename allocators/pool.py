@@ -71,7 +71,9 @@ class VirtualKVPool:
         if num_layers < 1 or layer_bytes < 1:
             raise KVPoolError(f"a pool needs at least one layer of at least one byte, got "
                               f"{num_layers} layers of {layer_bytes} bytes")
-        self.backend = make_backend(backend, **backend_kwargs) if isinstance(backend, str) else backend
+        if isinstance(backend, str):
+            backend = make_backend(backend, **backend_kwargs)
+        self.backend = backend
         gran = self.backend.granularity
         requested = page_size or DEFAULT_PAGE_SIZE.get(self.backend.device, gran)
         self.page_size = round_up(requested, gran)
@@ -82,7 +84,7 @@ class VirtualKVPool:
         self.reserved_bytes = num_layers * self.region_bytes
         self._base = self.backend.reserve(self.reserved_bytes, self.page_size)
         self.buffer = self.backend.tensor(self._base, self.reserved_bytes)
-        self._mapped = bytearray(self.num_pages)  # as the caller will see it once queued work is done
+        self._mapped = bytearray(self.num_pages)  # as callers will see it once queued work is done
         self._actual = bytearray(self.num_pages)  # as the backend has it now
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="kv-pool")
         self._last: Future | None = None
@@ -127,7 +129,7 @@ class VirtualKVPool:
         return future
 
     def unmap(self, pages: Iterable[int], fence=None) -> Future:
-        """Give `pages` back; with a `fence` (see backend.fence()), only once the device is past it."""
+        """Give `pages` back; with a `fence` (backend.fence()), once the device is past it."""
         todo = self._claim(pages, want_mapped=True)
         for j in todo:
             self._pending.pop(j, None)

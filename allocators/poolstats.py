@@ -3,7 +3,8 @@
 The pool lives in a worker process and `/metrics` is served by the front end, so
 each pool writes its own file (one writer, no locks): the latest totals and a ring
 of (time, live bytes, bytes of the pages holding them, mapped bytes) samples, one
-per engine step, each taken once the pool's queued work for the step before is done. Readers in any process sum the files of a directory.
+per engine step, each taken once the pool's queued work for the step before is done.
+Readers in any process sum the files of a directory.
 """
 
 from __future__ import annotations

@@ -38,9 +38,11 @@ class VAttentionSettings:
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            raise ValueError(f"vattention backend {self.backend!r}: choose from {', '.join(BACKENDS)}")
+            raise ValueError(f"vattention backend {self.backend!r}: choose from "
+                             f"{', '.join(BACKENDS)}")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"--vattention-layout {self.layout!r}: choose from {', '.join(LAYOUTS)}")
+            raise ValueError(f"--vattention-layout {self.layout!r}: choose from "
+                             f"{', '.join(LAYOUTS)}")
         for name in ("premap", "watermark"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--vattention-{name} is a number of pages >= 0, "

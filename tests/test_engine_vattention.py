@@ -102,3 +102,10 @@ def test_prefix_caching_keeps_working(run_engine):
     assert result["tokens"] == base["tokens"]
     assert base["prefix_cache_hits"] > 0
     assert result["prefix_cache_hits"] == base["prefix_cache_hits"]
+
+
+def test_together_with_pod_attention_and_sarathi(run_engine, stock):
+    result = run_engine(*VATT, "--attn", "pod", "--scheduler", "sarathi", "--budget", "64")
+    assert result["attention_backends"] == ["vllm_ext.pod_backend.PodAttentionBackend"]
+    assert result["tokens"] == stock["tokens"]
+    assert result["kv_pool"]["totals"]["maps"] > 0

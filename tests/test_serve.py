@@ -103,8 +103,10 @@ def test_help_lists_only_implemented_choices():
      "invalid choice: 'lazy' (choose from 'full', 'chunk')"),
     (["--scheduler", "prefill-first", "--enable-chunked-prefill"],
      "--scheduler prefill-first needs enable_chunked_prefill=False"),
+    (["--kv-allocator", "vattention", "--vattention-premap", "-1"],
+     "--vattention-premap is a number of pages >= 0, got -1"),
 ], ids=["unknown", "with-scheduler-cls", "option-without-scheduler", "budget-conflict",
-        "bad-admission", "prefill-first-chunked"])
+        "bad-admission", "prefill-first-chunked", "vattention-premap"])
 def test_bad_flags_fail_before_the_engine_starts(tiny_model, args, message):
     started = time.monotonic()
     proc = _vllm("serve", str(tiny_model), "--port", str(free_port()), *args)

@@ -1,0 +1,73 @@
+"""`vllm serve --kv-allocator vattention` end to end: a real server on 127.0.0.1, streamed
+completions through the openai client, and /metrics showing mapped KV memory rise with
+the live tokens and fall back when they are gone."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from vllm_ext.serve import CPU_SERVE_ARGS, VllmServer, stream_completion
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
+
+
+def _kv_metrics(base: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    return {k: float(v) for k, v in re.findall(r"^(vllm_ext_kv_[a-z_]+) ([0-9.e+]+)$", text, re.M)}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    # No look-ahead and no kept pages: mapped memory should be exactly the live pages.
+    srv = VllmServer(tiny_model, [*CPU_SERVE_ARGS, "--max-model-len", "1024", "--block-size", "32",
+                                  "--kv-allocator", "vattention", "--vattention-page-size",
+                                  "16KiB", "--vattention-premap", "0", "--vattention-watermark",
+                                  "0"], log_path)
+    with srv as base:
+        yield base, log_path
+
+
+def test_mapped_memory_follows_live_tokens_on_metrics(server, tiny_model):
+    from openai import OpenAI
+
+    base, log_path = server
+    idle = _kv_metrics(base)
+    assert idle["vllm_ext_kv_reserved_bytes"] > 1000 * idle["vllm_ext_kv_mapped_bytes"] > 0
+    seen: list[dict[str, float]] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.append(_kv_metrics(base))
+            time.sleep(0.2)
+
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    prompts = [" ".join(["the quick brown fox"] * n) for n in (5, 50, 20, 70)]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            done = list(pool.map(lambda p: stream_completion(client, str(tiny_model), p,
+                                                             max_tokens=48), prompts))
+    finally:
+        stop.set()
+        watcher.join()
+    assert [d.tokens for d in done] == [48] * len(prompts)
+    peak = max(seen, key=lambda m: m["vllm_ext_kv_mapped_bytes"])
+    assert peak["vllm_ext_kv_mapped_bytes"] >= 10 * idle["vllm_ext_kv_mapped_bytes"]
+    for m in seen:  # one block per page, no reserve: mapped is exactly the live blocks
+        assert m["vllm_ext_kv_mapped_bytes"] == m["vllm_ext_kv_live_page_bytes"]
+    deadline = time.monotonic() + 30
+    while (after := _kv_metrics(base))["vllm_ext_kv_mapped_bytes"] > idle[
+            "vllm_ext_kv_mapped_bytes"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert after["vllm_ext_kv_mapped_bytes"] == idle["vllm_ext_kv_mapped_bytes"]
+    assert after["vllm_ext_kv_maps_total"] == after["vllm_ext_kv_unmaps_total"] + 1  # null page
+    assert "vllm-ext vattention: reserved" in log_path.read_text()
