@@ -219,7 +219,7 @@ def main() -> None:
     shapes = [(64, 4096), (256, 2048), (16, 32768)] if cuda else [(8, 512)]
     if args.quick:
         shapes = shapes[:1]
-    result["attention"] = [attention(args.backend, d, c, repeats=50 if cuda else 5)
+    result["attention"] = [attention(args.backend, d, c, repeats=50 if cuda else 15)
                            for d, c in shapes]
     print("attention", json.dumps(result["attention"], indent=1))
 

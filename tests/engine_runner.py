@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import time
 
 SHORT, LONG = (12, 20, 28, 36), (300, 520, 410)
 MAX_TOKENS = 40
@@ -33,6 +34,12 @@ def _attention_backends(worker) -> list[str]:
     """Runs in the worker: the attention backend class of every layer group."""
     return [f"{group.backend.__module__}.{group.backend.__qualname__}"
             for groups in worker.model_runner.attn_groups for group in groups]
+
+
+def _peak_rss(worker) -> int:
+    """Runs in the worker: its peak resident memory in bytes (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def main() -> None:
@@ -103,9 +110,17 @@ def main() -> None:
     from vllm_ext.envs import stats_dir
 
     pool = read_pool_dir(stats_dir())
+    # The engine frees the last requests' blocks after their last step and hands the
+    # orders to the worker one step later, on its own: give that a moment to land.
+    deadline = time.monotonic() + 15
+    while pool.samples and pool.samples[-1][1] > pool.samples[0][1] and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+        pool = read_pool_dir(stats_dir())
     backends = sorted(set(engine.collective_rpc(_attention_backends)[0]))
     result = {
         "attention_backends": backends,
+        "worker_peak_rss": engine.collective_rpc(_peak_rss)[0],
         "tokens": tokens,
         "config": {
             "max_num_batched_tokens": engine.vllm_config.scheduler_config.max_num_batched_tokens,
