@@ -36,12 +36,6 @@ def _attention_backends(worker) -> list[str]:
             for groups in worker.model_runner.attn_groups for group in groups]
 
 
-def _peak_rss(worker) -> int:
-    """Runs in the worker: its peak resident memory in bytes (VmHWM)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -120,7 +114,6 @@ def main() -> None:
     backends = sorted(set(engine.collective_rpc(_attention_backends)[0]))
     result = {
         "attention_backends": backends,
-        "worker_peak_rss": engine.collective_rpc(_peak_rss)[0],
         "tokens": tokens,
         "config": {
             "max_num_batched_tokens": engine.vllm_config.scheduler_config.max_num_batched_tokens,

@@ -57,9 +57,6 @@ def test_tokens_identical_and_mapped_memory_follows_live_blocks(run_engine, stoc
     assert result["tokens"] == stock["tokens"] and len(result["tokens"]) == 7
     assert all(len(t) == 40 for t in result["tokens"].values())
     _check_memory_follows_live_blocks(result, PREMAP + WATERMARK)
-    # Stock vLLM commits its whole KV cache (VLLM_CPU_KVCACHE_SPACE=1 GiB here) up front;
-    # the worker with vattention never touched most of it.
-    assert stock["worker_peak_rss"] - result["worker_peak_rss"] > 0.9 * (1 << 30)
     # One 128-token block fills a 64 KiB page here: the bound is exact, with no
     # rounding slack beyond the reserve.
     for _, live, live_pages, mapped in result["kv_pool"]["samples"]:
