@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -50,7 +51,10 @@ def workload() -> list[Req]:
     return reqs
 
 
-async def _run_arm(model: str, arm: str, reqs: list[Req]) -> dict:
+async def _run_arm(model: str, arm: str, reqs: list[Req], choice: dict | None = None,
+                   max_model_len: int = 4096) -> dict:
+    """One engine on the workload; `choice`: vllm-ext selection and engine arguments
+    (default: the scheduler arm's)."""
     import vllm_ext
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -58,8 +62,8 @@ async def _run_arm(model: str, arm: str, reqs: list[Req]) -> dict:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     kwargs = vllm_ext.engine_kwargs(model=model, dtype="float32", enforce_eager=True,
-                                    max_model_len=4096, seed=0, disable_log_stats=False,
-                                    **ARMS[arm])
+                                    max_model_len=max_model_len, seed=0,
+                                    disable_log_stats=False, **(choice or ARMS[arm]))
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
     vocab = engine.model_config.get_vocab_size()
 
@@ -85,7 +89,7 @@ async def _run_arm(model: str, arm: str, reqs: list[Req]) -> dict:
     del engine  # shut down while the interpreter is whole, not in __del__ at exit
     return {"requests": results, "max_num_batched_tokens": budget,
             "engine_max_step_s": max((s.wall_s for s in measured), default=float("nan")),
-            "engine_steps": len(measured)}
+            "engine_steps": len(measured), "steps": [dataclasses.asdict(s) for s in measured]}
 
 
 def timelines(raw: dict) -> list[Timeline]:

@@ -37,12 +37,21 @@ FALLBACK_TOKEN_BUDGET = 512
 
 @dataclass(frozen=True, slots=True)
 class SarathiConfig:
-    token_budget: int
+    token_budget: int  # with tbt_slo_ms: the most tokens a step may take
     kv_admission: str = "full"
+    tbt_slo_ms: float | None = None  # adaptive chunking (Mnemosyne) toward this step time
+    latency_model: str | None = None  # its step-time model (vllm-ext profile)
+    # With pipeline parallelism: let a prompt's next chunk enter the pipeline before
+    # its previous chunk has left the last stage (Mnemosyne's SPP). Off: plain PP.
+    sequence_pipeline: bool = True
 
     def __post_init__(self) -> None:
         if self.token_budget < 1:
             raise ValueError(f"sarathi token budget must be >= 1, got {self.token_budget}")
+        if self.tbt_slo_ms is not None and self.tbt_slo_ms <= 0:
+            raise ValueError(f"--sarathi-tbt-slo-ms must be > 0, got {self.tbt_slo_ms}")
+        if self.latency_model is not None and self.tbt_slo_ms is None:
+            raise ValueError("--sarathi-latency-model is used only with --sarathi-tbt-slo-ms")
         if self.kv_admission not in KV_ADMISSION:
             raise ValueError(
                 f"sarathi kv admission must be one of {', '.join(KV_ADMISSION)}, "
@@ -50,10 +59,12 @@ class SarathiConfig:
 
     @classmethod
     def for_platform(cls, platform: str, token_budget: int | None = None,
-                     kv_admission: str | None = None) -> "SarathiConfig":
+                     kv_admission: str | None = None, tbt_slo_ms: float | None = None,
+                     latency_model: str | None = None,
+                     sequence_pipeline: bool = True) -> "SarathiConfig":
         budget = (DEFAULT_TOKEN_BUDGET.get(platform, FALLBACK_TOKEN_BUDGET)
                   if token_budget is None else token_budget)
-        return cls(budget, kv_admission or "full")
+        return cls(budget, kv_admission or "full", tbt_slo_ms, latency_model, sequence_pipeline)
 
 
 class SarathiPolicy:

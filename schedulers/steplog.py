@@ -17,7 +17,7 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 _MAGIC = 0x5645_5854_5354_4550  # "VEXTSTEP"
-_VERSION = 1
+_VERSION = 3
 _HEADER = struct.Struct("<QQQQ")  # magic, version, ring capacity, steps written
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -35,12 +35,19 @@ class StepRecord:
     running_decodes: int  # decodes that were running when the step was scheduled
     preempted: int
     waiting: int  # requests still waiting after the step was scheduled
+    # What the latency model needs (see vllm_ext.schedulers.latency):
+    prefill_attention: float = 0.0  # sum over chunks of tokens * (earlier context + tokens / 2)
+    decode_context: int = 0  # sum of the decodes' context lengths
+    predicted_s: float = 0.0  # the step time the scheduler predicted (0: no prediction)
+    # Prefill chunks scheduled while an earlier chunk of the same prompt was still in
+    # the pipeline (sequence pipeline parallelism; only with pipeline parallelism).
+    pipelined_chunks: int = 0
 
 
 _FIELDS = tuple(f.name for f in fields(StepRecord))
 _NF = len(_FIELDS)
 _TOTALS = ("decode_tokens", "prefill_tokens", "prefill_reqs", "partial_prefills", "preempted",
-           "wall_s")
+           "wall_s", "predicted_s", "pipelined_chunks")
 
 
 def _layout(capacity: int) -> tuple[int, int, int, int]:
@@ -127,7 +134,11 @@ def _read_file(path: Path) -> tuple[int, Sequence[float], Sequence[float], list[
     return count, doubles[:nt], doubles[nt:nt + nb], records
 
 
+_FLOAT = {"t_start", "wall_s", "prefill_attention", "predicted_s"}
+
+
 def _record(ring: memoryview, at: int) -> StepRecord:
     vals = ring[at:at + _NF]
-    return StepRecord(vals[0], vals[1], *(int(v) for v in vals[2:]))
+    return StepRecord(**{name: (v if name in _FLOAT else int(v))
+                         for name, v in zip(_FIELDS, vals)})
 

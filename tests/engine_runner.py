@@ -36,6 +36,21 @@ def _attention_backends(worker) -> list[str]:
             for groups in worker.model_runner.attn_groups for group in groups]
 
 
+def _clear_kv(worker) -> None:
+    """Runs in each worker before any request: zero the KV cache, so that the rows
+    written afterwards can be counted."""
+    for kv in worker.model_runner.kv_caches:
+        kv.zero_()
+
+
+def _kv_rows_written(worker) -> int:
+    """Runs in each worker: token rows of layer 0's keys that hold data ([blocks,
+    kv_heads, 2 * block_size, head_dim], a block's keys first)."""
+    kv = worker.model_runner.kv_caches[0]
+    keys = kv[:, :, : kv.shape[2] // 2]
+    return int((keys != 0).any(dim=-1).any(dim=1).sum())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -43,9 +58,16 @@ def main() -> None:
     ap.add_argument("--scheduler", default=None)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--kv-admission", default=None)
+    ap.add_argument("--tbt-slo-ms", type=float, default=None)
+    ap.add_argument("--latency-model", default=None)
     ap.add_argument("--attn", default=None)
     ap.add_argument("--pod-impl", default=None)
     ap.add_argument("--kv-allocator", default=None)
+    ap.add_argument("--kvp", type=int, default=None)
+    ap.add_argument("--pipeline-parallel-size", type=int, default=None)
+    ap.add_argument("--spp", default=None, help="[--scheduler sarathi] on|off")
+    ap.add_argument("--kvp-interleave", type=int, default=None,
+                    help="vLLM's cp_kv_cache_interleave_size: tokens per run dealt to a rank")
     for opt in ("layout", "page-size", "premap", "watermark", "physical-limit"):
         ap.add_argument(f"--vattention-{opt}", default=None)
     ap.add_argument("--shared-prefix", type=int, default=0)
@@ -73,10 +95,22 @@ def main() -> None:
         kwargs.update(block_size=args.block_size)
     if args.max_model_len is not None:
         kwargs.update(max_model_len=args.max_model_len)
+    if args.kvp_interleave is not None:
+        kwargs.update(cp_kv_cache_interleave_size=args.kvp_interleave)
+    ranks = (args.kvp or 1) * (args.pipeline_parallel_size or 1)
+    if args.pipeline_parallel_size is not None:
+        kwargs.update(pipeline_parallel_size=args.pipeline_parallel_size)
+    if ranks > 1:
+        # One core per rank: vLLM's automatic binding wants a NUMA node per rank.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                              "|".join(str(c % (os.cpu_count() or 1)) for c in range(ranks)))
     chosen = {k: v for k, v in (("scheduler", args.scheduler), ("attn", args.attn),
                                 ("sarathi_token_budget", args.budget),
                                 ("sarathi_kv_admission", args.kv_admission),
+                                ("sarathi_tbt_slo_ms", args.tbt_slo_ms),
+                                ("sarathi_latency_model", args.latency_model),
                                 ("pod_impl", args.pod_impl), ("kv_allocator", args.kv_allocator),
+                                ("kvp", args.kvp), ("sarathi_spp", args.spp),
                                 *((f"vattention_{o}", getattr(args, f"vattention_{o}"))
                                   for o in ("layout", "page_size", "premap", "watermark",
                                             "physical_limit"))) if v}
@@ -86,15 +120,23 @@ def main() -> None:
     engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
     vocab = engine.model_config.get_vocab_size()
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    kvp = (args.kvp or 1) > 1
+    if kvp:
+        engine.collective_rpc(_clear_kv)
 
     todo = list(enumerate(prompts(vocab, args.shared_prefix)))
     tokens: dict[str, list[int]] = {}
+    added: dict[str, float] = {}
+    first_token: dict[str, float] = {}
     step = 0
     while todo or engine.has_unfinished_requests():
         while todo and ARRIVE_AFTER_STEPS[todo[0][0]] <= step:
             i, ids = todo.pop(0)
             engine.add_request(f"req-{i}", {"prompt_token_ids": ids}, params)
+            added[f"req-{i}"] = time.monotonic()
         for out in engine.step():
+            if out.outputs[0].token_ids and out.request_id not in first_token:
+                first_token[out.request_id] = time.monotonic()
             if out.finished:
                 tokens[out.request_id] = list(out.outputs[0].token_ids)
         step += 1
@@ -114,7 +156,12 @@ def main() -> None:
     backends = sorted(set(engine.collective_rpc(_attention_backends)[0]))
     result = {
         "attention_backends": backends,
+        "kv_rows_per_rank": engine.collective_rpc(_kv_rows_written) if kvp else None,
+        "parallel": {k: getattr(engine.vllm_config.parallel_config, k) for k in (
+            "tensor_parallel_size", "pipeline_parallel_size", "decode_context_parallel_size",
+            "cp_kv_cache_interleave_size")},
         "tokens": tokens,
+        "ttft_s": {r: first_token[r] - added[r] for r in first_token},
         "config": {
             "max_num_batched_tokens": engine.vllm_config.scheduler_config.max_num_batched_tokens,
             "scheduler_cls": str(engine.vllm_config.scheduler_config.scheduler_cls),

@@ -62,13 +62,25 @@ def test_prefill_first_turns_chunking_off(serve_parser):
     assert engine_args.enable_chunked_prefill is False
 
 
+def test_kvp_flag_becomes_decode_context_parallelism(serve_parser, monkeypatch):
+    from vllm_ext.attn_select import ENV_ATTN, ENV_POD_IMPL
+
+    monkeypatch.delenv(ENV_ATTN, raising=False)
+    monkeypatch.delenv(ENV_POD_IMPL, raising=False)
+    _, engine_args = serve_parser("--kvp", "2")
+    assert (engine_args.tensor_parallel_size, engine_args.decode_context_parallel_size) == (2, 2)
+    assert engine_args.additional_config["vllm_ext"]["attn"] == {"name": "pod", "impl": "torch",
+                                                               "kvp": 2}
+
+
 def test_attn_pod_reaches_the_engine_processes_through_the_environment(serve_parser, monkeypatch):
     from vllm_ext.attn_select import ENV_ATTN, ENV_POD_IMPL
 
     monkeypatch.delenv(ENV_ATTN, raising=False)
     monkeypatch.delenv(ENV_POD_IMPL, raising=False)
     _, engine_args = serve_parser("--attn", "pod", "--pod-impl", "triton")
-    assert engine_args.additional_config == {"vllm_ext": {"attn": {"name": "pod", "impl": "triton"}}}
+    assert engine_args.additional_config == {"vllm_ext": {"attn": {"name": "pod", "impl": "triton",
+                                                                  "kvp": 1}}}
     import os
 
     assert (os.environ[ENV_ATTN], os.environ[ENV_POD_IMPL]) == ("pod", "triton")

@@ -101,6 +101,13 @@ def test_duplicate_component_names_are_refused():
     ({"attn": "flash"}, {}, {}, "--attn: unknown attn 'flash'; choose from: pod, vllm"),
     ({"attn": "vllm"}, {"pod_impl": "triton"}, {}, "which is not selected"),
     ({"attn": "pod"}, {"pod_impl": "cuda"}, {}, "--pod-impl: 'cuda' is not one of: torch, triton"),
+    ({"scheduler": "sarathi"}, {"sarathi_latency_model": "x.json"}, {},
+     "--sarathi-latency-model is used only with --sarathi-tbt-slo-ms"),
+    ({"scheduler": "sarathi"}, {"sarathi_tbt_slo_ms": 50.0,
+                                "sarathi_latency_model": "/nonexistent/latency.json"}, {},
+     "--sarathi-latency-model: cannot read /nonexistent/latency.json: No such file"),
+    ({"scheduler": "sarathi"}, {"sarathi_tbt_slo_ms": -1.0, "sarathi_latency_model": "x"}, {},
+     "--sarathi-tbt-slo-ms must be > 0, got -1.0"),
     ({"kv_allocator": "paged"}, {}, {}, "--kv-allocator: unknown kv allocator 'paged'; choose "
                                         "from: vattention, vllm"),
     ({"kv_allocator": "vattention"}, {}, {"tensor_parallel_size": 2},
@@ -112,11 +119,29 @@ def test_duplicate_component_names_are_refused():
     ({"kv_allocator": "vattention"}, {"vattention_layout": "slots"}, {"enable_prefix_caching": True},
      "--kv-allocator vattention --vattention-layout slots needs enable_prefix_caching=False"),
     ({"kv_allocator": "vllm"}, {"vattention_watermark": 1}, {}, "which is not selected"),
+    ({"attn": "vllm"}, {"kvp": 2}, {}, "--kvp runs with --attn pod, but --attn vllm was given"),
+    ({}, {"kvp": 2, "pod_kvp": 3}, {}, "--kvp 2 contradicts --pod-kvp 3"),
+    ({}, {"kvp": 0}, {}, "--kvp must be at least 1, got 0"),
+    ({}, {"kvp": 2, "pod_impl": "triton"}, {}, "--pod-impl triton is not supported with it"),
+    ({"kv_allocator": "vattention"}, {"kvp": 2}, {}, "--kvp with --kv-allocator vattention"),
+    ({}, {"kvp": 2}, {"tensor_parallel_size": 3}, "--tensor-parallel-size 3 must be a multiple"),
+    ({}, {"kvp": 2}, {"decode_context_parallel_size": 4},
+     "--kvp 2 contradicts --decode-context-parallel-size 4"),
 ])
 def test_selection_errors_name_what_is_allowed(selected, options, user, message, monkeypatch):
     monkeypatch.delenv("VLLMEXT_KV_POOL", raising=False)
     with pytest.raises(SelectionError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resolve(selected, options, user, "cpu")
+
+
+def test_kvp_sets_decode_context_parallelism_over_tensor_parallel_ranks(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
+    out = resolve({}, {"kvp": 2}, {}, "cpu")
+    assert out["decode_context_parallel_size"] == 2 and out["tensor_parallel_size"] == 2
+    assert out["additional_config"][CONFIG_KEY]["attn"] == {"name": "pod", "impl": "torch",
+                                                           "kvp": 2}
+    out = resolve({"attn": "pod"}, {"pod_kvp": 2}, {"tensor_parallel_size": 4}, "cpu")
+    assert out["decode_context_parallel_size"] == 2 and "tensor_parallel_size" not in out
 
 
 def test_sarathi_selection_sets_engine_arguments(monkeypatch, tmp_path):
@@ -182,7 +207,7 @@ def test_patches_refuse_other_vllm_versions():
 def test_patches_table_lists_every_patch():
     import vllm_ext.patches as patches
 
-    for patch in patches.PATCHES:
+    for patch in patches.PATCHES + patches.CPU_PATCHES + patches.VATTENTION_PATCHES:
         assert patch.name in patches.__doc__ and patch.target in patches.__doc__
 
 

@@ -8,9 +8,10 @@ import sys
 from vllm_ext.schedulers.steplog import StepLogWriter, StepRecord, read_dir
 
 
-def _rec(i: int, wall: float = 0.02) -> StepRecord:
+def _rec(i: int, wall: float = 0.02, predicted: float = 0.0) -> StepRecord:
     return StepRecord(float(i), wall, decode_tokens=3, prefill_tokens=10 * i, prefill_reqs=1,
-                      partial_prefills=i % 2, running_decodes=3, preempted=0, waiting=1)
+                      partial_prefills=i % 2, running_decodes=3, preempted=0, waiting=1,
+                      predicted_s=predicted, pipelined_chunks=i)
 
 
 _WRITER = """
@@ -58,9 +59,14 @@ def test_prometheus_export(monkeypatch, tmp_path):
     monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
     metrics.prepare_front_end()
     w = StepLogWriter(tmp_path)
-    w.append(_rec(1, wall=0.3))
-    w.append(_rec(2, wall=3.0))
+    w.append(_rec(1, wall=0.3, predicted=0.25))
+    w.append(_rec(2, wall=3.0, predicted=2.5))
     text = generate_latest().decode()
+    # predicted beside measured, per step and summed
+    assert "vllm_ext_last_step_predicted_s 2.5" in text and "vllm_ext_last_step_wall_s 3.0" in text
+    assert "vllm_ext_step_predicted_seconds_total 2.75" in text
+    assert "vllm_ext_step_seconds_sum 3.3" in text
+    assert "vllm_ext_pipelined_chunks_total 3.0" in text
     assert "vllm_ext_steps_total 2.0" in text
     assert "vllm_ext_prefill_tokens_total 30.0" in text
     assert 'vllm_ext_step_seconds_bucket{le="0.5"} 1.0' in text

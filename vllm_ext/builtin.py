@@ -46,9 +46,25 @@ def _configure_sarathi(settings: dict, ctx: ConfigureContext) -> tuple[dict, dic
         raise SelectionError(
             f"--sarathi-token-budget {budget} contradicts --max-num-batched-tokens "
             f"{engine_budget}: the token budget is the batch size; give one of them")
+    model_path = settings.get("latency_model")
+    if settings.get("tbt_slo_ms") is not None and model_path is None:
+        # No model given: measure this engine here once (about a minute), then reuse it.
+        from vllm_ext.profile import profile_for
+
+        model_path = profile_for(ctx.user_engine_args)
     try:
         cfg = SarathiConfig.for_platform(ctx.platform, engine_budget if budget is None else budget,
-                                         settings.get("kv_admission"))
+                                         settings.get("kv_admission"), settings.get("tbt_slo_ms"),
+                                         model_path and os.path.abspath(model_path),
+                                         settings.get("spp", "on") != "off")
+        if cfg.latency_model is not None:
+            from vllm_ext.schedulers.latency import LatencyModel
+
+            with open(cfg.latency_model) as f:
+                LatencyModel.from_json(f.read())
+    except OSError as e:
+        raise SelectionError(f"--sarathi-latency-model: cannot read {model_path}: "
+                             f"{e.strerror}") from None
     except ValueError as e:
         raise SelectionError(str(e)) from None
     overrides = _require(ctx, "--scheduler sarathi", {
@@ -60,7 +76,12 @@ def _configure_sarathi(settings: dict, ctx: ConfigureContext) -> tuple[dict, dic
     })
     overrides.update(scheduler_cls=f"{_GLUE}.SarathiScheduler",
                      max_num_batched_tokens=cfg.token_budget)
-    return {"token_budget": cfg.token_budget, "kv_admission": cfg.kv_admission}, overrides
+    resolved = {"token_budget": cfg.token_budget, "kv_admission": cfg.kv_admission}
+    if not cfg.sequence_pipeline:
+        resolved["sequence_pipeline"] = False
+    if cfg.tbt_slo_ms is not None:
+        resolved.update(tbt_slo_ms=cfg.tbt_slo_ms, latency_model=cfg.latency_model)
+    return resolved, overrides
 
 
 @hookimpl
@@ -81,6 +102,17 @@ def vllm_ext_schedulers() -> list[Component]:
                 Option("kv-admission", str,
                        "full: admit a prompt only if KV for all of it is free (the paper); "
                        "chunk: grow KV per chunk", choices=KV_ADMISSION),
+                Option("tbt-slo-ms", float,
+                       "adaptive chunking (Mnemosyne): each step's prefill chunks are the "
+                       "largest predicted to keep the step within this many ms; the token "
+                       "budget becomes the most a step may take"),
+                Option("latency-model", str,
+                       "the step-time model for --sarathi-tbt-slo-ms (from `vllm-ext profile`)"),
+                Option("spp", str,
+                       "with --pipeline-parallel-size > 1: on (default, as vLLM does): a "
+                       "prompt's next chunk enters the pipeline before its previous chunk has "
+                       "left the last stage (sequence pipeline parallelism); off: it waits "
+                       "(plain pipeline parallelism, the baseline)", choices=("on", "off")),
             ),
         ),
     ]
@@ -97,8 +129,37 @@ def _configure_pod(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
                              f"not {ctx.platform!r}; the kernel itself (vllm_ext.kernels."
                              f"pod_attention) runs on CUDA")
     impl = settings.get("impl") or "torch"
+    kvp = 1 if settings.get("kvp") is None else settings["kvp"]
+    engine = _configure_kvp(kvp, impl, ctx) if kvp != 1 else {}
     attn_select.select("pod", impl, ctx.platform)
-    return {"impl": impl}, {}
+    return {"impl": impl, "kvp": kvp}, engine
+
+
+def _configure_kvp(kvp: int, impl: str, ctx: ConfigureContext) -> dict:
+    """KVP on vLLM's decode-context-parallel machinery: its process groups shard each
+    request's KV over `kvp` of the tensor-parallel ranks, and our backend gives every
+    rank's attention with its LSE and merges them."""
+    if kvp < 1:
+        raise SelectionError(f"--kvp must be at least 1, got {kvp}")
+    if impl != "torch":
+        raise SelectionError(f"--kvp runs the PyTorch shard attention; --pod-impl {impl} is "
+                             f"not supported with it (give --pod-impl torch or leave it out)")
+    if ctx.selected.get("kv_allocator") == "vattention":
+        raise SelectionError("--kvp with --kv-allocator vattention is not supported: the "
+                             "vAttention pool runs one worker per engine in this release")
+    args = ctx.user_engine_args
+    dcp = args.get("decode_context_parallel_size")
+    if dcp is not None and dcp != kvp:
+        raise SelectionError(f"--kvp {kvp} contradicts --decode-context-parallel-size {dcp} "
+                             f"(KVP is vLLM's decode context parallelism); give one of them")
+    tp = args.get("tensor_parallel_size")
+    if tp is not None and tp % kvp:
+        raise SelectionError(f"--kvp {kvp} shards KV over tensor-parallel ranks: "
+                             f"--tensor-parallel-size {tp} must be a multiple of it")
+    engine = {"decode_context_parallel_size": kvp}
+    if tp is None:
+        engine["tensor_parallel_size"] = kvp
+    return engine
 
 
 @hookimpl
@@ -110,7 +171,9 @@ def vllm_ext_attention_backends() -> list[Component]:
                   _configure_pod,
                   options=(Option("impl", str, "torch: the PyTorch reference (default on CPUs); "
                                   "triton: the Triton kernel (interpreted on CPUs, slow)",
-                                  choices=attn_select.IMPLS),)),
+                                  choices=attn_select.IMPLS),
+                           Option("kvp", int, "KV-cache parallelism over this many ranks "
+                                  "(also --kvp N; default 1: none)"))),
     ]
 
 

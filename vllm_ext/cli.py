@@ -25,6 +25,16 @@ def _components(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from vllm_ext.profile import run, summary
+
+    model = run(args.model, args.out, quick=args.quick, budget=args.budget,
+                max_model_len=args.max_model_len, dtype=args.dtype)
+    print(summary(model))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from vllm_ext.demo import run
 
@@ -49,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
                                        "the small synthetic model on CPU, ~10 minutes")
     demo.add_argument("--workdir", default="demo", help="where the model and the report go")
     demo.set_defaults(run=_demo)
+    prof = sub.add_parser("profile", help="measure this engine's step times here and fit the "
+                                          "step-time model for --sarathi-tbt-slo-ms")
+    prof.add_argument("model")
+    prof.add_argument("--out", required=True, help="where the model (JSON) goes")
+    prof.add_argument("--quick", action="store_true", help="fewer workloads (about a minute "
+                                                           "on the tiny model)")
+    prof.add_argument("--budget", type=int, default=512, help="largest step in tokens")
+    prof.add_argument("--max-model-len", type=int, default=4096)
+    prof.add_argument("--dtype", default="auto", help="as vLLM's --dtype (float32 on CPUs "
+                                                     "without bf16)")
+    prof.set_defaults(run=_profile)
     bench = sub.add_parser("bench", help="benchmarks (ab: A/B of serve flag sets or endpoints)")
     from vllm_ext.ab.cli import add_parser as add_ab
 

@@ -55,11 +55,13 @@ class Option:
 
 @dataclass(frozen=True, slots=True)
 class ConfigureContext:
-    """What a component may look at while configuring: the platform and the engine
-    arguments the operator set explicitly (not vLLM's defaults)."""
+    """What a component may look at while configuring: the platform, the engine
+    arguments the operator set explicitly (not vLLM's defaults), and the other
+    components chosen (kind -> name)."""
 
     platform: str
     user_engine_args: Mapping[str, Any]
+    selected: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 from vllm_ext.components import KINDS, SelectionError
 from vllm_ext.registry import components
-from vllm_ext.selection import current_platform_name, resolve
+from vllm_ext.selection import SHORTHANDS, current_platform_name, resolve
 
 GROUP = "vllm-ext"
 
@@ -33,6 +33,9 @@ def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                 group.add_argument(opt.flag(comp.name), dest=opt.dest(comp.name), type=opt.type,
                                    choices=opt.choices, default=None,
                                    help=f"[{flag} {comp.name}] {opt.help}")
+    for short, (_, _, _, type_, help_) in SHORTHANDS.items():
+        group.add_argument(f"--{short.replace('_', '-')}", dest=short, type=type_, default=None,
+                           help=help_)
     parser._vllm_ext_flags = True
 
     parse = parser.parse_known_args
@@ -54,7 +57,7 @@ def fold(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
     from vllm_ext.selection import option_dests
 
     selected = {kind: getattr(ns, _kind_dest(kind), None) for kind in KINDS}
-    options = {dest: getattr(ns, dest, None) for dest in option_dests()}
+    options = {dest: getattr(ns, dest, None) for dest in [*option_dests(), *SHORTHANDS]}
     if not any(selected.values()) and not any(v is not None for v in options.values()):
         return
     ours = {_kind_dest(k) for k in KINDS} | set(options)

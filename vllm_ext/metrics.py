@@ -23,6 +23,8 @@ _COUNTERS = {
     "prefill_reqs": "Prefill chunks scheduled (one per request per step)",
     "partial_prefills": "Prefill chunks that left their prompt unfinished",
     "preempted": "Requests preempted to free KV memory",
+    "pipelined_chunks": "Prefill chunks scheduled while an earlier chunk of the same prompt "
+                        "was still in the pipeline (sequence pipeline parallelism)",
 }
 _collector_registered = False
 
@@ -72,8 +74,13 @@ class _StepCollector:
         yield HistogramMetricFamily(f"{PREFIX}step_seconds",
                                     "Wall time of one engine step (schedule, run, update)",
                                     buckets=buckets, sum_value=stats.totals["wall_s"])
+        yield CounterMetricFamily(
+            f"{PREFIX}step_predicted_seconds", "Step time the latency model predicted, summed "
+            "(adaptive chunking; compare with vllm_ext_step_seconds_sum)",
+            value=stats.totals["predicted_s"])
         last = stats.recent[-1] if stats.recent else None
-        for name in ("decode_tokens", "prefill_tokens", "partial_prefills", "wall_s"):
+        for name in ("decode_tokens", "prefill_tokens", "partial_prefills", "wall_s",
+                     "predicted_s"):
             yield GaugeMetricFamily(f"{PREFIX}last_step_{name}", f"{name} of the latest step",
                                     value=getattr(last, name) if last else 0)
         yield from _kv_pool_metrics(envs.stats_dir())

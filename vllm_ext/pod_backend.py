@@ -4,6 +4,9 @@ The backend keeps vLLM's CPU KV-cache tensor and its layout ([blocks, kv_heads,
 2 * block_size rows of head_dim]: a block's keys, then its values) but writes the
 rows itself, plainly, so that the kernel reads them through strided views with no
 copy. Its metadata builder asks vLLM to put decodes first, as the kernel expects.
+With `--kvp N` (vLLM's decode context parallelism) each rank holds a share of every
+request's KV; the backend computes all heads of the step's queries over that share
+with its LSE, and merges the ranks' results exactly (`kernels/kvp.py`, `kernels/merge.py`).
 Imported by vLLM, by dotted path, in engine processes only (see attn_select).
 """
 
@@ -11,12 +14,16 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder)
 
 from vllm_ext.attn_select import ENV_POD_IMPL
 
 from vllm_ext.kernels import reference
+from vllm_ext.kernels.kvp import shard_attention, slot_mapping
+from vllm_ext.kernels.merge import merge_attention
 from vllm_ext.kernels.pod import SUPPORTED_HEAD_DIMS, plan, pod_attention
 
 # On a CPU the Triton kernel runs under Triton's interpreter, which this process got
@@ -63,6 +70,10 @@ class PodMetadataBuilder(CPUAttentionMetadataBuilder):
 
 
 class PodAttentionImpl(CPUAttentionBackendImpl):
+    # vLLM's decode context parallelism asks for both; the base class's __new__ reads them.
+    can_return_lse_for_decode = True
+    supports_dcp = True
+
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type="decoder",
                  kv_sharing_target_layer_name=None, sinks=None) -> None:
@@ -83,6 +94,12 @@ class PodAttentionImpl(CPUAttentionBackendImpl):
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
                          sinks)
         self.kernel = pod_attention if IMPL == "triton" else reference.pod_attention
+        if self.dcp_world_size > 1:
+            from vllm.config import get_current_vllm_config
+
+            self.kvp_interleave = get_current_vllm_config().parallel_config \
+                .cp_kv_cache_interleave_size
+            _register_kvp_slot_mapping()
 
     @staticmethod
     def _kv_views(kv_cache):
@@ -112,9 +129,61 @@ class PodAttentionImpl(CPUAttentionBackendImpl):
         n = attn_metadata.num_actual_tokens
         key_cache, value_cache = self._kv_views(kv_cache)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        if self.dcp_world_size > 1:
+            self._forward_kvp(query[:n].reshape(n, self.num_heads, self.head_size), key_cache,
+                              value_cache, attn_metadata, out)
+            return output
         self.kernel(query[:n].reshape(n, self.num_heads, self.head_size), key_cache, value_cache,
                     attn_metadata.block_table, attn_metadata.seq_lens,
                     attn_metadata.query_start_loc, attn_metadata.num_decode_tokens, self.scale,
                     out=out, **({"pod_plan": attn_metadata.pod_plan}
                                 if attn_metadata.pod_plan is not None else {}))
         return output
+
+    def _forward_kvp(self, query, key_cache, value_cache, md, out) -> None:
+        """This rank's heads of attention over KV sharded across the DCP group: every
+        rank attends all the group's heads over its share, then each merges its heads."""
+        from vllm.distributed.parallel_state import get_dcp_group
+
+        group, ranks, rank = get_dcp_group(), self.dcp_world_size, self.dcp_rank
+        n, heads = query.shape[:2]
+        every_head = group.all_gather(query.contiguous(), dim=1)  # [n, ranks * heads, d]
+        part, lse = shard_attention(every_head, key_cache, value_cache, md.block_table,
+                                    md.seq_lens, md.query_start_loc, self.scale, ranks, rank,
+                                    self.kvp_interleave)
+        parts = group.all_gather(part, dim=0).view(ranks, n, ranks, heads, -1)[:, :, rank]
+        lses = group.all_gather(lse, dim=0).view(ranks, n, ranks, heads)[:, :, rank]
+        merged, _ = merge_attention(list(parts), list(lses))
+        out.copy_(merged)
+
+
+_SLOT_KERNEL = "vllm.v1.worker.block_table.ComputeSlotMappingKernel.kernel"
+_slot_kernel_registered = False
+
+
+def _register_kvp_slot_mapping() -> None:
+    """vLLM's CPU platform replaces the slot-mapping Triton kernel by a C++ op without
+    context parallelism (it asserts a world of 1). Register, through vLLM's kernel
+    override registry, one that places each token on its rank; the platform's own
+    registration runs at worker start, before the model (and this) is built."""
+    global _slot_kernel_registered
+    if _slot_kernel_registered:
+        return
+    from vllm.triton_utils.dispatcher import register_kernels
+
+    register_kernels({_SLOT_KERNEL: _kvp_slot_mapping_kernel})
+    _slot_kernel_registered = True
+
+
+def _kvp_slot_mapping_kernel(num_tokens, max_num_tokens, query_start_loc, positions, block_table,
+                             block_table_stride, slot_mapping_out, KV_CACHE_BLOCK_SIZE,
+                             TOTAL_CP_WORLD_SIZE=1, TOTAL_CP_RANK=0,
+                             CP_KV_CACHE_INTERLEAVE_SIZE=1, PAD_ID=-1, BLOCK_SIZE=1024) -> None:
+    # Launched like the Triton kernel it stands for: its arguments, in its order.
+    starts = query_start_loc.long()
+    request = torch.repeat_interleave(torch.arange(len(starts) - 1), starts.diff())[:num_tokens]
+    table = block_table.reshape(-1, block_table_stride)
+    slot_mapping_out[:num_tokens] = slot_mapping(
+        positions[:num_tokens].long(), request, table, KV_CACHE_BLOCK_SIZE,
+        TOTAL_CP_WORLD_SIZE, TOTAL_CP_RANK, CP_KV_CACHE_INTERLEAVE_SIZE, PAD_ID)
+    slot_mapping_out[num_tokens:max_num_tokens] = PAD_ID

@@ -22,6 +22,8 @@ from vllm.v1.request import Request
 
 from vllm_ext import envs
 from vllm_ext.schedulers import PrefillFirstPolicy, ReqState, SarathiConfig, SarathiPolicy
+from vllm_ext.schedulers.adaptive import AdaptiveChunking, OnlineCorrection
+from vllm_ext.schedulers.latency import LatencyModel, StepShape
 from vllm_ext.schedulers.request import blocks_for
 from vllm_ext.schedulers.steplog import StepLogWriter, StepRecord
 from vllm_ext.selection import selection_from_config
@@ -55,6 +57,16 @@ class StockScheduler(Scheduler):
         directory = envs.stats_dir()
         self._steplog = StepLogWriter(directory) if directory else None
         self._in_flight: collections.deque[StepRecord] = collections.deque()
+        # Requests with a prefill chunk in each step scheduled but not yet finished
+        # (more than one step only with pipeline parallelism: vLLM's batch queue).
+        self._prefills_in_flight: collections.deque[frozenset[str]] = collections.deque()
+
+    # A policy that predicts step times sets this; each step record then carries the
+    # prediction next to the measured time.
+    latency_model: LatencyModel | None = None
+
+    def predict(self, shape: StepShape) -> float:
+        return self.latency_model.predict(shape)
 
     # Policies override this; it runs right before vLLM's loop.
     def before_schedule(self) -> None:
@@ -66,34 +78,54 @@ class StockScheduler(Scheduler):
         self.before_schedule()
         out = super().schedule(throttle_prefills)
         self.after_schedule(out)
-        if self._steplog is not None and out.total_num_scheduled_tokens:
-            self._in_flight.append(self._record(out, t0, running_decodes))
+        if out.total_num_scheduled_tokens:
+            chunks = frozenset(r for r, n in out.num_scheduled_tokens.items()
+                               if not req_state(self.requests[r],
+                                                self.requests[r].num_computed_tokens - n).is_decode)
+            pipelined = len(chunks & self.prefills_in_flight())
+            self._prefills_in_flight.append(chunks)
+            self._in_flight.append(self._record(out, t0, running_decodes, pipelined))
         return out
+
+    def prefills_in_flight(self) -> frozenset[str]:
+        """Requests that have a prefill chunk in a step not finished yet."""
+        return frozenset().union(*self._prefills_in_flight)
 
     def after_schedule(self, out: SchedulerOutput) -> None:
         pass
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        if self._in_flight and scheduler_output.total_num_scheduled_tokens:
+        if scheduler_output.total_num_scheduled_tokens:
+            self._prefills_in_flight.popleft()
             rec = self._in_flight.popleft()
-            self._steplog.append(dataclasses.replace(rec, wall_s=time.monotonic() - rec.t_start))
+            rec = dataclasses.replace(rec, wall_s=time.monotonic() - rec.t_start)
+            self.step_done(rec)
+            if self._steplog is not None:
+                self._steplog.append(rec)
         return outputs
 
-    def _record(self, out: SchedulerOutput, t0: float, running_decodes: int) -> StepRecord:
-        decode = prefill = prefill_reqs = partial = 0
+    def step_done(self, rec: StepRecord) -> None:
+        """A step's record once it has finished, measured time included."""
+
+    def _record(self, out: SchedulerOutput, t0: float, running_decodes: int,
+                pipelined: int) -> StepRecord:
+        chunks, contexts, partial = [], [], 0
         for req_id, n in out.num_scheduled_tokens.items():
             req = self.requests[req_id]
             # vLLM has already advanced num_computed_tokens past this step.
             before = req_state(req, req.num_computed_tokens - n)
             if before.is_decode:
-                decode += n
+                contexts.append(before.num_computed + n)
             else:
-                prefill += n
-                prefill_reqs += 1
+                chunks.append((n, before.num_computed))
                 partial += before.num_computed + n < req.num_tokens
-        return StepRecord(t0, 0.0, decode, prefill, prefill_reqs, partial, running_decodes,
-                          len(out.preempted_req_ids or ()), len(self.waiting))
+        shape = StepShape(tuple(chunks), tuple(contexts))
+        _, prefill, attention, _, decode_context = shape.features()
+        predicted = self.predict(shape) if self.latency_model else 0.0
+        return StepRecord(t0, 0.0, len(contexts), int(prefill), len(chunks), partial,
+                          running_decodes, len(out.preempted_req_ids or ()), len(self.waiting),
+                          attention, int(decode_context), predicted, pipelined)
 
     def shutdown(self) -> None:
         if self._steplog is not None:
@@ -113,15 +145,49 @@ class SarathiScheduler(StockScheduler):
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
         self.policy = SarathiPolicy(SarathiConfig(**self.ext_settings))
-        if self.policy.config.token_budget != self.max_num_scheduled_tokens:
+        config = self.policy.config
+        if config.token_budget != self.max_num_scheduled_tokens:
             raise ValueError(
-                f"sarathi token budget {self.policy.config.token_budget} differs from the "
+                f"sarathi token budget {config.token_budget} differs from the "
                 f"engine's max_num_batched_tokens {self.max_num_scheduled_tokens}; select the "
                 f"scheduler through vllm_ext (flags or vllm_ext.engine_kwargs)")
         self.scheduler_reserve_full_isl = self.policy.reserve_full_prompt
+        self.adaptive = None
+        if config.tbt_slo_ms is not None:
+            with open(config.latency_model) as f:
+                self.latency_model = LatencyModel.from_json(f.read())
+            self.adaptive = AdaptiveChunking(self.latency_model, config.tbt_slo_ms / 1000,
+                                             config.token_budget)
+            self.correction = OnlineCorrection()
+
+    def predict(self, shape: StepShape) -> float:
+        factor = self.correction.factor if self.adaptive is not None else 1.0
+        return factor * self.latency_model.predict(shape)
+
+    def step_done(self, rec: StepRecord) -> None:
+        if self.adaptive is not None and rec.predicted_s > 0:
+            self.correction.observe(rec.predicted_s / self.correction.factor, rec.wall_s)
 
     def before_schedule(self) -> None:
         self.running.sort(key=lambda r: self.policy.order_key(req_state(r)))
+        if not self.policy.config.sequence_pipeline:
+            # Plain pipeline parallelism: a prompt's next chunk waits until its previous
+            # one has left the last stage (vLLM's loop skips a request for a step whose
+            # number is below its next_decode_eligible_step; schedule() is about to
+            # advance current_step by one).
+            held = self.prefills_in_flight()
+            for req in self.running:
+                if req.request_id in held and req.num_computed_tokens < req.num_tokens:
+                    req.next_decode_eligible_step = max(req.next_decode_eligible_step,
+                                                        self.current_step + 2)
+        if self.adaptive is not None:
+            # vLLM reads this budget afresh every step; it stays within the engine's maximum.
+            states = [req_state(r) for r in self.running]
+            waiting = [req_state(r) for _, r in zip(range(8), self.waiting)]
+            plan = self.adaptive.plan([s for s in states if s.is_decode],
+                                      [s for s in states if not s.is_decode] + waiting,
+                                      self.correction.factor)
+            self.max_num_scheduled_tokens = plan.tokens
 
 
 class PrefillFirstScheduler(StockScheduler):

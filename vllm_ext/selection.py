@@ -28,6 +28,31 @@ def _choose(kind: str, name: str) -> Component:
     return choices[name]
 
 
+# Flags that stand for a component together with one of its options:
+# `--kvp N` is `--attn pod --pod-kvp N`.
+SHORTHANDS: dict[str, tuple[str, str, str, type, str]] = {
+    "kvp": ("attn", "pod", "pod_kvp", int,
+            "KV-cache parallelism (Mnemosyne): shard each request's KV over N ranks "
+            "(tensor-parallel ranks, N by default), attention merged exactly by LSE; "
+            "the same as --attn pod --pod-kvp N"),
+}
+
+
+def _expand_shorthands(selected: dict[str, str | None], options: dict[str, Any]) -> None:
+    for short, (kind, name, dest, _, _) in SHORTHANDS.items():
+        value = options.pop(short, None)
+        if value is None:
+            continue
+        flag = f"--{short.replace('_', '-')}"
+        if selected.get(kind) not in (None, name):
+            raise SelectionError(f"{flag} runs with {KINDS[kind][0]} {name}, but "
+                                 f"{KINDS[kind][0]} {selected[kind]} was given")
+        if options.get(dest) not in (None, value):
+            raise SelectionError(f"{flag} {value} contradicts --{dest.replace('_', '-')} "
+                                 f"{options[dest]}; give one of them")
+        selected[kind], options[dest] = name, value
+
+
 def option_dests() -> dict[str, tuple[str, str, Any]]:
     """Every component option by its snake-case name: (kind, component, option)."""
     return {opt.dest(comp.name): (kind, comp.name, opt)
@@ -42,6 +67,8 @@ def resolve(selected: Mapping[str, str | None], options: Mapping[str, Any],
     option dests (`sarathi_token_budget`) to values; `user_engine_args` holds only
     the engine arguments the operator set, so that conflicts can be named.
     """
+    selected, options = dict(selected), dict(options)
+    _expand_shorthands(selected, options)
     dests = option_dests()
     chosen = {kind: _choose(kind, name) for kind, name in selected.items() if name is not None}
     for dest, value in options.items():
@@ -58,7 +85,8 @@ def resolve(selected: Mapping[str, str | None], options: Mapping[str, Any],
     if not chosen:
         return {}
 
-    ctx = ConfigureContext(platform, dict(user_engine_args))
+    ctx = ConfigureContext(platform, dict(user_engine_args),
+                           {kind: comp.name for kind, comp in chosen.items()})
     overrides: dict[str, Any] = {}
     record: dict[str, Any] = {}
     for kind, comp in chosen.items():
@@ -98,6 +126,6 @@ def engine_kwargs(**kwargs: Any) -> dict[str, Any]:
     check_supported()
     selected = {kind: kwargs.pop(kind, None) for kind in KINDS}
     dests = option_dests()
-    options = {k: kwargs.pop(k) for k in list(kwargs) if k in dests}
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in dests or k in SHORTHANDS}
     overrides = resolve(selected, options, kwargs, current_platform_name())
     return {**kwargs, **overrides}

@@ -1,0 +1,41 @@
+"""Patch: pipeline parallelism on vLLM's CPU platform in eager mode.
+
+A pipeline stage after the first receives the previous stage's activations into a
+buffer the model runner allocates lazily, in its dummy run. vLLM 0.32's CPU worker
+makes that run only to warm up compilation, and skips it in eager mode
+(--enforce-eager), so the second stage's first real step fails on
+`assert self.intermediate_tensors is not None` in
+`sync_and_gather_intermediate_tensors`. The wrapper allocates the buffer there,
+exactly as the dummy run would have, when a vllm-ext component was selected for
+this engine; without one vLLM runs unchanged. Applied on the CPU platform only.
+
+Invariant bent: none; the buffer has the size and dtype vLLM's dummy run gives it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from packaging.specifiers import SpecifierSet
+
+from vllm_ext.patches.base import Patch
+from vllm_ext.selection import selection_from_config
+
+
+class PPEagerBuffers(Patch):
+    name = "pp_eager_buffers"
+    target = "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sync_and_gather_intermediate_tensors"
+    vllm_versions = SpecifierSet(">=0.32,<0.33")
+
+    def _apply(self, owner: Any, attr: str, original: Any) -> None:
+        @functools.wraps(original)
+        def sync_and_gather_intermediate_tensors(self, *args, **kwargs):
+            if self.intermediate_tensors is None and \
+                    selection_from_config(self.vllm_config.additional_config):
+                self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+                    batch_size=self.max_num_tokens, dtype=self.model_config.dtype,
+                    device=self.device)
+            return original(self, *args, **kwargs)
+
+        setattr(owner, attr, sync_and_gather_intermediate_tensors)
