@@ -8,7 +8,24 @@ from pathlib import Path
 
 import pytest
 
+from vllm_ext import envs
 from vllm_ext.serve import CPU_SERVE_ENV
+
+# Selecting components in this process records the choice in its environment for the
+# engine processes it would spawn (vllm_ext.envs); one test's choice must not reach the
+# engines that later tests start.
+_SELECTION_ENV = (envs.ATTN, envs.POD_IMPL, envs.KV_POOL, "TRITON_INTERPRET")
+
+
+@pytest.fixture(autouse=True)
+def _keep_selection_env():
+    saved = {k: os.environ.get(k) for k in _SELECTION_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 HERE = Path(__file__).parent
 

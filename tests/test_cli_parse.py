@@ -98,7 +98,7 @@ def test_pod_impl_choices(serve_parser, capsys):
 def test_vattention_settings_reach_the_engine_processes(serve_parser, monkeypatch):
     import json
 
-    monkeypatch.delenv("VLLMEXT_KV_POOL", raising=False)  # restored after the test
+    monkeypatch.delenv("VLLMEXT_KV_POOL", raising=False)
     _, engine_args = serve_parser("--kv-allocator", "vattention", "--vattention-page-size",
                                   "16KiB", "--vattention-physical-limit", "1.5GiB")
     expected = {"layout": "blocks", "page_size": 16384, "premap": 2, "watermark": 8,
