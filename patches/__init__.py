@@ -10,9 +10,9 @@
 | slot_owner | vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots | 0.32.x | vattention slots layout: the block pool knows which request it allocates for |
 | pp_eager_buffers | vllm.v1.worker.gpu_model_runner:GPUModelRunner.sync_and_gather_intermediate_tensors | 0.32.x | pipeline parallelism on CPU with --enforce-eager: the later stages' activation buffer, which vLLM allocates only when compiling (only with a vllm-ext component selected) |
 
-pp_eager_buffers is applied on vLLM's CPU platform only. The vattention patches are applied only in processes where `--kv-allocator
-vattention` was chosen (VLLMEXT_KV_POOL set); their wrappers check it again and
-run vLLM's original code otherwise.
+pp_eager_buffers is applied on vLLM's CPU platform only. The vattention patches are
+applied only in processes where `--kv-allocator vattention` was chosen (VLLMEXT_KV_POOL
+set); their wrappers check it again and run vLLM's original code otherwise.
 """
 
 from __future__ import annotations

@@ -57,11 +57,7 @@ class AdaptiveChunking:
              correction: float = 1.0) -> StepBudget:
         """`prefills` in the order the engine serves them (partial ones first, then waiting);
         `correction`: measured / predicted step time seen so far (OnlineCorrection)."""
-        if correction != 1.0:
-            scaled = AdaptiveChunking(self.model, self.tbt_slo_s / correction, self.max_tokens,
-                                      self.step)
-            plan = scaled.plan(decodes, prefills)
-            return StepBudget(plan.tokens, plan.chunks, plan.predicted_s * correction)
+        target = self.tbt_slo_s / correction  # in the model's (uncorrected) seconds
         contexts = tuple(d.num_computed + 1 for d in decodes)
         chunks: list[tuple[int, int]] = []
         room = self.max_tokens - len(contexts)
@@ -69,7 +65,7 @@ class AdaptiveChunking:
             left = req.num_tokens - req.num_computed
             if room <= 0 or left <= 0:
                 break
-            n = self._chunk(req.num_computed, min(left, room), contexts, chunks)
+            n = self._chunk(target, req.num_computed, min(left, room), contexts, chunks)
             if n == 0:
                 if chunks:
                     break
@@ -80,12 +76,11 @@ class AdaptiveChunking:
                 break
         planned = StepShape(tuple(chunks), contexts)
         return StepBudget(max(1, len(contexts) + sum(n for n, _ in chunks)), tuple(chunks),
-                          self.model.predict(planned))
+                          correction * self.model.predict(planned))
 
-    def _chunk(self, context: int, limit: int, contexts, chunks) -> int:
+    def _chunk(self, target: float, context: int, limit: int, contexts, chunks) -> int:
         fits = lambda n: self.model.predict(  # noqa: E731
-            StepShape((*chunks, (n, context)), contexts)) <= self.tbt_slo_s
+            StepShape((*chunks, (n, context)), contexts)) <= target
         if fits(limit):
             return limit  # all that is left (or all that the engine allows)
-        return self.model.largest_chunk(self.tbt_slo_s, context, contexts, chunks, self.step,
-                                        limit)
+        return self.model.largest_chunk(target, context, contexts, chunks, self.step, limit)

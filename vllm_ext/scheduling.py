@@ -79,12 +79,9 @@ class StockScheduler(Scheduler):
         out = super().schedule(throttle_prefills)
         self.after_schedule(out)
         if out.total_num_scheduled_tokens:
-            chunks = frozenset(r for r, n in out.num_scheduled_tokens.items()
-                               if not req_state(self.requests[r],
-                                                self.requests[r].num_computed_tokens - n).is_decode)
-            pipelined = len(chunks & self.prefills_in_flight())
-            self._prefills_in_flight.append(chunks)
-            self._in_flight.append(self._record(out, t0, running_decodes, pipelined))
+            rec, prefilling = self._record(out, t0, running_decodes)
+            self._prefills_in_flight.append(prefilling)
+            self._in_flight.append(rec)
         return out
 
     def prefills_in_flight(self) -> frozenset[str]:
@@ -108,9 +105,10 @@ class StockScheduler(Scheduler):
     def step_done(self, rec: StepRecord) -> None:
         """A step's record once it has finished, measured time included."""
 
-    def _record(self, out: SchedulerOutput, t0: float, running_decodes: int,
-                pipelined: int) -> StepRecord:
-        chunks, contexts, partial = [], [], 0
+    def _record(self, out: SchedulerOutput, t0: float,
+                running_decodes: int) -> tuple[StepRecord, frozenset[str]]:
+        """The step's record (wall time still 0) and the requests it prefills."""
+        chunks, contexts, partial, prefilling = [], [], 0, []
         for req_id, n in out.num_scheduled_tokens.items():
             req = self.requests[req_id]
             # vLLM has already advanced num_computed_tokens past this step.
@@ -119,13 +117,16 @@ class StockScheduler(Scheduler):
                 contexts.append(before.num_computed + n)
             else:
                 chunks.append((n, before.num_computed))
+                prefilling.append(req_id)
                 partial += before.num_computed + n < req.num_tokens
         shape = StepShape(tuple(chunks), tuple(contexts))
         _, prefill, attention, _, decode_context = shape.features()
         predicted = self.predict(shape) if self.latency_model else 0.0
+        pipelined = len(self.prefills_in_flight().intersection(prefilling))
         return StepRecord(t0, 0.0, len(contexts), int(prefill), len(chunks), partial,
                           running_decodes, len(out.preempted_req_ids or ()), len(self.waiting),
-                          attention, int(decode_context), predicted, pipelined)
+                          attention, int(decode_context), predicted,
+                          pipelined), frozenset(prefilling)
 
     def shutdown(self) -> None:
         if self._steplog is not None:
