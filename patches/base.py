@@ -1,53 +1,158 @@
-"""What every patch is: a named change to one vLLM symbol, for stated vLLM versions.
+"""What every patch is: a named change to vLLM, for stated vLLM versions, that proves it ran.
 
-A patch that cannot apply raises; vllm-ext never runs on a half-patched engine.
+A patch declares
+- `targets`: every vLLM symbol it replaces or relies on, each with the parameters it was
+  written against, so that a symbol that moved or changed shape is found before use;
+- `vllm_versions`: the releases it was written for;
+- `components`: the selections that need it (`kind=name`, e.g. `kv_allocator=vattention`;
+  `*` for any selection, `cli` for the command line);
+- `platforms`: the vLLM platforms it is applied on (None: all).
+
+Its code calls `reached()` whenever it takes the patched path; the first time in a
+process this is recorded in the stats directory, so a test, or `vllm-ext doctor` on a
+live deployment, can see that every patch a selection needs really ran (a target that
+still exists but is no longer called otherwise goes unnoticed).
+
+A patch that does not fit refuses with the reason (`PatchError`): the plugin then
+refuses the components that need it, by name, and vLLM itself runs on unchanged.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
+from dataclasses import dataclass
 from typing import Any
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+REACHED_FILE = "patches-reached.log"  # in the stats directory: "name pid" per first reach
+
 
 class PatchError(RuntimeError):
-    """A patch does not fit the installed vLLM."""
+    """A patch does not fit the installed vLLM; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A vLLM symbol a patch depends on, and the parameters it was written against
+    (None: not checked, e.g. a class; a trailing "..." checks only the leading ones,
+    for wrappers that pass the rest through)."""
+
+    path: str  # "package.module:Qualified.name"
+    params: tuple[str, ...] | None = None
+
+    def resolve(self) -> tuple[Any, str, Any]:
+        """(owner, attribute name, current value); PatchError if it is not there."""
+        module_name, _, qualname = self.path.partition(":")
+        try:
+            owner: Any = importlib.import_module(module_name)
+            *path, attr = qualname.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+        except (ImportError, AttributeError) as e:
+            raise PatchError(f"{self.path} does not exist in this vLLM ({e})") from None
+        if attr not in vars(owner):
+            raise PatchError(f"{self.path} does not exist in this vLLM")
+        return owner, attr, vars(owner)[attr]
+
+    def check(self) -> None:
+        """Raise PatchError if the symbol is missing or its parameters changed."""
+        owner, attr, _ = self.resolve()
+        if self.params is None:
+            return
+        value = getattr(owner, attr)
+        # Triton kernels (and vLLM's stand-ins for them) list their arguments; functions
+        # are read as callers see them (bound for classmethods), through our wrappers.
+        names = getattr(value, "arg_names", None)
+        found = tuple(names) if names is not None else tuple(
+            inspect.signature(value).parameters)
+        expected = self.params
+        if expected[-1:] == ("...",):
+            expected, found = expected[:-1], found[:len(expected) - 1]
+        if found != expected:
+            raise PatchError(f"{self.path} changed signature: it takes ({', '.join(found)}), "
+                             f"the patch was written for ({', '.join(self.params)})")
 
 
 class Patch:
-    """Subclasses set `name`, `target` ("module:Qualified.name"), `vllm_versions`,
-    write `_apply(owner, attr, original)`, and say in their docstring which engine
-    invariant they bend and why that is safe."""
+    """Subclasses set `name`, `targets`, `vllm_versions`, `components`, optionally
+    `platforms`, and either `wrap(original)` (the replacement for the first `replaces`
+    targets, applied once per process) or nothing, when their code runs from another
+    hook. Their
+    docstring says which engine invariant they bend and why that is safe."""
 
     name: str
-    target: str
+    targets: tuple[Target, ...]
     vllm_versions: SpecifierSet
+    components: tuple[str, ...]
+    platforms: tuple[str, ...] | None = None
+    replaces = 1  # how many leading targets `wrap` replaces
 
     def __init__(self) -> None:
         self.applied = False
+        self.calls = 0
+        self._recorded: set[str] = set()  # stats directories told of a reach
 
-    def resolve(self) -> tuple[Any, str, Any]:
-        module_name, _, qualname = self.target.partition(":")
-        owner: Any = importlib.import_module(module_name)
-        *path, attr = qualname.split(".")
-        for part in path:
-            owner = getattr(owner, part)
-        if attr not in vars(owner):
-            raise PatchError(f"patch {self.name}: {self.target} does not exist in this vLLM")
-        return owner, attr, vars(owner)[attr]
+    @property
+    def summary(self) -> str:
+        return (inspect.getdoc(self) or "").split("\n", 1)[0]
 
-    def apply(self, vllm_version: Version) -> None:
-        """Apply once per process; refuse outside `vllm_versions`."""
+    def applies_on(self, platform: str) -> bool:
+        return self.platforms is None or platform in self.platforms
+
+    def needed_for(self, kind: str, name: str, settings: dict[str, Any]) -> bool:
+        """Whether component `name` of `kind`, with these settings, relies on this patch."""
+        return f"{kind}={name}" in self.components
+
+    def check(self, vllm_version: Version, any_version: bool = False) -> None:
+        """Raise PatchError unless the patch fits: the version it was written for (unless
+        `any_version`, the operator's override) and every target as written against."""
+        if vllm_version not in self.vllm_versions and not any_version:
+            raise PatchError(f"written for vLLM {self.vllm_versions}, found {vllm_version}")
+        for target in self.targets:
+            target.check()
+
+    def apply(self, vllm_version: Version, any_version: bool = False) -> None:
+        """Check, then apply once per process."""
         if self.applied:
             return
-        if vllm_version not in self.vllm_versions:
-            raise PatchError(
-                f"patch {self.name} was written for vLLM {self.vllm_versions}, "
-                f"found {vllm_version}")
-        self._apply(*self.resolve())
+        self.check(vllm_version, any_version)
+        for target in self.targets[:self.replaces]:
+            owner, attr, original = target.resolve()
+            replacement = self.wrap(original)
+            if replacement is not None:
+                setattr(owner, attr, replacement)
         self.applied = True
 
-    def _apply(self, owner: Any, attr: str, original: Any) -> None:
-        raise NotImplementedError
+    def wrap(self, original: Any) -> Any:
+        """The replacement for each of the first `replaces` targets, or None when the
+        patch wraps nothing (its code runs from another hook)."""
+        return None
+
+    def reached(self) -> None:
+        """Called by the patch's code each time it takes the patched path; the first
+        time for each engine (its stats directory) is written down there."""
+        from vllm_ext import envs
+
+        self.calls += 1
+        directory = envs.stats_dir()
+        if directory and directory not in self._recorded and os.path.isdir(directory):
+            self._recorded.add(directory)
+            # One short O_APPEND write: lines from several processes never interleave.
+            with open(os.path.join(directory, REACHED_FILE), "a") as f:
+                f.write(f"{self.name} {os.getpid()}\n")
+
+
+def reached_in(directory: str | None) -> dict[str, set[int]]:
+    """Patch name -> the processes in which it was reached, from a stats directory."""
+    found: dict[str, set[int]] = {}
+    path = os.path.join(directory or "", REACHED_FILE)
+    if directory and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                name, _, pid = line.strip().partition(" ")
+                found.setdefault(name, set()).add(int(pid))
+    return found

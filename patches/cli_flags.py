@@ -2,37 +2,64 @@
 
 vLLM 0.32 has no hook for a general plugin to add engine flags: the plugin runs
 inside `AsyncEngineArgs.add_cli_args` just before `EngineArgs.add_cli_args` builds
-the flags, so wrapping the latter is the earliest safe place.
+the flags, so wrapping the latter is the earliest safe place. The parser it returns
+folds our flags into ordinary engine arguments right after parsing, before vLLM
+reads the namespace.
 
-Invariant bent: the engine flags are vLLM's own list. Safe because every added
-flag uses a name vLLM does not have (`--scheduler` shadowed `--scheduler-cls` only
-through argparse's prefix matching), the parsed values are folded into ordinary
-`EngineArgs` fields before vLLM reads the namespace, and with none of the flags
-given the namespace is left exactly as vLLM parsed it.
+Invariant bent: the engine flags are vLLM's own list. Safe because every added flag
+uses a name vLLM does not have (`--scheduler` shadowed `--scheduler-cls` only through
+argparse's prefix matching), the parsed values become ordinary `EngineArgs` fields,
+and with none of the flags given the namespace is left exactly as vLLM parsed it.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext.patches.base import Patch
+from vllm_ext.patches.base import Patch, Target
 
 
 class CliFlags(Patch):
+    """vllm-ext's flags on every engine command line, folded into engine arguments"""
+
     name = "cli_flags"
-    target = "vllm.engine.arg_utils:EngineArgs.add_cli_args"
+    targets = (Target("vllm.engine.arg_utils:EngineArgs.add_cli_args", ("parser",)),)
     vllm_versions = SpecifierSet(">=0.32,<0.33")
+    components = ("cli",)
 
-    def _apply(self, owner: Any, attr: str, original: Any) -> None:
-        from vllm_ext.flags import add_flags
-
+    def wrap(self, original: Any) -> Any:
         build = original.__func__ if isinstance(original, staticmethod) else original
 
         @functools.wraps(build)
         def add_cli_args(parser):
-            return add_flags(build(parser))
+            parser = build(parser)
+            if not getattr(parser, "_vllm_ext_flags", False):
+                from vllm_ext.flags import add_flags
 
-        setattr(owner, attr, staticmethod(add_cli_args))
+                add_flags(parser)
+                self._fold_after_parsing(parser)
+                parser._vllm_ext_flags = True
+            return parser
+
+        return staticmethod(add_cli_args)
+
+    def _fold_after_parsing(self, parser: argparse.ArgumentParser) -> None:
+        from vllm_ext.components import SelectionError
+        from vllm_ext.flags import fold
+
+        parse = parser.parse_known_args
+
+        def parse_known_args(args=None, namespace=None):
+            ns, rest = parse(args, namespace)
+            try:
+                if fold(parser, ns):
+                    self.reached()
+            except SelectionError as e:
+                parser.error(str(e))
+            return ns, rest
+
+        parser.parse_known_args = parse_known_args

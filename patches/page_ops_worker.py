@@ -1,7 +1,8 @@
 """Patch: the worker maps and unmaps KV pages as the step's orders say, before the step runs.
 
 Counterpart of `page_ops_schedule`. vLLM 0.32 has no hook between receiving a step
-and running it, so `Worker.execute_model` (which the CPU worker inherits) is wrapped.
+and running it, so `Worker.execute_model` (which the CPU worker inherits) is wrapped;
+it acts only for an engine whose KV cache is a vattention pool.
 
 Invariant bent: a step's KV memory exists before the step. Safe because the
 pages a step's blocks need are mapped (or their look-ahead mapping waited for)
@@ -16,24 +17,27 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext import envs
-from vllm_ext.patches.base import Patch
+from vllm_ext.patches.base import Patch, Target
 
 
 class PageOpsWorker(Patch):
+    """vattention: the worker carries out each step's page orders before the step"""
+
     name = "page_ops_worker"
-    target = "vllm.v1.worker.gpu_worker:Worker.execute_model"
+    targets = (Target("vllm.v1.worker.gpu_worker:Worker.execute_model",
+                      ("self", "scheduler_output")),)
     vllm_versions = SpecifierSet(">=0.32,<0.33")
+    components = ("kv_allocator=vattention",)
 
-    def _apply(self, owner: Any, attr: str, original: Any) -> None:
+    def wrap(self, original: Any) -> Any:
         @functools.wraps(original)
-        def execute_model(self, scheduler_output, *args, **kwargs):
-            if envs.kv_pool_selected():
-                from vllm_ext.vattention import runtime
+        def execute_model(worker, scheduler_output, *args, **kwargs):
+            from vllm_ext.vattention import runtime_for
 
-                rt = runtime()
-                if rt is not None:
-                    rt.step(scheduler_output)
-            return original(self, scheduler_output, *args, **kwargs)
+            rt = runtime_for(worker.vllm_config)
+            if rt is not None:
+                rt.step(scheduler_output)
+                self.reached()
+            return original(worker, scheduler_output, *args, **kwargs)
 
-        setattr(owner, attr, execute_model)
+        return execute_model

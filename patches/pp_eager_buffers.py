@@ -19,23 +19,31 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext.patches.base import Patch
-from vllm_ext.selection import selection_from_config
+from vllm_ext.patches.base import Patch, Target
 
 
 class PPEagerBuffers(Patch):
+    """pipeline parallelism on CPU with --enforce-eager: the later stages' activation buffer"""
+
     name = "pp_eager_buffers"
-    target = "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sync_and_gather_intermediate_tensors"
+    targets = (Target("vllm.v1.worker.gpu_model_runner:GPUModelRunner."
+                      "sync_and_gather_intermediate_tensors",
+                      ("self", "num_tokens", "intermediate_tensors", "sync_self")),)
     vllm_versions = SpecifierSet(">=0.32,<0.33")
+    components = ("*",)
+    platforms = ("cpu",)
 
-    def _apply(self, owner: Any, attr: str, original: Any) -> None:
+    def wrap(self, original: Any) -> Any:
+        from vllm_ext.selection import selection_from_config
+
         @functools.wraps(original)
-        def sync_and_gather_intermediate_tensors(self, *args, **kwargs):
-            if self.intermediate_tensors is None and \
-                    selection_from_config(self.vllm_config.additional_config):
-                self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
-                    batch_size=self.max_num_tokens, dtype=self.model_config.dtype,
-                    device=self.device)
-            return original(self, *args, **kwargs)
+        def sync_and_gather_intermediate_tensors(runner, *args, **kwargs):
+            if runner.intermediate_tensors is None and \
+                    selection_from_config(runner.vllm_config.additional_config):
+                self.reached()
+                runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+                    batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype,
+                    device=runner.device)
+            return original(runner, *args, **kwargs)
 
-        setattr(owner, attr, sync_and_gather_intermediate_tensors)
+        return sync_and_gather_intermediate_tensors

@@ -4,11 +4,11 @@ In the slots layout every request's blocks are consecutive ids in a slot of its 
 so the pool must know the request when it hands out a block and when it counts the
 free blocks that request could get. vLLM 0.32's `BlockPool` sees neither; every
 allocation for a request goes through `KVCacheManager.allocate_slots`, which is
-wrapped to name the request on the pool for the duration of the call.
+wrapped to name the request on a paged pool for the duration of the call.
 
 Invariant bent: the block pool is request-agnostic. Safe because the name is only
-read by a `PagedBlockPool` (other pools ignore it), is cleared when the call returns
-or raises, and the engine allocates for one request at a time.
+set on a paged pool (other engines' pools are untouched), is cleared when the call
+returns or raises, and the engine allocates for one request at a time.
 """
 
 from __future__ import annotations
@@ -18,24 +18,29 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext.patches.base import Patch
+from vllm_ext.patches.base import Patch, Target
 
 
 class SlotOwner(Patch):
-    name = "slot_owner"
-    target = "vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots"
-    vllm_versions = SpecifierSet(">=0.32,<0.33")
+    """vattention: the block pool knows which request it allocates for"""
 
-    def _apply(self, owner: Any, attr: str, original: Any) -> None:
+    name = "slot_owner"
+    targets = (Target("vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots",
+                      ("self", "request", "...")),)
+    vllm_versions = SpecifierSet(">=0.32,<0.33")
+    components = ("kv_allocator=vattention",)
+
+    def wrap(self, original: Any) -> Any:
         @functools.wraps(original)
-        def allocate_slots(self, request, *args, **kwargs):
-            pool = self.block_pool
+        def allocate_slots(manager, request, *args, **kwargs):
+            pool = manager.block_pool
             if not hasattr(pool, "planner"):
-                return original(self, request, *args, **kwargs)
+                return original(manager, request, *args, **kwargs)
+            self.reached()
             pool.owner = request.request_id
             try:
-                return original(self, request, *args, **kwargs)
+                return original(manager, request, *args, **kwargs)
             finally:
                 pool.owner = None
 
-        setattr(owner, attr, allocate_slots)
+        return allocate_slots

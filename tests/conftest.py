@@ -8,24 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_ext import envs
 from vllm_ext.serve import CPU_SERVE_ENV
-
-# Selecting components in this process records the choice in its environment for the
-# engine processes it would spawn (vllm_ext.envs); one test's choice must not reach the
-# engines that later tests start.
-_SELECTION_ENV = (envs.ATTN, envs.POD_IMPL, envs.KV_POOL, "TRITON_INTERPRET")
-
-
-@pytest.fixture(autouse=True)
-def _keep_selection_env():
-    saved = {k: os.environ.get(k) for k in _SELECTION_ENV}
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 HERE = Path(__file__).parent
 
@@ -39,19 +22,63 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_model(root / "tiny", preset="tiny", seed=0, progress=False)
 
 
-@pytest.fixture(scope="session")
-def run_engine(tiny_model, tmp_path_factory):
-    """Run tests/engine_runner.py once per distinct argument list; cache its JSON."""
-    cache: dict[tuple[str, ...], dict] = {}
+class EngineHost:
+    """The session's engines, run one after another in one host process
+    (tests/engine_runner.py --host), restarted if an engine takes it down."""
 
-    def run(*args: str) -> dict:
-        if args not in cache:
+    def __init__(self, model: Path, workdir: Path) -> None:
+        self.model, self.workdir = model, workdir
+        self.proc: subprocess.Popen | None = None
+        self.log = workdir / "engine-host.log"
+
+    def _start(self) -> None:
+        read, write = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "engine_runner.py"), "--host", str(self.model),
+             "--reply-fd", str(write)],
+            stdin=subprocess.PIPE, stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
+            env={**os.environ, **CPU_SERVE_ENV}, text=True, pass_fds=(write,))
+        os.close(write)
+        self.replies = os.fdopen(read)
+
+    def run(self, args: tuple[str, ...], out: Path, env: dict[str, str]) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        start = self.log.stat().st_size
+        self.proc.stdin.write(json.dumps({"args": list(args), "out": str(out), "env": env}) + "\n")
+        self.proc.stdin.flush()
+        answer = self.replies.readline().strip()  # "" if the host died
+        if answer != "ok":
+            with open(self.log) as f:
+                f.seek(start)
+                tail = f.read()[-4000:]
+            raise AssertionError(f"engine {' '.join(args)}: {answer or 'host exited'}\n{tail}")
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=120)
+
+
+@pytest.fixture(scope="session")
+def engine_host(tiny_model, tmp_path_factory):
+    host = EngineHost(tiny_model, tmp_path_factory.mktemp("engine-host"))
+    yield host
+    host.close()
+
+
+@pytest.fixture(scope="session")
+def run_engine(engine_host, tmp_path_factory):
+    """Run one engine configuration (tests/engine_runner.py options) on the session's
+    engine host, once per distinct argument list and environment; return its JSON."""
+    cache: dict[tuple, dict] = {}
+
+    def run(*args: str, env: dict[str, str] | None = None) -> dict:
+        key = (args, tuple(sorted((env or {}).items())))
+        if key not in cache:
             out = tmp_path_factory.mktemp("engine") / "result.json"
-            proc = subprocess.run(
-                [sys.executable, str(HERE / "engine_runner.py"), str(tiny_model), str(out), *args],
-                env={**os.environ, **CPU_SERVE_ENV}, capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, proc.stderr[-4000:]
-            cache[args] = json.loads(out.read_text())
-        return cache[args]
+            engine_host.run(args, out, env or {})
+            cache[key] = json.loads(out.read_text())
+        return cache[key]
 
     return run

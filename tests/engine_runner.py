@@ -1,8 +1,16 @@
-"""Run one real vLLM engine on a staggered workload and write what it produced as JSON.
+"""Run real vLLM engines on a staggered workload and write what each produced as JSON.
 
-Run as a script (vLLM spawns processes, and one engine per process keeps tests
-independent):  python engine_runner.py MODEL OUT.json [--scheduler NAME] [--budget N]
-[--attn NAME] [--pod-impl torch|triton]
+    python engine_runner.py MODEL OUT.json [--scheduler NAME] [--budget N] ...   one engine
+    python engine_runner.py --host MODEL                                         many engines
+
+The host is how the test session runs its engines: one process, vLLM imported once,
+each engine built in vLLM's in-process mode (VLLM_ENABLE_V1_MULTIPROCESSING=0; only
+multi-rank engines spawn their workers), run, shut down and cleaned up before the next.
+So the engines of the whole session share a process, which is what vllm-ext's
+per-engine choices promise to survive: every result names the process, its
+scheduler, block pool and attention classes. Requests come one per line on stdin as
+JSON ({"args": [...], "out": PATH, "env": {...}}); each is answered with one line on
+the file descriptor given after --reply-fd: "ok" or "failed: <why>".
 
 Short prompts start decoding first; long prompts arrive while they decode, so a
 scheduler's handling of prefills next to decodes shows in the step records.
@@ -14,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 SHORT, LONG = (12, 20, 28, 36), (300, 520, 410)
@@ -51,10 +60,8 @@ def _kv_rows_written(worker) -> int:
     return int((keys != 0).any(dim=-1).any(dim=1).sum())
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("out")
     ap.add_argument("--scheduler", default=None)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--kv-admission", default=None)
@@ -75,18 +82,17 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--num-blocks", type=int, default=None,
                     help="KV blocks of 32 tokens (few: forces preemption)")
-    args = ap.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # Lets collective_rpc carry a function to the worker (to ask which attention
-    # backend it runs); test harness only.
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    return ap
 
+
+def run(model: str, argv: list[str]) -> dict:
+    """Build one engine from `argv` (the options above), run the workload, shut it down."""
+    args = _parser().parse_args(argv)
     import vllm_ext
-    from vllm import SamplingParams
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
-    kwargs = dict(model=args.model, dtype="float32", enforce_eager=True, max_model_len=1024,
+    kwargs = dict(model=model, dtype="float32", enforce_eager=True, max_model_len=1024,
                   seed=0, disable_log_stats=False)
     if args.num_blocks is not None:
         # The longest request (520 + 40 tokens) must still fit on its own.
@@ -100,10 +106,6 @@ def main() -> None:
     ranks = (args.kvp or 1) * (args.pipeline_parallel_size or 1)
     if args.pipeline_parallel_size is not None:
         kwargs.update(pipeline_parallel_size=args.pipeline_parallel_size)
-    if ranks > 1:
-        # One core per rank: vLLM's automatic binding wants a NUMA node per rank.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
-                              "|".join(str(c % (os.cpu_count() or 1)) for c in range(ranks)))
     chosen = {k: v for k, v in (("scheduler", args.scheduler), ("attn", args.attn),
                                 ("sarathi_token_budget", args.budget),
                                 ("sarathi_kv_admission", args.kv_admission),
@@ -116,14 +118,31 @@ def main() -> None:
                                             "physical_limit"))) if v}
     if chosen:
         kwargs = vllm_ext.engine_kwargs(**chosen, **kwargs)
-    before = vllm_ext.step_stats().steps
+    if ranks > 1:
+        # One core per rank: vLLM's automatic binding wants a NUMA node per rank.
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            str(c % (os.cpu_count() or 1)) for c in range(ranks))
     engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
+    try:
+        return _workload(engine, args, ranks)
+    finally:
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        _shut_down(engine)
+
+
+def _workload(engine, args, ranks: int) -> dict:
+    import vllm_ext
+    from vllm import SamplingParams
+    from vllm_ext.allocators.poolstats import read_pool_dir
+    from vllm_ext.envs import stats_dir
+    from vllm_ext.patches import reached_in
+
     vocab = engine.model_config.get_vocab_size()
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     kvp = (args.kvp or 1) > 1
     if kvp:
         engine.collective_rpc(_clear_kv)
-
+    before = vllm_ext.step_stats().steps
     todo = list(enumerate(prompts(vocab, args.shared_prefix)))
     tokens: dict[str, list[int]] = {}
     added: dict[str, float] = {}
@@ -140,11 +159,13 @@ def main() -> None:
             if out.finished:
                 tokens[out.request_id] = list(out.outputs[0].token_ids)
         step += 1
+    core = getattr(engine.engine_core, "engine_core", None)  # the in-process EngineCore
+    while core is not None and core.scheduler.has_requests():
+        # The step that tells the workers which requests finished (and hands them the
+        # last page orders); a separate engine-core process makes it on its own.
+        engine.step()
 
     stats = vllm_ext.step_stats()
-    from vllm_ext.allocators.poolstats import read_pool_dir
-    from vllm_ext.envs import stats_dir
-
     pool = read_pool_dir(stats_dir())
     # The engine frees the last requests' blocks after their last step and hands the
     # orders to the worker one step later, on its own: give that a moment to land.
@@ -153,9 +174,13 @@ def main() -> None:
             time.monotonic() < deadline:
         time.sleep(0.2)
         pool = read_pool_dir(stats_dir())
-    backends = sorted(set(engine.collective_rpc(_attention_backends)[0]))
-    result = {
-        "attention_backends": backends,
+    scheduler = core.scheduler if core is not None else None
+    return {
+        "pid": os.getpid(),
+        "attention_backends": sorted(set(engine.collective_rpc(_attention_backends)[0])),
+        "scheduler_class": type(scheduler).__name__ if scheduler else None,
+        "block_pool_class": (type(scheduler.kv_cache_manager.block_pool).__name__
+                             if scheduler else None),
         "kv_rows_per_rank": engine.collective_rpc(_kv_rows_written) if kvp else None,
         "parallel": {k: getattr(engine.vllm_config.parallel_config, k) for k in (
             "tensor_parallel_size", "pipeline_parallel_size", "decode_context_parallel_size",
@@ -172,8 +197,90 @@ def main() -> None:
         "prefix_cache_hits": sum(m.value for m in engine.get_metrics()
                                  if m.name == "vllm:prefix_cache_hits"),
         "kv_pool": {"totals": pool.totals, "samples": pool.samples},
+        "patches_reached": sorted(reached_in(stats_dir())),
     }
-    with open(args.out, "w") as f:
+
+
+def needed_patches(result: dict) -> set[str]:
+    """The patches the engine's selection relies on (vllm-ext's registry), on the CPU."""
+    from vllm_ext.patches import needed_by
+
+    selection = result["config"]["additional_config"].get("vllm_ext", {})
+    needed = {p.name for kind, settings in selection.items()
+              for p in needed_by(kind, settings["name"], settings, "cpu")}
+    if selection and result["parallel"]["pipeline_parallel_size"] > 1:
+        needed.add("pp_eager_buffers")
+    return needed
+
+
+def _shut_down(engine) -> None:
+    """Everything the engine held goes before the next one starts in this process."""
+    import gc
+
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    engine.engine_core.shutdown()
+    del engine
+    cleanup_dist_env_and_memory()
+    gc.collect()
+
+
+def _fresh_stats_dir() -> None:
+    """Each engine its own step and pool statistics: the session's engines share a process."""
+    import tempfile
+
+    os.environ["VLLMEXT_STATS_DIR"] = tempfile.mkdtemp(prefix="vllm-ext-test-stats-")
+    os.environ["VLLMEXT_STATS_OWNER"] = str(os.getpid())
+
+
+def _setup_process() -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # One compute thread, as vLLM's own CPU worker process binds itself to one core
+    # (the other left to the engine loop): step times then match a served engine's,
+    # and a busy second core cannot stall a two-thread OpenMP barrier.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # `--pod-impl triton` engines run Triton's interpreter, which must be on before this
+    # process first imports Triton; vLLM runs no Triton on a CPU, so others are unaffected.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Lets collective_rpc carry a function to the workers (to ask which attention
+    # backend they run); test harness only.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+
+def host(model: str, reply_fd: int) -> None:
+    import traceback
+
+    _setup_process()
+    with os.fdopen(reply_fd, "w", buffering=1) as reply:
+        for line in sys.stdin:
+            request = json.loads(line)
+            saved = {k: os.environ.get(k) for k in request.get("env", {})}
+            os.environ.update(request.get("env", {}))
+            _fresh_stats_dir()
+            try:
+                result = run(model, request["args"])
+                with open(request["out"], "w") as f:
+                    json.dump(result, f)
+                reply.write("ok\n")
+            except BaseException as e:  # noqa: BLE001 - the session's other engines go on
+                traceback.print_exc()
+                reply.write(f"failed: {type(e).__name__}: {str(e).splitlines()[:1]}\n")
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+
+
+def main() -> None:
+    if sys.argv[1] == "--host":
+        host(sys.argv[2], int(sys.argv[sys.argv.index("--reply-fd") + 1]))
+        return
+    _setup_process()
+    result = run(sys.argv[1], sys.argv[3:])
+    with open(sys.argv[2], "w") as f:
         json.dump(result, f)
 
 

@@ -62,30 +62,24 @@ def test_prefill_first_turns_chunking_off(serve_parser):
     assert engine_args.enable_chunked_prefill is False
 
 
-def test_kvp_flag_becomes_decode_context_parallelism(serve_parser, monkeypatch):
-    from vllm_ext.attn_select import ENV_ATTN, ENV_POD_IMPL
-
-    monkeypatch.delenv(ENV_ATTN, raising=False)
-    monkeypatch.delenv(ENV_POD_IMPL, raising=False)
+def test_kvp_flag_becomes_decode_context_parallelism(serve_parser):
     _, engine_args = serve_parser("--kvp", "2")
     assert (engine_args.tensor_parallel_size, engine_args.decode_context_parallel_size) == (2, 2)
     assert engine_args.additional_config["vllm_ext"]["attn"] == {"name": "pod", "impl": "torch",
                                                                "kvp": 2}
 
 
-def test_attn_pod_reaches_the_engine_processes_through_the_environment(serve_parser, monkeypatch):
-    from vllm_ext.attn_select import ENV_ATTN, ENV_POD_IMPL
-
-    monkeypatch.delenv(ENV_ATTN, raising=False)
-    monkeypatch.delenv(ENV_POD_IMPL, raising=False)
+def test_attn_pod_is_chosen_in_the_engine_arguments_only(serve_parser):
+    before = dict(os.environ)
     _, engine_args = serve_parser("--attn", "pod", "--pod-impl", "triton")
     assert engine_args.additional_config == {"vllm_ext": {"attn": {"name": "pod", "impl": "triton",
                                                                   "kvp": 1}}}
-    import os
-
-    assert (os.environ[ENV_ATTN], os.environ[ENV_POD_IMPL]) == ("pod", "triton")
-    serve_parser("--attn", "vllm")  # choosing the stock backend again clears it
-    assert ENV_ATTN not in os.environ
+    assert engine_args.attention_backend == "CUSTOM"
+    # Nothing of the choice is left in this process for engines it starts later (only
+    # Triton's own interpreter switch, for the engine processes: see _configure_pod).
+    changed = {k for k in {*before, *os.environ} if before.get(k) != os.environ.get(k)}
+    assert changed <= {"TRITON_INTERPRET"}, changed
+    assert os.environ["TRITON_INTERPRET"] == "1"
 
 
 def test_pod_impl_choices(serve_parser, capsys):
@@ -95,17 +89,13 @@ def test_pod_impl_choices(serve_parser, capsys):
     assert "argument --pod-impl: invalid choice: 'cuda' (choose from 'torch', 'triton')" in capsys.readouterr().err
 
 
-def test_vattention_settings_reach_the_engine_processes(serve_parser, monkeypatch):
-    import json
-
-    monkeypatch.delenv("VLLMEXT_KV_POOL", raising=False)
+def test_vattention_settings_reach_the_engine_processes(serve_parser):
     _, engine_args = serve_parser("--kv-allocator", "vattention", "--vattention-page-size",
                                   "16KiB", "--vattention-physical-limit", "1.5GiB")
-    expected = {"layout": "blocks", "page_size": 16384, "premap": 2, "watermark": 8,
-                "physical_limit": 3 << 29}
+    expected = {"backend": "host", "layout": "blocks", "page_size": 16384, "premap": 2,
+                "watermark": 8, "physical_limit": 3 << 29}
     assert engine_args.additional_config == {"vllm_ext": {"kv_allocator": {
         "name": "vattention", **expected}}}
-    assert json.loads(os.environ["VLLMEXT_KV_POOL"]) == {"backend": "host", **expected}
 
 
 def test_vattention_sizes_are_checked_by_the_parser(serve_parser, capsys):

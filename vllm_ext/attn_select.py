@@ -1,50 +1,34 @@
-"""Which attention backend an engine's processes use, chosen once in the CLI process.
+"""How an engine gets the POD backend: registered as vLLM's CUSTOM attention backend in
+every process (a supported hook), chosen per engine by `attention_backend="CUSTOM"`.
 
-vLLM's CPU platform always resolves the CPU_ATTN backend and honours an override
-registered in every process (`register_backend`, a supported hook). The choice made
-in the CLI process reaches the engine and worker processes through the environment
-(they are spawned after it is set); the plugin registers the backend there. Nothing
-here imports vLLM until a process actually registers.
+The registration is process-wide but inert: only an engine whose config asks for
+CUSTOM runs it (on the CPU platform through the `cpu_custom_attn` patch). Another
+plugin may already own CUSTOM; then `--attn pod` is refused, naming it.
 """
 
 from __future__ import annotations
 
-import os
-
-from vllm_ext.envs import ATTN as ENV_ATTN
-from vllm_ext.envs import POD_IMPL as ENV_POD_IMPL
-
 IMPLS = ("torch", "triton")
 BACKEND_PATH = "vllm_ext.pod_backend.PodAttentionBackend"
-_INTERPRET = "TRITON_INTERPRET"
-_we_set_interpret = False
+ENGINE_ARG = "CUSTOM"  # the engine's attention_backend
 
 
-def select(name: str, impl: str | None = None, platform: str = "cpu") -> None:
-    """Record the attention choice for the processes this one will spawn."""
-    global _we_set_interpret
-    if name == "pod":
-        os.environ[ENV_ATTN] = "pod"
-        os.environ[ENV_POD_IMPL] = impl or "torch"
-    else:
-        os.environ.pop(ENV_ATTN, None)
-        os.environ.pop(ENV_POD_IMPL, None)
-    if name == "pod" and impl == "triton" and platform == "cpu":
-        # Triton has no CPU backend, only its interpreter, which must be chosen before
-        # Triton is first imported; vLLM imports it early in every process, so the
-        # engine processes get it from their environment.
-        _we_set_interpret = _INTERPRET not in os.environ or _we_set_interpret
-        os.environ[_INTERPRET] = "1"
-    elif _we_set_interpret:
-        os.environ.pop(_INTERPRET, None)
-        _we_set_interpret = False
+def custom_owner() -> str | None:
+    """The class registered as CUSTOM by someone else, if any."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    custom = AttentionBackendEnum.CUSTOM
+    if custom.is_overridden() and custom.get_path() != BACKEND_PATH:
+        return custom.get_path()
+    return None
 
 
-def register_if_selected() -> bool:
-    """In every vLLM process: put PodAttentionBackend in place of CPU_ATTN if chosen."""
-    if os.environ.get(ENV_ATTN) != "pod":
-        return False
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+def register() -> str | None:
+    """In every vLLM process: register the POD backend as CUSTOM unless another plugin
+    owns it; return that owner, if any."""
+    owner = custom_owner()
+    if owner is None:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
-    return True
+        register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    return owner

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import os
 from dataclasses import asdict
+from typing import Any
 
-from vllm_ext import attn_select, envs
+from vllm_ext import attn_select
 from vllm_ext.allocators.settings import LAYOUTS, VAttentionSettings, size_in_bytes
 from vllm_ext.components import Component, ConfigureContext, Option, SelectionError
 from vllm_ext.hookspecs import hookimpl
@@ -47,16 +46,20 @@ def _configure_sarathi(settings: dict, ctx: ConfigureContext) -> tuple[dict, dic
             f"--sarathi-token-budget {budget} contradicts --max-num-batched-tokens "
             f"{engine_budget}: the token budget is the batch size; give one of them")
     model_path = settings.get("latency_model")
-    if settings.get("tbt_slo_ms") is not None and model_path is None:
-        # No model given: measure this engine here once (about a minute), then reuse it.
-        from vllm_ext.profile import profile_for
-
-        model_path = profile_for(ctx.user_engine_args)
     try:
         cfg = SarathiConfig.for_platform(ctx.platform, engine_budget if budget is None else budget,
                                          settings.get("kv_admission"), settings.get("tbt_slo_ms"),
                                          model_path and os.path.abspath(model_path),
                                          settings.get("spp", "on") != "off")
+        if cfg.tbt_slo_ms is not None and cfg.latency_model is None:
+            # No model given: measure this engine once (about a minute), then reuse it.
+            from dataclasses import replace
+
+            from vllm_ext.profile import ProfileTarget, profile_for
+
+            target = ProfileTarget.of(ctx.user_engine_args, cfg.token_budget,
+                                      ctx.selected.get("attn"), ctx.options.get("pod_kvp"))
+            cfg = replace(cfg, latency_model=profile_for(target))
         if cfg.latency_model is not None:
             from vllm_ext.schedulers.latency import LatencyModel
 
@@ -119,7 +122,6 @@ def vllm_ext_schedulers() -> list[Component]:
 
 
 def _configure_stock_attn(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
-    attn_select.select("vllm")
     return {}, {}
 
 
@@ -128,10 +130,21 @@ def _configure_pod(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
         raise SelectionError(f"--attn pod is wired into vLLM's CPU platform in this release, "
                              f"not {ctx.platform!r}; the kernel itself (vllm_ext.kernels."
                              f"pod_attention) runs on CUDA")
+    owner = attn_select.custom_owner()
+    if owner is not None:
+        raise SelectionError(f"--attn pod runs as vLLM's CUSTOM attention backend, which "
+                             f"another plugin has taken ({owner})")
     impl = settings.get("impl") or "torch"
     kvp = 1 if settings.get("kvp") is None else settings["kvp"]
-    engine = _configure_kvp(kvp, impl, ctx) if kvp != 1 else {}
-    attn_select.select("pod", impl, ctx.platform)
+    engine = _require(ctx, "--attn pod", {"attention_backend": attn_select.ENGINE_ARG})
+    if impl == "triton":
+        # Triton has no CPU backend, only its interpreter, which must be on before Triton
+        # is first imported: the engine processes this one starts take it from here. It
+        # is Triton's switch, not the selection (that stays in the engine's config), and
+        # changes nothing for other engines on a CPU, where vLLM runs no Triton kernels.
+        os.environ["TRITON_INTERPRET"] = "1"
+    if kvp != 1:
+        engine.update(_configure_kvp(kvp, impl, ctx))
     return {"impl": impl, "kvp": kvp}, engine
 
 
@@ -178,7 +191,6 @@ def vllm_ext_attention_backends() -> list[Component]:
 
 
 def _configure_stock_kv(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
-    os.environ.pop(envs.KV_POOL, None)
     return {}, {}
 
 
@@ -204,15 +216,7 @@ def _configure_vattention(settings: dict, ctx: ConfigureContext) -> tuple[dict, 
         # A slot is one request's; blocks shared through the prefix cache would break it.
         engine = _require(ctx, "--kv-allocator vattention --vattention-layout slots",
                           {"enable_prefix_caching": False})
-    # The engine processes read the choice from their environment (they are spawned
-    # after this); this process applies the patches too, in case it hosts the engine.
-    os.environ[envs.KV_POOL] = chosen.to_json()
-    from vllm_ext.patches import VATTENTION_PATCHES
-    from vllm_ext.versions import installed_vllm_version
-
-    for patch in VATTENTION_PATCHES:
-        patch.apply(installed_vllm_version())
-    return {k: v for k, v in asdict(chosen).items() if k != "backend"}, engine
+    return asdict(chosen), engine
 
 
 @hookimpl

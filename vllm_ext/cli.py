@@ -26,13 +26,20 @@ def _components(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from vllm_ext.profile import run, summary
+    from vllm_ext.profile import ProfileTarget, run, summary
 
-    model = run(args.model, args.out, quick=args.quick, budget=args.budget,
-                max_model_len=args.max_model_len, dtype=args.dtype)
+    target = ProfileTarget(args.model, args.dtype, args.max_model_len, args.budget, args.attn,
+                           args.tensor_parallel_size, args.pipeline_parallel_size, args.kvp)
+    model = run(target, args.out, quick=args.quick)
     print(summary(model))
     print(f"wrote {args.out}")
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from vllm_ext.doctor import run
+
+    return run()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -67,9 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "on the tiny model)")
     prof.add_argument("--budget", type=int, default=512, help="largest step in tokens")
     prof.add_argument("--max-model-len", type=int, default=4096)
+    prof.add_argument("--attn", choices=("vllm", "pod"), default="vllm",
+                      help="the attention backend the served engine will use")
+    prof.add_argument("--tensor-parallel-size", type=int, default=1)
+    prof.add_argument("--pipeline-parallel-size", type=int, default=1)
+    prof.add_argument("--kvp", type=int, default=1, help="KV-cache parallel ranks (--kvp)")
     prof.add_argument("--dtype", default="auto", help="as vLLM's --dtype (float32 on CPUs "
                                                      "without bf16)")
     prof.set_defaults(run=_profile)
+    doc = sub.add_parser("doctor", help="check the installed vLLM: support, every patch's "
+                                        "targets, attention platform, Triton, CUDA VMM")
+    doc.set_defaults(run=_doctor)
     bench = sub.add_parser("bench", help="benchmarks (ab: A/B of serve flag sets or endpoints)")
     from vllm_ext.ab.cli import add_parser as add_ab
 

@@ -56,12 +56,13 @@ class Option:
 @dataclass(frozen=True, slots=True)
 class ConfigureContext:
     """What a component may look at while configuring: the platform, the engine
-    arguments the operator set explicitly (not vLLM's defaults), and the other
-    components chosen (kind -> name)."""
+    arguments the operator set explicitly (not vLLM's defaults), the other
+    components chosen (kind -> name) and every component option given (by dest)."""
 
     platform: str
     user_engine_args: Mapping[str, Any]
     selected: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

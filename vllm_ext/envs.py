@@ -8,10 +8,14 @@ warns about (or, in strict mode, refuses) the ones it does not know.
 | VLLMEXT_STATS_DIR        | where engine processes write per-step scheduler stats (set by vllm-ext in the front-end process before the engine is spawned; an operator may set it to keep the files) |
 | VLLMEXT_STATS_OWNER      | pid of the front end that created VLLMEXT_STATS_DIR itself; a front end that inherits another's temporary directory makes its own instead of mixing stats |
 | VLLMEXT_TRACE_PLUGINS    | `1` prints every pluggy hook call while components are collected      |
-| VLLMEXT_ALLOW_ANY_VLLM   | `1` skips the supported-vLLM-version check (at your own risk)         |
-| VLLMEXT_ATTN             | `pod` when `--attn pod` was chosen: set by the CLI process for the engine processes it spawns, which then register the POD backend |
-| VLLMEXT_POD_IMPL         | `torch` or `triton` (`--pod-impl`), set the same way                  |
-| VLLMEXT_KV_POOL          | the vattention settings as JSON when `--kv-allocator vattention` was chosen: set by the CLI process for the engine processes, which then apply the vattention patches |
+| VLLMEXT_ALLOW_ANY_VLLM   | `1` runs on a vLLM outside the supported range (at your own risk): each patch is applied if its targets are there as written, and the components whose patches do not fit are refused by name |
+| VLLMEXT_PROFILE_TIMEOUT_S | seconds the start-up profile for `--sarathi-tbt-slo-ms` may take (default 900); past it the engine refuses to start and names `vllm-ext profile` |
+
+vllm-ext also sets Triton's own TRITON_INTERPRET=1 for the engine processes it starts
+when `--pod-impl triton` is chosen on a CPU (Triton reads it only before its first import).
+
+Which components an engine uses is never read from the environment: it travels in the
+engine's own config (`additional_config["vllm_ext"]`).
 """
 
 from __future__ import annotations
@@ -22,9 +26,7 @@ STATS_DIR = "VLLMEXT_STATS_DIR"
 STATS_OWNER = "VLLMEXT_STATS_OWNER"
 TRACE_PLUGINS = "VLLMEXT_TRACE_PLUGINS"
 ALLOW_ANY_VLLM = "VLLMEXT_ALLOW_ANY_VLLM"
-ATTN = "VLLMEXT_ATTN"
-POD_IMPL = "VLLMEXT_POD_IMPL"
-KV_POOL = "VLLMEXT_KV_POOL"
+PROFILE_TIMEOUT_S = "VLLMEXT_PROFILE_TIMEOUT_S"
 
 
 def stats_dir() -> str | None:
@@ -44,5 +46,5 @@ def allow_any_vllm() -> bool:
     return os.environ.get(ALLOW_ANY_VLLM, "") == "1"
 
 
-def kv_pool_selected() -> bool:
-    return bool(os.environ.get(KV_POOL))
+def profile_timeout_s() -> float:
+    return float(os.environ.get(PROFILE_TIMEOUT_S) or 900)

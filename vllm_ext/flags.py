@@ -1,13 +1,16 @@
-"""The vllm-ext flag group, and the fold from parsed flags into engine arguments."""
+"""The vllm-ext flag group, and the fold from parsed flags into engine arguments.
+
+Both are pure argparse work; the `cli_flags` patch puts them on vLLM's parser.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from vllm_ext.components import KINDS, SelectionError
+from vllm_ext.components import KINDS
 from vllm_ext.registry import components
-from vllm_ext.selection import SHORTHANDS, current_platform_name, resolve
+from vllm_ext.selection import SHORTHANDS, current_platform_name, option_dests, resolve
 
 GROUP = "vllm-ext"
 
@@ -17,9 +20,7 @@ def _kind_dest(kind: str) -> str:
 
 
 def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the group once, and fold the choices into engine arguments after parsing."""
-    if getattr(parser, "_vllm_ext_flags", False):
-        return parser
+    """Add the vllm-ext group: one flag per kind, every component's options, shorthands."""
     group = parser.add_argument_group(
         GROUP, description="Research serving techniques from vllm-ext; with none of these "
                            "flags vLLM runs unchanged.")
@@ -36,32 +37,22 @@ def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for short, (_, _, _, type_, help_) in SHORTHANDS.items():
         group.add_argument(f"--{short.replace('_', '-')}", dest=short, type=type_, default=None,
                            help=help_)
-    parser._vllm_ext_flags = True
-
-    parse = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        ns, rest = parse(args, namespace)
-        try:
-            fold(parser, ns)
-        except SelectionError as e:
-            parser.error(str(e))
-        return ns, rest
-
-    parser.parse_known_args = parse_known_args
     return parser
 
 
-def fold(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
-    """Replace the vllm-ext choices in `ns` by the engine arguments they stand for."""
-    from vllm_ext.selection import option_dests
-
+def fold(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> bool:
+    """Replace the vllm-ext choices in `ns` by the engine arguments they stand for;
+    False (and `ns` untouched) when none was given."""
     selected = {kind: getattr(ns, _kind_dest(kind), None) for kind in KINDS}
     options = {dest: getattr(ns, dest, None) for dest in [*option_dests(), *SHORTHANDS]}
     if not any(selected.values()) and not any(v is not None for v in options.values()):
-        return
+        return False
     ours = {_kind_dest(k) for k in KINDS} | set(options)
     explicit: dict[str, Any] = {
         k: v for k, v in vars(ns).items() if k not in ours and v != parser.get_default(k)}
+    # `vllm serve MODEL` keeps the model in `model_tag` until the command runs.
+    if getattr(ns, "model_tag", None):
+        explicit["model"] = ns.model_tag
     for key, value in resolve(selected, options, explicit, current_platform_name()).items():
         setattr(ns, key, value)
+    return True

@@ -1,7 +1,8 @@
 """The `vllm.general_plugins` entry point.
 
 vLLM calls it in the CLI process, the engine process and every worker, possibly
-more than once in each: everything here is idempotent and cheap.
+more than once in each: everything here is idempotent and cheap, and it never
+raises, so vLLM always starts (at worst without vllm-ext, saying why).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def register() -> None:
     _done = True
     _share_vllm_log_handlers()
 
-    from vllm_ext import _dist_alias
+    from vllm_ext import _dist_alias, envs
     from vllm_ext.versions import UnsupportedVLLMError, check_supported
 
     _dist_alias.install()
@@ -30,12 +31,22 @@ def register() -> None:
         # Loud but harmless: vLLM keeps working unchanged, only our flags are absent.
         logger.warning("%s; vllm-ext stays off", e)
         return
+    try:
+        from vllm.platforms import current_platform
 
-    from vllm_ext.attn_select import register_if_selected
-    from vllm_ext.patches import apply_all
+        from vllm_ext import attn_select
+        from vllm_ext.patches import apply_all
 
-    apply_all(version)
-    register_if_selected()
+        for name, why in apply_all(version, current_platform.device_type,
+                                   envs.allow_any_vllm()).items():
+            logger.warning("vllm-ext: patch %s refused (%s); the components that need it "
+                           "are unavailable", name, why)
+        owner = attn_select.register()
+        if owner is not None:
+            logger.warning("vllm-ext: the CUSTOM attention backend is %s's; --attn pod is "
+                           "unavailable", owner)
+    except Exception:  # a bug of ours must not take vLLM down with it
+        logger.exception("vllm-ext failed to load; vLLM runs without it")
 
 
 def _share_vllm_log_handlers() -> None:

@@ -7,7 +7,9 @@ copy. Its metadata builder asks vLLM to put decodes first, as the kernel expects
 With `--kvp N` (vLLM's decode context parallelism) each rank holds a share of every
 request's KV; the backend computes all heads of the step's queries over that share
 with its LSE, and merges the ranks' results exactly (`kernels/kvp.py`, `kernels/merge.py`).
-Imported by vLLM, by dotted path, in engine processes only (see attn_select).
+
+An engine selects it with `attention_backend="CUSTOM"` (vllm-ext registers this class as
+CUSTOM in every process); its settings (`--pod-impl`) come from the engine's own config.
 """
 
 from __future__ import annotations
@@ -16,19 +18,41 @@ import os
 
 import torch
 
+
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder)
 
-from vllm_ext.attn_select import ENV_POD_IMPL
-
 from vllm_ext.kernels import reference
-from vllm_ext.kernels.kvp import shard_attention, slot_mapping
+from vllm_ext.kernels.kvp import shard_attention
 from vllm_ext.kernels.merge import merge_attention
-from vllm_ext.kernels.pod import SUPPORTED_HEAD_DIMS, plan, pod_attention
+from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS
 
-# On a CPU the Triton kernel runs under Triton's interpreter, which this process got
-# from its environment before it first imported Triton (see attn_select.select).
-IMPL = os.environ.get(ENV_POD_IMPL, "torch")
+
+def pod_settings(vllm_config) -> dict:
+    """This engine's `--attn pod` settings (impl, kvp) from its config."""
+    from vllm_ext.selection import selection_from_config
+
+    return selection_from_config(vllm_config.additional_config).get("attn") or {}
+
+
+def _triton_kernels():
+    """The Triton kernel module. On a CPU, Triton only interprets, which it must be told
+    before it is first imported (its own library functions are decorated then); vLLM
+    imports it at the start of every process, so the interpreter comes from the
+    environment the process started with (see `_configure_pod`)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.device_type == "cpu":
+        from triton import knobs
+
+        if not knobs.runtime.interpret:
+            raise RuntimeError("--pod-impl triton on a CPU runs Triton's interpreter, which "
+                               "must be on before Triton is imported: start this process "
+                               "with TRITON_INTERPRET=1 (vllm-ext sets it for the engine "
+                               "processes it starts), or use --pod-impl torch")
+    from vllm_ext.kernels import pod
+
+    return pod
 
 
 class PodAttentionBackend(CPUAttentionBackend):
@@ -59,13 +83,25 @@ class PodMetadataBuilder(CPUAttentionMetadataBuilder):
     # Decodes (one query token) first: the kernel's grid is laid out that way.
     reorder_batch_threshold = 1
 
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if torch.device(device).type == "cpu":
+            # vLLM keeps each process's backend choice, so a later engine of the process
+            # is served by the patched selector's earlier answer: count it here.
+            from vllm_ext.patches import patch
+
+            patch("cpu_custom_attn").reached()
+        triton = pod_settings(vllm_config).get("impl") == "triton"
+        self._plan = _triton_kernels().plan if triton else None
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
         q_lens = (md.query_start_loc[1:] - md.query_start_loc[:-1]).tolist()
         md.num_decode_tokens = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
         # The kernel's tile list is per step, not per layer: plan it once here.
-        md.pod_plan = (plan(md.query_start_loc, md.seq_lens, md.num_decode_tokens,
-                            self.num_heads, self.num_kv_heads) if IMPL == "triton" else None)
+        md.pod_plan = (self._plan(md.query_start_loc, md.seq_lens, md.num_decode_tokens,
+                                  self.num_heads, self.num_kv_heads)
+                       if self._plan is not None else None)
         return md
 
 
@@ -93,13 +129,16 @@ class PodAttentionImpl(CPUAttentionBackendImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
                          sinks)
-        self.kernel = pod_attention if IMPL == "triton" else reference.pod_attention
-        if self.dcp_world_size > 1:
-            from vllm.config import get_current_vllm_config
+        from vllm.config import get_current_vllm_config
 
-            self.kvp_interleave = get_current_vllm_config().parallel_config \
-                .cp_kv_cache_interleave_size
-            _register_kvp_slot_mapping()
+        config = get_current_vllm_config()
+        triton = pod_settings(config).get("impl") == "triton"
+        self.kernel = _triton_kernels().pod_attention if triton else reference.pod_attention
+        if self.dcp_world_size > 1:
+            from vllm_ext.patches import patch
+
+            self.kvp_interleave = config.parallel_config.cp_kv_cache_interleave_size
+            patch("kvp_slot_mapping").install()
 
     @staticmethod
     def _kv_views(kv_cache):
@@ -155,35 +194,3 @@ class PodAttentionImpl(CPUAttentionBackendImpl):
         lses = group.all_gather(lse, dim=0).view(ranks, n, ranks, heads)[:, :, rank]
         merged, _ = merge_attention(list(parts), list(lses))
         out.copy_(merged)
-
-
-_SLOT_KERNEL = "vllm.v1.worker.block_table.ComputeSlotMappingKernel.kernel"
-_slot_kernel_registered = False
-
-
-def _register_kvp_slot_mapping() -> None:
-    """vLLM's CPU platform replaces the slot-mapping Triton kernel by a C++ op without
-    context parallelism (it asserts a world of 1). Register, through vLLM's kernel
-    override registry, one that places each token on its rank; the platform's own
-    registration runs at worker start, before the model (and this) is built."""
-    global _slot_kernel_registered
-    if _slot_kernel_registered:
-        return
-    from vllm.triton_utils.dispatcher import register_kernels
-
-    register_kernels({_SLOT_KERNEL: _kvp_slot_mapping_kernel})
-    _slot_kernel_registered = True
-
-
-def _kvp_slot_mapping_kernel(num_tokens, max_num_tokens, query_start_loc, positions, block_table,
-                             block_table_stride, slot_mapping_out, KV_CACHE_BLOCK_SIZE,
-                             TOTAL_CP_WORLD_SIZE=1, TOTAL_CP_RANK=0,
-                             CP_KV_CACHE_INTERLEAVE_SIZE=1, PAD_ID=-1, BLOCK_SIZE=1024) -> None:
-    # Launched like the Triton kernel it stands for: its arguments, in its order.
-    starts = query_start_loc.long()
-    request = torch.repeat_interleave(torch.arange(len(starts) - 1), starts.diff())[:num_tokens]
-    table = block_table.reshape(-1, block_table_stride)
-    slot_mapping_out[:num_tokens] = slot_mapping(
-        positions[:num_tokens].long(), request, table, KV_CACHE_BLOCK_SIZE,
-        TOTAL_CP_WORLD_SIZE, TOTAL_CP_RANK, CP_KV_CACHE_INTERLEAVE_SIZE, PAD_ID)
-    slot_mapping_out[num_tokens:max_num_tokens] = PAD_ID

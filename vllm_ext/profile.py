@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vllm_ext.schedulers.latency import LatencyModel, fit
@@ -26,17 +28,60 @@ QUICK = [(64, 1, 8, 0), (1024, 1, 8, 0), (2000, 1, 4, 0), (96, 8, 48, 2), (200, 
 WARMUP_STEPS = 3
 
 
-def run(model: str, out: str, quick: bool = False, budget: int = 512, max_model_len: int = 4096,
-        dtype: str = "auto", progress: bool = True) -> LatencyModel:
-    import vllm_ext
+@dataclass(frozen=True, slots=True)
+class ProfileTarget:
+    """Everything about an engine that changes its step times, and so keys the cache."""
+
+    model: str
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    budget: int = 512
+    attn: str = "vllm"  # vllm-ext's --attn choice
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    kvp: int = 1
+
+    @classmethod
+    def of(cls, engine_args: dict, budget: int, attn: str | None, kvp: int | None) -> ProfileTarget:
+        """From the engine arguments an operator gave (`vllm serve` flags or Python)."""
+        model = engine_args.get("model")
+        if not model:
+            raise ValueError("--sarathi-tbt-slo-ms without --sarathi-latency-model profiles the "
+                             "model at start-up, but no model was given")
+        return cls(str(model), str(engine_args.get("dtype") or "auto"),
+                   int(engine_args.get("max_model_len") or 4096), budget, attn or "vllm",
+                   int(engine_args.get("tensor_parallel_size") or kvp or 1),
+                   int(engine_args.get("pipeline_parallel_size") or 1), int(kvp or 1))
+
+    def engine_kwargs(self) -> dict:
+        import vllm_ext
+
+        extra = {"kvp": self.kvp} if self.kvp > 1 else {}
+        return vllm_ext.engine_kwargs(
+            model=self.model, scheduler="sarathi", sarathi_token_budget=self.budget,
+            attn=self.attn, dtype=self.dtype, enforce_eager=True, max_model_len=self.max_model_len,
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size, enable_prefix_caching=False,
+            seed=0, **extra)
+
+    def cli_args(self) -> list[str]:
+        return [self.model, "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
+                "--budget", str(self.budget), "--attn", self.attn,
+                "--tensor-parallel-size", str(self.tensor_parallel_size),
+                "--pipeline-parallel-size", str(self.pipeline_parallel_size),
+                "--kvp", str(self.kvp)]
+
+
+def run(target: ProfileTarget, out: str, quick: bool = False, progress: bool = True) -> LatencyModel:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
+    import vllm_ext
+
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    kwargs = vllm_ext.engine_kwargs(model=model, scheduler="sarathi", sarathi_token_budget=budget,
-                                    dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
-                                    enable_prefix_caching=False, seed=0)
+    kwargs = target.engine_kwargs()
+    max_model_len = target.max_model_len
     engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
     vocab = engine.model_config.get_vocab_size()
     first = vllm_ext.step_stats().steps
@@ -63,44 +108,80 @@ def run(model: str, out: str, quick: bool = False, budget: int = 512, max_model_
     samples = [((1.0, r.prefill_tokens, r.prefill_attention, r.decode_tokens, r.decode_context),
                 r.wall_s) for r in records]
     latency = fit(samples)
-    latency.fit.update(model=str(model), dtype=dtype, token_budget=budget, quick=quick,
-                       steps=len(samples), seconds=round(time.monotonic() - started, 1),
+    latency.fit.update(**asdict(target), quick=quick, steps=len(samples),
+                       seconds=round(time.monotonic() - started, 1),
                        machine=f"{platform.machine()}, {os.cpu_count()} cores",
-                       vllm=_vllm_version())
+                       vllm=_vllm_version(), vllm_ext=vllm_ext.__version__)
     Path(out).write_text(latency.to_json())
     return latency
 
 
-def profile_for(engine_args: dict) -> str:
-    """The quick profile of the engine these arguments describe, made once per model,
-    dtype, vLLM and machine and cached under ~/.cache/vllm-ext/latency/."""
+def cache_path(target: ProfileTarget) -> Path:
+    """Where the start-up profile of `target` on this machine is kept."""
     import hashlib
+
+    import vllm_ext
+
+    model = os.path.abspath(target.model) if os.path.exists(target.model) else target.model
+    key = json.dumps([{**asdict(target), "model": model}, vllm_ext.__version__, _vllm_version(),
+                      platform.machine(), os.cpu_count()])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vllm-ext" / "latency"
+    name = Path(target.model.rstrip("/")).name or "model"
+    return cache / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def profile_for(target: ProfileTarget) -> str:
+    """The quick profile of the engine `target` describes, measured once on this machine
+    (in a child process: this one is about to start the real engine) and cached."""
     import subprocess
     import sys
 
-    model = str(engine_args.get("model"))
-    dtype = str(engine_args.get("dtype") or "auto")
-    key = json.dumps([os.path.abspath(model) if os.path.exists(model) else model, dtype,
-                      _vllm_version(), platform.machine(), os.cpu_count()])
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm-ext" / "latency"
-    path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    from vllm_ext import envs
+
+    path = cache_path(target)
     if path.exists():
         return str(path)
-    cache.mkdir(parents=True, exist_ok=True)
-    print(f"vllm-ext: no --sarathi-latency-model given; profiling {model} once (cached in "
-          f"{path})", file=sys.stderr)
-    # A child process: this one is about to start the real engine.
-    cmd = [sys.executable, "-m", "vllm_ext.cli", "profile", model, "--quick", "--out", str(path),
-           "--dtype", dtype]
-    if engine_args.get("max_model_len"):
-        cmd += ["--max-model-len", str(engine_args["max_model_len"])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    limit = envs.profile_timeout_s()
+    print(f"vllm-ext: no --sarathi-latency-model given; profiling {target.model} once, up to "
+          f"{limit:.0f} s (cached in {path})", file=sys.stderr, flush=True)
+    partial = path.with_suffix(f".{os.getpid()}.part")
+    cmd = [sys.executable, "-m", "vllm_ext.cli", "profile", *target.cli_args(), "--quick",
+           "--out", str(partial)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        proc.kill()
+
+    timer = threading.Timer(limit, expire)
+    timer.start()
+    tail = b""
+    try:
+        # The child's log and progress bar, passed on as they come (the bar redraws
+        # with carriage returns, so by chunks rather than lines).
+        while chunk := proc.stdout.read1(4096):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            tail = (tail + chunk)[-4000:]
+        proc.wait()
+    finally:
+        timer.cancel()
+    if expired.is_set() or proc.returncode != 0 or not partial.exists():
+        partial.unlink(missing_ok=True)
         from vllm_ext.components import SelectionError
 
-        raise SelectionError(f"profiling for --sarathi-tbt-slo-ms failed; give "
-                             f"--sarathi-latency-model FILE (vllm-ext profile): "
-                             f"{proc.stderr.strip().splitlines()[-1:]}")
+        how = (f"run `vllm-ext profile {target.model} --out FILE` once (--quick takes about "
+               f"a minute on a small model) and give --sarathi-latency-model FILE")
+        if expired.is_set():
+            raise SelectionError(f"profiling {target.model} for --sarathi-tbt-slo-ms took longer "
+                                 f"than {limit:g} s ({envs.PROFILE_TIMEOUT_S}); {how}")
+        last = next((t for t in reversed(tail.decode(errors="replace").splitlines())
+                     if t.strip()), "no output")
+        raise SelectionError(f"profiling {target.model} for --sarathi-tbt-slo-ms failed "
+                             f"({last.strip()}); {how}")
+    partial.rename(path)
     return str(path)
 
 

@@ -85,8 +85,12 @@ def resolve(selected: Mapping[str, str | None], options: Mapping[str, Any],
     if not chosen:
         return {}
 
+    for kind, comp in chosen.items():
+        given = {opt.name: options.get(opt.dest(comp.name)) for opt in comp.options}
+        _refuse_if_unpatched(kind, comp.name, given, platform)
     ctx = ConfigureContext(platform, dict(user_engine_args),
-                           {kind: comp.name for kind, comp in chosen.items()})
+                           {kind: comp.name for kind, comp in chosen.items()},
+                           {k: v for k, v in options.items() if v is not None})
     overrides: dict[str, Any] = {}
     record: dict[str, Any] = {}
     for kind, comp in chosen.items():
@@ -108,6 +112,18 @@ def resolve(selected: Mapping[str, str | None], options: Mapping[str, Any],
     return overrides
 
 
+def _refuse_if_unpatched(kind: str, name: str, settings: dict, platform: str) -> None:
+    """A component whose patches did not fit this vLLM is refused, naming them."""
+    from vllm_ext.patches import needed_by, refused
+
+    why = {p.name: refused()[p.name] for p in needed_by(kind, name, settings, platform)
+           if p.name in refused()}
+    if why:
+        reasons = "; ".join(f"patch {n}: {w}" for n, w in why.items())
+        raise SelectionError(f"{KINDS[kind][0]} {name} is unavailable with the installed vLLM "
+                             f"({reasons}); `vllm-ext doctor` shows every patch")
+
+
 def selection_from_config(additional_config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The resolved selection recorded in an engine's `additional_config`."""
     return dict((additional_config or {}).get(CONFIG_KEY) or {})
@@ -121,9 +137,11 @@ def current_platform_name() -> str:
 
 def engine_kwargs(**kwargs: Any) -> dict[str, Any]:
     """`vllm_ext.engine_kwargs`: see there."""
+    from vllm_ext import plugin
     from vllm_ext.versions import check_supported
 
     check_supported()
+    plugin.register()  # as vLLM would on its first engine: patches in place, refusals known
     selected = {kind: kwargs.pop(kind, None) for kind in KINDS}
     dests = option_dests()
     options = {k: kwargs.pop(k) for k in list(kwargs) if k in dests or k in SHORTHANDS}

@@ -6,7 +6,11 @@ worker owns the KV memory, in another process on vLLM's CPU platform. So the
 decisions are made where blocks are handed out and carried to the worker with
 each step:
 
-- scheduler side: vLLM's `BlockPool` becomes a `PagedBlockPool`. Its free queue asks a
+Every process reads the engine's choice from the engine's own config
+(`additional_config["vllm_ext"]`), so engines of one process never share it.
+
+- scheduler side: vLLM's `BlockPool` becomes a `PagedBlockPool` (patches/paged_block_pool.py,
+  with the planner from `plan_pages`). Its free queue asks a
   `PagePlanner` which free block to hand out (compactly), and `get_num_free_blocks`
   counts only blocks that fit under the physical cap, so vLLM preempts at the cap
   exactly as it does when its own pool runs out. When a page is unmapped, the
@@ -27,11 +31,8 @@ import atexit
 import dataclasses
 import logging
 import mmap
-import os
 import threading
-
-from vllm.v1.core.block_pool import BlockPool
-from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
+import weakref
 
 from vllm_ext import envs
 from vllm_ext.allocators.pages import PageOps, PagePlanner, SlotPlanner
@@ -51,9 +52,16 @@ class VAttentionError(RuntimeError):
     """The model or engine configuration does not fit vAttention; the message says why."""
 
 
-def selected() -> VAttentionSettings | None:
-    text = os.environ.get(envs.KV_POOL)
-    return VAttentionSettings.from_json(text) if text else None
+def settings_for(vllm_config) -> VAttentionSettings | None:
+    """The engine's vattention settings, from its own config; None if it did not choose it."""
+    if vllm_config is None:
+        return None
+    from vllm_ext.selection import selection_from_config
+
+    chosen = selection_from_config(vllm_config.additional_config).get("kv_allocator") or {}
+    if chosen.get("name") != "vattention":
+        return None
+    return VAttentionSettings(**{k: v for k, v in chosen.items() if k != "name"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,78 +105,17 @@ def geometry(kv_cache_config, settings: VAttentionSettings) -> Geometry:
 
 
 # -- scheduler side ----------------------------------------------------------------------
-class PagedFreeQueue(FreeKVCacheBlockQueue):
-    """vLLM's free-block queue, with the planner choosing which free block goes next.
-
-    The linked list stays vLLM's; every change to it is also told to the planner.
-    """
-
-    def __init__(self, free_blocks, pool: PagedBlockPool) -> None:
-        super().__init__(free_blocks)
-        self._pool = pool
-        self.planner = pool.planner
-
-    def popleft(self):
-        return self.popleft_n(1)[0]
-
-    def popleft_n(self, n: int):
-        taken = self.planner.take(n, owner=self._pool.owner) if n else []
-        blocks = [self._pool.blocks[i] for i in taken]
-        for block in blocks:
-            FreeKVCacheBlockQueue.remove(self, block)
-        return blocks
-
-    def remove(self, block) -> None:  # a prefix-cache hit on a free block
-        super().remove(block)
-        self.planner.use(block.block_id)
-
-    def append(self, block) -> None:
-        super().append(block)
-        self.planner.free((block.block_id,))
-
-    def append_n(self, blocks) -> None:
-        super().append_n(blocks)
-        self.planner.free(b.block_id for b in blocks)
-
-    def prepend_n(self, blocks) -> None:
-        super().prepend_n(blocks)
-        self.planner.free(b.block_id for b in blocks)
-
-
-class PagedBlockPool(BlockPool):
-    """A `BlockPool` whose blocks live in pages mapped on demand (made by `make_paged`).
-
-    `owner` names the request whose blocks are being allocated (set around vLLM's
-    `allocate_slots` by the `slot_owner` patch); the slots layout needs it.
-    """
-
-    planner: PagePlanner
-    owner: str | None = None
-
-    def get_num_free_blocks(self) -> int:
-        return min(self.free_block_queue.num_free_blocks, self.planner.allocatable(self.owner))
-
-    def take_page_ops(self) -> PageOps:
-        return self.planner.drain()
-
-    def _forget(self, block_ids) -> None:
-        for block_id in block_ids:
-            self._maybe_evict_cached_block(self.blocks[block_id])
-
-
-def make_paged(block_pool: BlockPool, kv_cache_config, max_model_len: int,
-               settings: VAttentionSettings) -> PagedBlockPool:
-    """Turn a freshly built BlockPool (only the null block taken) into a PagedBlockPool.
-
-    The object keeps its identity, because the coordinator's managers already hold it.
-    """
+def plan_pages(kv_cache_config, max_model_len: int, settings: VAttentionSettings,
+               prefix_caching: bool, null_block_id: int) -> PagePlanner:
+    """The planner that decides, for an engine's block pool, which free block goes next
+    and which pages are mapped (the `paged_block_pool` patch puts it in place)."""
     geo = geometry(kv_cache_config, settings)
+    block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+    per_request = -(-max_model_len // block_size)
     max_pages = None
     if settings.physical_limit is not None:
         max_pages = settings.physical_limit // geo.page_bytes
-        block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-        blocks = -(-max_model_len // block_size)
-        needed = 1 + -(-blocks // geo.blocks_per_page)  # and the null block's page
+        needed = 1 + -(-per_request // geo.blocks_per_page)  # and the null block's page
         if max_pages < needed:
             raise VAttentionError(
                 f"--vattention-physical-limit {settings.physical_limit} bytes holds {max_pages} "
@@ -176,30 +123,23 @@ def make_paged(block_pool: BlockPool, kv_cache_config, max_model_len: int,
                 f"layers); one request of max_model_len {max_model_len} needs {needed} pages: "
                 f"raise it to at least {needed * geo.page_bytes} bytes "
                 f"or lower --max-model-len")
-    if settings.layout == "slots" and block_pool.enable_caching:
+    if settings.layout == "slots" and prefix_caching:
         raise VAttentionError("--vattention-layout slots gives every request its own blocks; "
                               "it needs prefix caching off")
-    null = block_pool.null_block
-    block_pool.__class__ = PagedBlockPool
     kwargs = dict(premap=settings.premap, watermark=settings.watermark, max_pages=max_pages,
-                  live_from_start=(null.block_id,), on_unmap=block_pool._forget)
+                  live_from_start=(null_block_id,))
     if settings.layout == "slots":
-        block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-        per_request = -(-max_model_len // block_size)
         slot = -(-per_request // geo.blocks_per_page) * geo.blocks_per_page
         planner = SlotPlanner(geo.num_blocks, geo.blocks_per_page, slot, **kwargs)
         layout = f"{planner.num_slots} slots of {slot} blocks (max_model_len {max_model_len})"
     else:
         planner = PagePlanner(geo.num_blocks, geo.blocks_per_page, **kwargs)
         layout = "blocks"
-    block_pool.planner = planner
-    free = [b for b in block_pool.blocks if b is not null]
-    block_pool.free_block_queue = PagedFreeQueue(free, block_pool)
     logger.info("vllm-ext vattention: %d blocks in %d pages of %d blocks (%s per layer, %d "
                 "layers), layout %s, physical cap %s", geo.num_blocks, planner.num_pages,
                 geo.blocks_per_page, _fmt(geo.page_size), geo.num_layers, layout,
                 "none" if max_pages is None else f"{max_pages} pages")
-    return block_pool
+    return planner
 
 
 # -- worker side -------------------------------------------------------------------------
@@ -330,26 +270,35 @@ class PoolRuntime:
             1e6 * s.unmap_seconds / max(s.unmaps, 1), 100 * share)
 
 
-_runtime: PoolRuntime | None = None
+# Each engine's pool runtime, by its config (the worker's `vllm_config`): two engines
+# of one process (vLLM's in-process mode) each get their own, and it goes with them.
+_runtimes: dict[int, PoolRuntime] = {}
 
 
-def runtime() -> PoolRuntime | None:
-    """This process's pool runtime, if vattention allocated its KV cache here."""
-    return _runtime
+def runtime_for(vllm_config) -> PoolRuntime | None:
+    """The pool runtime of the engine with this config, if vattention allocated its KV here."""
+    return _runtimes.get(id(vllm_config))
 
 
-def allocate_kv_cache(kv_cache_config, device, layout, kernel_block_sizes,
+def _drop(key: int) -> None:
+    runtime = _runtimes.pop(key, None)
+    if runtime is not None:
+        runtime.shutdown()
+        runtime.pool.close()
+
+
+def allocate_kv_cache(vllm_config, kv_cache_config, device, layout, kernel_block_sizes,
                       settings: VAttentionSettings) -> dict:
-    """vLLM's `allocate_kv_cache`, with the backing memory in a VirtualKVPool.
+    """vLLM's `allocate_kv_cache` for the engine with `vllm_config`, with the backing memory
+    in a VirtualKVPool.
 
     Each layer's region is rounded up to whole pages, so the per-layer views differ
     from vLLM's only in where each layer starts.
     """
-    global _runtime
     from vllm.v1.kv_cache_interface import create_kv_cache_views
 
-    if _runtime is not None:
-        raise VAttentionError("this worker already holds a vattention KV pool; "
+    if runtime_for(vllm_config) is not None:
+        raise VAttentionError("this engine already holds a vattention KV pool; "
                               "re-initialising the KV cache is not supported")
     geo = geometry(kv_cache_config, settings)
     tensor = kv_cache_config.kv_cache_tensors[0]
@@ -368,7 +317,9 @@ def allocate_kv_cache(kv_cache_config, device, layout, kernel_block_sizes,
     views = create_kv_cache_views(pool.buffer, spec, geo.num_blocks, layout, placed,
                                   kernel_block_size=kernel_block_size)
     pool.map([0])  # the null block's page: padded block tables point there
-    _runtime = PoolRuntime(pool, geo, settings)
+    key = id(vllm_config)
+    _runtimes[key] = PoolRuntime(pool, geo, settings)
+    weakref.finalize(vllm_config, _drop, key)
     logger.info("vllm-ext vattention: reserved %s of virtual KV memory (%d layers), %s mapped",
                 _fmt(pool.reserved_bytes), geo.num_layers, _fmt(pool.mapped_bytes))
     return dict(zip(tensor.layers, views))

@@ -1,0 +1,129 @@
+"""The patch registry against the installed vLLM (no engine): every target present as
+written, changed or missing targets refused with the reason, the components that need
+a refused patch refused by name, `vllm-ext doctor`, and the unsupported-vLLM override
+in fresh processes (vLLM must start whatever vllm-ext finds)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vllm_ext import patches
+from vllm_ext.components import SelectionError
+from vllm_ext.patches import PATCHES, PatchError, Target
+from vllm_ext.selection import resolve
+from vllm_ext.versions import installed_vllm_version
+
+
+@pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.name)
+def test_every_target_is_present_as_written(patch):
+    patch.check(installed_vllm_version())
+    assert patch.targets and patch.components and patch.summary
+    assert "Invariant bent" in sys.modules[type(patch).__module__].__doc__
+
+
+def test_a_changed_signature_is_named():
+    target = Target("vllm.v1.core.sched.scheduler:Scheduler.schedule", ("self", "budget"))
+    with pytest.raises(PatchError, match=r"changed signature: it takes \(self, "
+                                         r"throttle_prefills\), the patch was written for "
+                                         r"\(self, budget\)"):
+        target.check()
+    Target("vllm.v1.core.sched.scheduler:Scheduler.schedule", ("self", "...")).check()
+
+
+def test_a_missing_target_is_named():
+    with pytest.raises(PatchError, match="vllm.v1.core.sched.scheduler:Scheduler.plan does "
+                                         "not exist in this vLLM"):
+        Target("vllm.v1.core.sched.scheduler:Scheduler.plan").check()
+    with pytest.raises(PatchError, match="does not exist"):
+        Target("vllm.v1.core.no_such_module:Thing").check()
+
+
+def test_a_refused_patch_refuses_its_components_by_name(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
+    monkeypatch.setattr(patches, "_refused", {"slot_owner": "KVCacheManager.allocate_slots "
+                                                            "does not exist in this vLLM"})
+    with pytest.raises(SelectionError, match=r"--kv-allocator vattention is unavailable with the "
+                                             r"installed vLLM \(patch slot_owner: KVCacheManager"):
+        resolve({"kv_allocator": "vattention"}, {}, {}, "cpu")
+    assert resolve({"scheduler": "sarathi"}, {}, {}, "cpu")  # needs no patch
+
+
+def test_kvp_slot_mapping_is_needed_only_with_kvp():
+    assert "kvp_slot_mapping" not in [p.name for p in patches.needed_by("attn", "pod", {}, "cpu")]
+    assert "kvp_slot_mapping" in [p.name for p in patches.needed_by("attn", "pod", {"kvp": 2},
+                                                                    "cpu")]
+    assert not patches.needed_by("attn", "pod", {"kvp": 2}, "cuda")
+
+
+def test_doctor_reports_every_patch_and_exits_0():
+    proc = subprocess.run([sys.executable, "-m", "vllm_ext.cli", "doctor"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for patch in PATCHES:
+        assert f"  {patch.name}: " in proc.stdout
+        for target in patch.targets:
+            assert f"{target.path}: present" in proc.stdout
+    assert "supported" in proc.stdout and "CUDA VMM" in proc.stdout and "Triton" in proc.stdout
+    assert proc.stdout.rstrip().endswith("fine: a default install works")
+
+
+def _fresh_process(code: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env})
+
+
+# vLLM reports a release vllm-ext was not written for; its symbols stay those of this one.
+_PRETEND_040 = """
+    import logging, vllm
+    logging.basicConfig(level=logging.WARNING)
+    vllm.__version__ = "0.40.0"
+"""
+
+
+def test_unsupported_vllm_without_override_leaves_vllm_stock():
+    proc = _fresh_process(_PRETEND_040 + """
+    from vllm_ext import plugin, patches
+    plugin.register()
+    print("applied", sum(p.applied for p in patches.PATCHES))
+    import vllm_ext
+    try:
+        vllm_ext.engine_kwargs(model="m", scheduler="sarathi")
+    except Exception as e:
+        print("refused:", e)
+    """, VLLMEXT_ALLOW_ANY_VLLM="0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "applied 0" in proc.stdout
+    assert proc.stderr.count("vllm-ext supports vLLM") == 1  # one warning
+    assert "refused: vllm-ext supports vLLM <0.33,>=0.32, found 0.40.0" in proc.stdout
+
+
+def test_override_applies_what_fits_and_refuses_the_rest_by_name():
+    proc = _fresh_process(_PRETEND_040 + """
+    # A target this "release" lacks: the patch that needs it cannot apply.
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    del KVCacheManager.allocate_slots
+    from vllm_ext import plugin, patches
+    plugin.register()  # must not raise
+    print("refused", sorted(patches.refused()))
+    print("applied", sorted(p.name for p in patches.PATCHES if p.applied))
+    import vllm_ext
+    print("sarathi", vllm_ext.engine_kwargs(model="m", scheduler="sarathi")["scheduler_cls"])
+    try:
+        vllm_ext.engine_kwargs(model="m", kv_allocator="vattention")
+    except Exception as e:
+        print("vattention:", e)
+    """, VLLMEXT_ALLOW_ANY_VLLM="1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused ['slot_owner']" in proc.stdout
+    assert "'cli_flags'" in proc.stdout and "'kv_pool_alloc'" in proc.stdout
+    assert "sarathi vllm_ext.scheduling.SarathiScheduler" in proc.stdout
+    assert ("vattention: --kv-allocator vattention is unavailable with the installed vLLM "
+            "(patch slot_owner: vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots "
+            "does not exist in this vLLM)") in proc.stdout
+    assert "patch slot_owner refused" in proc.stderr

@@ -1,0 +1,123 @@
+"""`vllm-ext doctor`: what vllm-ext finds in the installed vLLM, before an engine starts.
+
+For the installed vLLM and platform: the version and whether this release supports it,
+every patch with each of its targets present, missing or changed in signature, the
+attention platform and the CUSTOM backend, Triton (compiled or only interpreted) and
+CUDA virtual memory management. Exit status 0 when everything a default install needs
+(a supported vLLM and the command-line flags) is fine, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+Line = tuple[str, str]
+
+
+def run(out: Callable[[str], None] = print) -> int:
+    import vllm_ext
+    from vllm_ext import envs
+    from vllm_ext.versions import SUPPORTED_VLLM, installed_vllm_version
+
+    version = installed_vllm_version()
+    supported = version in SUPPORTED_VLLM
+    override = envs.allow_any_vllm()
+    out(f"vllm-ext {vllm_ext.__version__} doctor (Python {sys.version.split()[0]})")
+    status = "supported" if supported else (
+        f"not supported; {envs.ALLOW_ANY_VLLM}=1 is set, so patches that fit are applied"
+        if override else f"not supported: vllm-ext stays off ({envs.ALLOW_ANY_VLLM}=1 overrides)")
+    _rows(out, [("vLLM", f"{_vllm_label()}: {status} (this release: vLLM {SUPPORTED_VLLM})"),
+                *_platform_lines(), ("Triton", _triton()), ("CUDA VMM", _cuda_vmm())])
+    broken = _patch_lines(out, version, override)
+    flags_ok = "cli_flags" not in broken
+    healthy = (supported or override) and flags_ok
+    out("")
+    out("fine: a default install works" if healthy else
+        "NOT fine: " + ("vLLM is outside the supported range" if not (supported or override)
+                        else "the command-line flags patch does not fit"))
+    return 0 if healthy else 1
+
+
+def _rows(out: Callable[[str], None], rows: list[Line]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        out(f"{key:<{width}}  {value}")
+
+
+def _vllm_label() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def _platform_lines() -> list[Line]:
+    from vllm.platforms import current_platform
+
+    from vllm_ext import attn_select
+
+    owner = attn_select.custom_owner()
+    custom = (f"taken by {owner}: --attn pod unavailable" if owner else
+              f"free for vllm-ext's POD backend ({attn_select.BACKEND_PATH})")
+    return [("platform", f"{current_platform.device_type} ({current_platform.device_name})"),
+            ("attention", f"CUSTOM backend {custom}")]
+
+
+def _triton() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed: --pod-impl triton unavailable"
+    from vllm.triton_utils import HAS_TRITON
+
+    if HAS_TRITON:
+        return f"{triton.__version__}, compiles for this platform"
+    return (f"{triton.__version__}, no backend for this platform: kernels run only under "
+            f"its interpreter (--pod-impl triton turns it on; exact but slow)")
+
+
+def _cuda_vmm() -> str:
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        return "unavailable: cuda-bindings not installed (pip install 'vllm-ext[vattention-cuda]')"
+    err, = driver.cuInit(0)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        return f"unavailable: cuInit failed ({err.name})"
+    err, count = driver.cuDeviceGetCount()
+    if err != driver.CUresult.CUDA_SUCCESS or count == 0:
+        return "unavailable: no CUDA device"
+    attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+    supported = [i for i in range(count) if driver.cuDeviceGetAttribute(attr, i)[1]]
+    return (f"available on {len(supported)} of {count} devices" if supported
+            else f"not supported by the {count} devices")
+
+
+def _patch_lines(out: Callable[[str], None], version, override: bool) -> dict[str, str]:
+    """Print each patch and its targets; return the patches that do not fit, with why."""
+    from vllm.platforms import current_platform
+
+    from vllm_ext.patches import PATCHES, PatchError
+
+    out("")
+    out("patches (each acts only for engines whose selection needs it):")
+    broken: dict[str, str] = {}
+    platform = current_platform.device_type
+    for patch in PATCHES:
+        where = "" if patch.applies_on(platform) else f" (not used on {platform})"
+        versions = "" if version in patch.vllm_versions else \
+            f"; written for vLLM {patch.vllm_versions}" + ("" if override else ", refused")
+        out(f"  {patch.name}: {patch.summary}; needed by {', '.join(patch.components)}"
+            f"{where}{versions}")
+        if versions and not override and patch.applies_on(platform):
+            broken[patch.name] = versions
+        for target in patch.targets:
+            try:
+                target.check()
+                state = "present" + (", signature as written" if target.params else "")
+            except PatchError as e:
+                state = f"PROBLEM: {e}"
+                if patch.applies_on(platform):
+                    broken[patch.name] = str(e)
+            out(f"      {target.path}: {state}")
+    return broken
