@@ -101,6 +101,7 @@ def vocab_size_of(model: str | None, given: int | None) -> int:
 
 
 def build_config(a: argparse.Namespace):
+    from vllm_ext.ab.progress import Progress
     from vllm_ext.ab.runner import ABConfig, Arm, CapacitySearch
 
     arms = [Arm.parse(s) for s in a.arm] + [Arm.parse(s, endpoint=True) for s in a.endpoint]
@@ -140,7 +141,7 @@ def build_config(a: argparse.Namespace):
                    capacity=capacity, prompt_len=prompt, output_len=output,
                    max_prompt_tokens=a.max_prompt_tokens,
                    bootstrap_iterations=a.bootstrap, startup_timeout=a.startup_timeout,
-                   progress=not a.no_progress and sys.stderr.isatty())
+                   progress=Progress(enabled=not a.no_progress))
     cfg.check()
     cfg.vocab_size = vocab_size_of(a.model, a.vocab_size)
     return cfg
@@ -154,12 +155,15 @@ def run(a: argparse.Namespace) -> int:
     except (TraceError, ABError) as e:
         print(f"vllm-ext bench ab: error: {e}", file=sys.stderr)
         return 2
-    results, comparisons = run_ab(cfg)
+    # Flushed, so that in a log these lines keep their place among the progress lines
+    # (stderr); stdout to a pipe is otherwise written in blocks.
+    results, comparisons = run_ab(cfg, say=lambda line: print(line, flush=True))
     print_headline(cfg, results, comparisons)
     return 1 if any(r.error or r.problems for r in results) else 0
 
 
 def print_headline(cfg, results, comparisons) -> None:
+    from vllm_ext.ab.plots import missing
     from vllm_ext.ab.report import headline_rows, md_table
 
     print()
@@ -172,4 +176,6 @@ def print_headline(cfg, results, comparisons) -> None:
             print(f"{r.arm.name} FAILED: {r.error.splitlines()[0]} (see {cfg.out}/summary.md)")
         for p in r.problems:
             print(f"{r.arm.name}: {p.splitlines()[0]}")
+    if note := missing():
+        print(f"\n{note}")
     print(f"\nreport: {cfg.out}/report.html, {cfg.out}/summary.md, raw data in {cfg.out}/raw/")

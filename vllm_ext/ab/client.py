@@ -76,7 +76,7 @@ def get_text(url: str, timeout: float = 5.0) -> str | None:
 
 
 async def _one(client, model: str, trace: Trace, i: int, vocab_size: int, t0: float,
-               record: RequestRecord) -> None:
+               record: RequestRecord, on_tokens: Callable[[int], None] | None) -> None:
     req = trace.requests[i]
     prompt = trace.prompt_ids(i, vocab_size)
     record.sent = time.perf_counter() - t0
@@ -90,7 +90,10 @@ async def _one(client, model: str, trace: Trace, i: int, vocab_size: int, t0: fl
             if chunk.choices:
                 choice = chunk.choices[0]
                 lp = choice.logprobs
-                record.events.append((now, len(lp.tokens) if lp and lp.tokens else 0))
+                k = len(lp.tokens) if lp and lp.tokens else 0
+                record.events.append((now, k))
+                if k and on_tokens is not None:
+                    on_tokens(k)
                 record.finish_reason = choice.finish_reason or record.finish_reason
             if getattr(chunk, "usage", None) is not None:
                 record.usage_tokens = chunk.usage.completion_tokens
@@ -102,7 +105,8 @@ async def _one(client, model: str, trace: Trace, i: int, vocab_size: int, t0: fl
 
 
 async def _replay(base_url: str, model: str, trace: Trace, vocab_size: int,
-                  on_done: Callable[[RequestRecord], None] | None) -> list[RequestRecord]:
+                  on_done: Callable[[RequestRecord], None] | None,
+                  on_tokens: Callable[[int], None] | None) -> list[RequestRecord]:
     import httpx
     from openai import AsyncOpenAI
 
@@ -116,7 +120,7 @@ async def _replay(base_url: str, model: str, trace: Trace, vocab_size: int,
     t0 = time.perf_counter()
 
     async def run(i: int) -> None:
-        await _one(client, model, trace, i, vocab_size, t0, records[i])
+        await _one(client, model, trace, i, vocab_size, t0, records[i], on_tokens)
         if on_done is not None:
             on_done(records[i])
 
@@ -142,8 +146,11 @@ async def _replay(base_url: str, model: str, trace: Trace, vocab_size: int,
 
 
 def replay(base_url: str, model: str, trace: Trace, vocab_size: int,
-           on_done: Callable[[RequestRecord], None] | None = None) -> list[RequestRecord]:
+           on_done: Callable[[RequestRecord], None] | None = None,
+           on_tokens: Callable[[int], None] | None = None) -> list[RequestRecord]:
     """Send every request of `trace` at its arrival time (or through a closed loop) as a
     greedy streamed completion of exactly its output length; one record per request,
-    failed ones included, with times in seconds from the start of the replay."""
-    return asyncio.run(_replay(base_url, model, trace, vocab_size, on_done))
+    failed ones included, with times in seconds from the start of the replay.
+    `on_tokens(k)` hears of each streamed event's k tokens, `on_done` of each finished
+    request."""
+    return asyncio.run(_replay(base_url, model, trace, vocab_size, on_done, on_tokens))

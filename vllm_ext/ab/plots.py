@@ -11,18 +11,32 @@ from vllm_ext.ab.metron import pooled_gaps
 if TYPE_CHECKING:
     from vllm_ext.ab.runner import ABConfig, ArmResult
 
+MISSING = ("Plots left out: matplotlib is not installed. "
+           "`pip install 'vllm-ext[bench]'` brings it.")
 
-def draw(results: list[ArmResult], cfg: ABConfig, outdir: Path) -> list[Path]:
-    """The PNGs written (none without matplotlib or without data)."""
+
+def _pyplot():
+    """matplotlib's pyplot on its file-only backend, or None when it is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []
+        return None
+    return plt
+
+
+def missing() -> str | None:
+    """The sentence saying why the report has no plots when matplotlib is the reason."""
+    return MISSING if _pyplot() is None else None
+
+
+def draw(results: list[ArmResult], cfg: ABConfig, outdir: Path) -> list[Path]:
+    """The PNGs written (none without matplotlib or without data)."""
+    plt = _pyplot()
     ok = [r for r in results if r.runs]
-    if not ok:
+    if plt is None or not ok:
         return []
     outdir.mkdir(parents=True, exist_ok=True)
     paths = [_tbt(plt, ok, cfg, outdir / "tbt_ccdf.png"), _ttft(plt, ok, outdir / "ttft_cdf.png"),

@@ -146,11 +146,13 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
     """The report as (kind, content) pieces shared by the Markdown and HTML writers."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     seeds = ", ".join(str(t.seed) for t in cfg.traces)
+    note = plots.missing()  # said once, near the top
     out: list[tuple[str, object]] = [
         ("h1", "A/B benchmark"),
         ("p", f"{when}; {machine()}."),
         ("p", f"Model {cfg.model}. Trace: {cfg.traces[0].description}; seeds {seeds}, the same "
               f"in every arm. SLOs: {cfg.slo.describe()}."),
+        *([("p", note)] if note else []),
         ("h2", "Arms"),
         ("ul", [f"{r.arm.name}: `{r.arm.describe()}`" + (f" (log: logs/{r.arm.name}.log)"
                                                           if r.log else "") for r in results]),
@@ -290,12 +292,10 @@ def _html(sections, images: list[Path]) -> str:
             body.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"
                         + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
                                   for r in rows) + "</table>")
-    if images:
+    if images:  # without matplotlib, _sections says so
         body.append("<h2>Plots</h2>")
         for img in images:  # inlined, so the page stands alone when copied elsewhere
             data = base64.b64encode(img.read_bytes()).decode()
             body.append(f'<p><img alt="{e(img.stem)}" src="data:image/png;base64,{data}"></p>')
-    else:
-        body.append("<p>No plots: matplotlib is not installed (pip install 'vllm-ext[bench]').</p>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>A/B benchmark</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")

@@ -16,6 +16,7 @@ from vllm_ext.ab import capacity as cap
 from vllm_ext.ab import equivalence as eq
 from vllm_ext.ab import promtext, report
 from vllm_ext.ab.client import EndpointError, RequestRecord, replay, served_models
+from vllm_ext.ab.progress import Progress
 from vllm_ext.ab.report import write_json as _write_json
 from vllm_ext.ab.server_view import ServerView
 from vllm_ext.ab.stats import paired_bootstrap
@@ -92,7 +93,7 @@ class ABConfig:
     bootstrap_iterations: int = 1000
     startup_timeout: float = 600.0
     warmup_requests: int = 2
-    progress: bool = True
+    progress: Progress = field(default_factory=Progress)  # Progress(enabled=False): silent
 
     def check(self) -> None:
         if not self.arms:
@@ -118,13 +119,6 @@ class ArmResult:
     wall_s: float = 0.0
 
 
-def _bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="req", disable=not enabled, leave=False,
-                dynamic_ncols=True)
-
-
 @contextlib.contextmanager
 def _serving(arm: Arm, cfg: ABConfig, log: Path) -> Iterator[tuple[str, str]]:
     """(base URL, model name) of an arm, serving for the duration of the block."""
@@ -140,16 +134,19 @@ def _serving(arm: Arm, cfg: ABConfig, log: Path) -> Iterator[tuple[str, str]]:
         return
     from vllm_ext.serve import VllmServer
 
+    cfg.progress.phase(f"[{arm.name}] starting vllm serve, waiting up to "
+                       f"{cfg.startup_timeout:.0f} s for it to answer (log: {log})")
     with VllmServer(cfg.model, [*FINE_LATENCY_BUCKETS, *cfg.common_args, *arm.serve_args], log,
                     startup_timeout=cfg.startup_timeout) as url:
         yield url, str(cfg.model)
 
 
 def _replay_measured(url: str, model: str, trace: Trace, cfg: ABConfig, desc: str):
-    """Replay with a progress bar, and what the server's metrics saw of it."""
+    """Replay, showing its progress, and what the server's metrics saw of it."""
     before = ServerView.scrape(url)
-    with _bar(len(trace.requests), desc, cfg.progress) as bar:
-        records = replay(url, model, trace, cfg.vocab_size, on_done=lambda r: bar.update())
+    with cfg.progress.replay(desc, len(trace.requests)) as shown:
+        records = replay(url, model, trace, cfg.vocab_size, on_done=shown.request_done,
+                         on_tokens=shown.tokens)
     time.sleep(0.5)  # vLLM records finished requests' stats just after their last token
     return records, ServerView.scrape(url).since(before)
 
@@ -176,9 +173,9 @@ def run_arm(arm: Arm, cfg: ABConfig, say=print) -> ArmResult:
                                   LengthDist("fixed", 4), seed=-1, concurrency=cfg.warmup_requests)
                 replay(url, model, warm, cfg.vocab_size)
             seen = ServerView()
-            for trace in cfg.traces:
-                records, view = _replay_measured(url, model, trace, cfg,
-                                                 f"{arm.name} seed {trace.seed}")
+            for i, trace in enumerate(cfg.traces, start=1):
+                desc = f"[{arm.name}] seed {trace.seed} ({i}/{len(cfg.traces)})"
+                records, view = _replay_measured(url, model, trace, cfg, desc)
                 result.runs.append(records)
                 seen = seen + view
                 _write_json(cfg.out / "raw" / arm.name / f"seed{trace.seed}.json",
@@ -187,7 +184,8 @@ def run_arm(arm: Arm, cfg: ABConfig, say=print) -> ArmResult:
             result.summary = {**summarize(result.runs, cfg.slo), **seen.figures()}
             # The latency figures are in; a failure from here on loses only its own part.
             if cfg.prompts:
-                say(f"[{arm.name}] equivalence: {len(cfg.prompts)} greedy prompts")
+                cfg.progress.phase(f"[{arm.name}] equivalence: {len(cfg.prompts)} greedy prompts, "
+                                   f"{cfg.equivalence_tokens} tokens each")
                 with _part(result, "equivalence", say):
                     result.outputs = eq.fetch(url, model, cfg.prompts, cfg.equivalence_tokens,
                                               cfg.top_k)
@@ -219,10 +217,15 @@ def _part(result: ArmResult, part: str, say) -> Iterator[None]:
 def _search_capacity(url: str, model: str, cfg: ABConfig, name: str, say) -> cap.Capacity:
     search = cfg.capacity
     count = iter(range(search.iterations))
+    probes = f"{search.iterations} probe" + "s" * (search.iterations != 1)
+    cfg.progress.phase(f"[{name}] capacity search: {probes} of {search.requests} requests, "
+                       f"bisecting {search.low_qps:g} to {search.high_qps:g} QPS")
 
     def probe(qps: float) -> cap.Probe:
-        trace = _probe_trace(cfg, qps, next(count))
-        records, view = _replay_measured(url, model, trace, cfg, f"{name} capacity {qps:.3g} QPS")
+        index = next(count)
+        trace = _probe_trace(cfg, qps, index)
+        records, view = _replay_measured(url, model, trace, cfg, f"[{name}] capacity probe "
+                                         f"{index + 1}/{search.iterations} at {qps:.3g} QPS")
         s = summarize([records], cfg.slo)
         return search.target.judge(qps, s["tbt_p99_ms"], promtext.quantile(view.queue_time, 0.5),
                                    s["failed"])
