@@ -4,7 +4,7 @@ A policy sees requests as `ReqState` values and answers the few questions an
 iteration-level scheduler asks: in what order do running requests take the token
 budget, how large is the budget, may a waiting prompt be admitted, and should this
 step run prefills only. `vllm_ext.scheduling` applies the answers inside vLLM's
-scheduler; `schedulers.simulate` applies them to a toy engine for testing.
+scheduler, which `vllm_ext.driver` runs without a model for testing.
 """
 
 from vllm_ext.schedulers.prefill_first import PrefillFirstPolicy

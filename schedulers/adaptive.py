@@ -65,6 +65,12 @@ class AdaptiveChunking:
             left = req.num_tokens - req.num_computed
             if room <= 0 or left <= 0:
                 break
+            if req.is_decode:
+                # A preempted request whose KV the prefix cache gives back up to its last
+                # token: admitted, it runs (and costs) as a decode.
+                contexts += (req.num_computed + 1,)
+                room -= 1
+                continue
             n = self._chunk(target, req.num_computed, min(left, room), contexts, chunks)
             if n == 0:
                 if chunks:

@@ -26,7 +26,7 @@ STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 class StepRecord:
     """One engine step as the scheduler saw it."""
 
-    t_start: float  # time.monotonic() of the engine process when scheduling began
+    t_start: float  # the scheduler's clock (an engine's time.monotonic()) when scheduling began
     wall_s: float  # scheduling + model execution + output processing
     decode_tokens: int
     prefill_tokens: int

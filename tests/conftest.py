@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_ext.serve import CPU_SERVE_ENV
+from vllm_ext.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV, VllmServer
 
 HERE = Path(__file__).parent
 
@@ -82,3 +82,22 @@ def run_engine(engine_host, tmp_path_factory):
         return cache[key]
 
     return run
+
+
+# The one `vllm serve` of the session, shared by the serve, vattention-serve and A/B
+# tests: Sarathi with a small budget (prompts get chunked) over a vattention KV cache
+# with no look-ahead and no kept pages (mapped memory is exactly the live pages).
+SHARED_SERVE_ARGS = (*CPU_SERVE_ARGS, "--max-model-len", "1024", "--block-size", "32",
+                     "--scheduler", "sarathi", "--sarathi-token-budget", "64",
+                     "--kv-allocator", "vattention", "--vattention-page-size", "16KiB",
+                     "--vattention-premap", "0", "--vattention-watermark", "0")
+
+
+@pytest.fixture(scope="session")
+def shared_server(tiny_model, tmp_path_factory):
+    """(base URL, log path) of a real `vllm serve` on 127.0.0.1, up for the whole session."""
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    srv = VllmServer(tiny_model, list(SHARED_SERVE_ARGS), log_path)
+    with srv as base:
+        yield base, log_path
+    assert srv.proc.returncode is not None

@@ -1,7 +1,7 @@
-"""A short real A/B run: `vllm-ext bench ab` starts `vllm serve` for each arm on the
-tiny model, replays one trace through the openai client, and writes the report.
-A broken arm and an unreachable endpoint fail with their reasons while the good
-arms' results stay whole."""
+"""A short real A/B run: `vllm-ext bench ab` starts `vllm serve` for its serve arms on the
+tiny model, measures a running server (the session's shared one) as an endpoint arm,
+replays one trace through the openai client, and writes the report. A broken arm and
+an unreachable endpoint fail with their reasons while the good arms' results stay whole."""
 
 from __future__ import annotations
 
@@ -19,15 +19,17 @@ OUTPUT_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def ab_run(tiny_model, tmp_path_factory):
+def ab_run(tiny_model, tmp_path_factory, shared_server):
     out = tmp_path_factory.mktemp("ab") / "report"
     dead = f"http://127.0.0.1:{free_port()}"
     serve = " ".join([*CPU_SERVE_ARGS, "--max-model-len", "1024"])
+    # The sarathi arm is the session's running server (Sarathi, budget 64, over vattention):
+    # the harness measures an endpoint the same way as a server it starts.
     cmd = [sys.executable, "-m", "vllm_ext.cli", "bench", "ab", "--model", str(tiny_model),
            "--serve-args", serve,
            "--arm", "base=--scheduler vllm",
-           "--arm", "sarathi=--scheduler sarathi --sarathi-token-budget 64",
            "--arm", "broken=--max-num-seqs not-a-number",
+           "--endpoint", f"sarathi={shared_server[0]}",
            "--endpoint", f"gone={dead}",
            "--num-requests", "10", "--qps", "5", "--prompt-len", "uniform:20:200",
            "--output-len", str(OUTPUT_TOKENS), "--seeds", "2",

@@ -16,9 +16,14 @@ def serve_parser(tmp_path_factory):
     # make_arg_parser loads the general plugins, as `vllm serve` does.
     parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
 
-    def parse(*args: str):
-        ns = parser.parse_args(["model-dir", *args])
+    def raw(*args: str):
+        ns = parser.parse_args(list(args))
         return ns, AsyncEngineArgs.from_cli_args(ns)
+
+    def parse(*args: str):
+        return raw("model-dir", *args)
+
+    parse.raw = raw
 
     # Folding a selection prepares this process as a front end (stats directory in the
     # environment); keep that out of the engines later tests start.
@@ -103,3 +108,47 @@ def test_vattention_sizes_are_checked_by_the_parser(serve_parser, capsys):
         serve_parser("--kv-allocator", "vattention", "--vattention-page-size", "lots")
     assert "argument --vattention-page-size: invalid size_in_bytes value: 'lots'" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--scheduler", "sarathi", "--scheduler-cls", "my.Scheduler"],
+     "--scheduler and --scheduler-cls both choose the scheduler class; give one of them"),
+    (["--sarathi-token-budget", "64"],
+     "--sarathi-token-budget applies to --scheduler sarathi, which is not selected"),
+    (["--scheduler", "sarathi", "--sarathi-token-budget", "64", "--max-num-batched-tokens", "128"],
+     "--sarathi-token-budget 64 contradicts --max-num-batched-tokens 128"),
+    (["--scheduler", "sarathi", "--sarathi-kv-admission", "lazy"],
+     "invalid choice: 'lazy' (choose from 'full', 'chunk')"),
+    (["--scheduler", "prefill-first", "--enable-chunked-prefill"],
+     "--scheduler prefill-first needs enable_chunked_prefill=False"),
+    (["--kv-allocator", "vattention", "--vattention-premap", "-1"],
+     "--vattention-premap is a number of pages >= 0, got -1"),
+    (["--attn", "pod", "--attention-backend", "FLEX_ATTENTION"],
+     "--attn pod needs attention_backend='CUSTOM'"),
+], ids=["with-scheduler-cls", "option-without-scheduler", "budget-conflict", "bad-admission",
+        "prefill-first-chunked", "vattention-premap", "attn-conflict"])
+def test_bad_flags_exit_2_with_one_error_line(serve_parser, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        serve_parser(*args)
+    assert e.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+@pytest.mark.parametrize("model_args", [["model-dir"], ["--model", "model-dir"]],
+                         ids=["positional", "--model"])
+def test_start_up_profile_gets_the_served_model(serve_parser, capsys, monkeypatch, tmp_path,
+                                                model_args):
+    """With no --sarathi-latency-model the engine is profiled before it starts; the model
+    reaches the profiler however it was given, and a profile over the time limit is
+    refused naming the command that makes one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("VLLMEXT_PROFILE_TIMEOUT_S", "0.05")
+    with pytest.raises(SystemExit) as e:
+        serve_parser.raw(*model_args, "--scheduler", "sarathi", "--sarathi-tbt-slo-ms", "200")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "profiling model-dir once" in err
+    assert ("profiling model-dir for --sarathi-tbt-slo-ms took longer than 0.05 s "
+            "(VLLMEXT_PROFILE_TIMEOUT_S); run `vllm-ext profile model-dir --out FILE`") in err
+    assert not list(tmp_path.rglob("*.json")), "nothing half-made is cached"

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from vllm_ext.serve import CPU_SERVE_ARGS, VllmServer, stream_completion
+from vllm_ext.serve import stream_completion
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
@@ -22,23 +22,28 @@ def _kv_metrics(base: str) -> dict[str, float]:
     return {k: float(v) for k, v in re.findall(r"^(vllm_ext_kv_[a-z_]+) ([0-9.e+]+)$", text, re.M)}
 
 
+def _settled(base: str, timeout: float = 30) -> dict[str, float]:
+    """The pool's metrics once every page but the null block's has been given back (the
+    engine hands the last orders over one step after its last request finishes)."""
+    deadline = time.monotonic() + timeout
+    while (m := _kv_metrics(base))["vllm_ext_kv_maps_total"] > \
+            m["vllm_ext_kv_unmaps_total"] + 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return m
+
+
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    # No look-ahead and no kept pages: mapped memory should be exactly the live pages.
-    srv = VllmServer(tiny_model, [*CPU_SERVE_ARGS, "--max-model-len", "1024", "--block-size", "32",
-                                  "--kv-allocator", "vattention", "--vattention-page-size",
-                                  "16KiB", "--vattention-premap", "0", "--vattention-watermark",
-                                  "0"], log_path)
-    with srv as base:
-        yield base, log_path
+def server(shared_server):
+    """The session's server: no look-ahead and no kept pages, so mapped memory should be
+    exactly the live pages (see conftest.SHARED_SERVE_ARGS)."""
+    return shared_server
 
 
 def test_mapped_memory_follows_live_tokens_on_metrics(server, tiny_model):
     from openai import OpenAI
 
     base, log_path = server
-    idle = _kv_metrics(base)
+    idle = _settled(base)  # earlier tests of the session may have used the server
     assert idle["vllm_ext_kv_reserved_bytes"] > 1000 * idle["vllm_ext_kv_mapped_bytes"] > 0
     seen: list[dict[str, float]] = []
     stop = threading.Event()
@@ -64,10 +69,7 @@ def test_mapped_memory_follows_live_tokens_on_metrics(server, tiny_model):
     assert peak["vllm_ext_kv_mapped_bytes"] >= 10 * idle["vllm_ext_kv_mapped_bytes"]
     for m in seen:  # one block per page, no reserve: mapped is exactly the live blocks
         assert m["vllm_ext_kv_mapped_bytes"] == m["vllm_ext_kv_live_page_bytes"]
-    deadline = time.monotonic() + 30
-    while (after := _kv_metrics(base))["vllm_ext_kv_mapped_bytes"] > idle[
-            "vllm_ext_kv_mapped_bytes"] and time.monotonic() < deadline:
-        time.sleep(0.5)
+    after = _settled(base)
     assert after["vllm_ext_kv_mapped_bytes"] == idle["vllm_ext_kv_mapped_bytes"]
     assert after["vllm_ext_kv_maps_total"] == after["vllm_ext_kv_unmaps_total"] + 1  # null page
     assert "vllm-ext vattention: reserved" in log_path.read_text()

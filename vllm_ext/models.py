@@ -19,7 +19,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["ModelPreset", "PRESETS", "make_model"]
+__all__ = ["ModelPreset", "PRESETS", "make_model", "make_shape"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -116,11 +116,10 @@ def _build_tokenizer(preset: ModelPreset, out_dir: Path) -> None:
     hf_tok.save_pretrained(out_dir, save_jinja_files=False)
 
 
-def _build_weights(preset: ModelPreset, seed: int, out_dir: Path) -> int:
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def _llama_config(preset: ModelPreset):
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=preset.vocab_size, hidden_size=preset.hidden_size,
         intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_layers,
         num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
@@ -128,6 +127,29 @@ def _build_weights(preset: ModelPreset, seed: int, out_dir: Path) -> int:
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
         tie_word_embeddings=False, dtype="float32",
     )
+
+
+def make_shape(out_dir: str | os.PathLike[str], preset: str = "tiny") -> Path:
+    """A directory holding only a preset's config.json: no weights, no tokenizer.
+
+    Enough for vLLM to build an engine's config (with ``skip_tokenizer_init=True``),
+    so the scheduler can be driven without a model (``vllm_ext.driver``), in seconds.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _llama_config(PRESETS[preset])
+    config.architectures = ["LlamaForCausalLM"]  # saving the weights would record it
+    config.save_pretrained(out)
+    return out
+
+
+def _build_weights(preset: ModelPreset, seed: int, out_dir: Path) -> int:
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    config = _llama_config(preset)
     # fork_rng: seeding must not leak into the caller's global torch RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -65,6 +65,10 @@ class StockScheduler(Scheduler):
     # prediction next to the measured time.
     latency_model: LatencyModel | None = None
 
+    # What times a step (and so feeds OnlineCorrection): a driver without a model
+    # (vllm_ext.driver) puts its virtual clock here.
+    clock = staticmethod(time.monotonic)
+
     def predict(self, shape: StepShape) -> float:
         return self.latency_model.predict(shape)
 
@@ -73,7 +77,7 @@ class StockScheduler(Scheduler):
         pass
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
-        t0 = time.monotonic()
+        t0 = self.clock()
         running_decodes = sum(req_state(r).is_decode for r in self.running)
         self.before_schedule()
         out = super().schedule(throttle_prefills)
@@ -83,6 +87,13 @@ class StockScheduler(Scheduler):
             self._prefills_in_flight.append(prefilling)
             self._in_flight.append(rec)
         return out
+
+    def cached_tokens(self, req: Request) -> int:
+        """Tokens of a waiting request that vLLM will take from the prefix cache when it
+        admits it (a read-only lookup, as vLLM's own admission makes)."""
+        if req.num_computed_tokens:
+            return req.num_computed_tokens
+        return self.kv_cache_manager.get_computed_blocks(req)[1]
 
     def prefills_in_flight(self) -> frozenset[str]:
         """Requests that have a prefill chunk in a step not finished yet."""
@@ -96,7 +107,7 @@ class StockScheduler(Scheduler):
         if scheduler_output.total_num_scheduled_tokens:
             self._prefills_in_flight.popleft()
             rec = self._in_flight.popleft()
-            rec = dataclasses.replace(rec, wall_s=time.monotonic() - rec.t_start)
+            rec = dataclasses.replace(rec, wall_s=self.clock() - rec.t_start)
             self.step_done(rec)
             if self._steplog is not None:
                 self._steplog.append(rec)
@@ -183,8 +194,10 @@ class SarathiScheduler(StockScheduler):
                                                         self.current_step + 2)
         if self.adaptive is not None:
             # vLLM reads this budget afresh every step; it stays within the engine's maximum.
+            # A waiting prompt starts after its prefix-cache hit: that is where its chunk
+            # will run, and what its attention costs.
             states = [req_state(r) for r in self.running]
-            waiting = [req_state(r) for _, r in zip(range(8), self.waiting)]
+            waiting = [req_state(r, self.cached_tokens(r)) for _, r in zip(range(8), self.waiting)]
             plan = self.adaptive.plan([s for s in states if s.is_decode],
                                       [s for s in states if not s.is_decode] + waiting,
                                       self.correction.factor)
@@ -206,8 +219,11 @@ class PrefillFirstScheduler(StockScheduler):
 
     def before_schedule(self) -> None:
         head = self.waiting.peek_request() if self.waiting else None
+        # Whether vLLM would admit the head now: its blocks beyond its prefix-cache hit
+        # are free. Never stricter than vLLM, so that no prompt joins a decode step.
         fits = head is not None and len(self.running) < self.max_num_active_reqs and (
             blocks_for(head.num_tokens, self.block_size)
+            - self.cached_tokens(head) // self.block_size
             <= self.kv_cache_manager.block_pool.get_num_free_blocks())
         if self.policy.prefill_only(head is not None, fits, self._last_step_empty):
             # schedule() is about to advance current_step by one; skip exactly that step.

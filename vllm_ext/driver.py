@@ -1,0 +1,298 @@
+"""vLLM's own scheduler, stepped in this process with made-up model outputs and no model.
+
+Why: a claim about scheduling (budget kept, decodes never stalled, FCFS, every request
+finishing) is worth checking on the engine's real loop, KV block pool and prefix cache,
+not on a copy of them. The driver builds the scheduler class that the selection picks
+(`vllm_ext.engine_kwargs(scheduler=...)`; vLLM's own class without one) from a real
+`VllmConfig` on the CPU, as vLLM's engine core does, but hands it a KV cache of a chosen
+number of blocks instead of profiling memory. Each step is `schedule()`, then the model
+runner's answer made up as vLLM's own scheduler tests do (tests/v1/core): one sampled
+token for every request whose prompt is complete after the step, none for a partial
+prefill; then `update_from_output()`.
+
+Time is virtual. A step lasts what `step_time` says for its shape (one unit unless
+given, e.g. `LatencyModel.predict`), a request joins the waiting queue once the clock
+reaches its arrival, and vllm-ext's schedulers time their steps by this clock, so
+adaptive chunking's online correction learns the given step times.
+
+    config = engine_config(model_dir, scheduler="sarathi", sarathi_token_budget=64)
+    with Driver(config, num_blocks=40) as driver:
+        steps = driver.run([Req.of("a", 0.0, 100, 8), Req.of("b", 2.0, 30, 4)])
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm.config import VllmConfig
+from vllm.engine.arg_utils import EngineArgs
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import get_hash_fn_by_name
+from vllm.v1.core.kv_cache_utils import (get_request_block_hasher, init_none_hash,
+                                         resolve_kv_cache_block_sizes)
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import FinishReason
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
+
+import vllm_ext
+from vllm_ext import envs
+from vllm_ext.schedulers.latency import StepShape
+from vllm_ext.schedulers.request import ReqState
+from vllm_ext.scheduling import StockScheduler, req_state
+
+__all__ = ["Driver", "Livelock", "Req", "Step", "engine_config", "kv_cache_config"]
+
+# The token every made-up sample is. Requests end by length (ignore_eos), so its value
+# matters only to the prefix cache, which hashes output tokens too.
+SAMPLED_TOKEN = 3
+
+
+def engine_config(model: str | Path, **kwargs: Any) -> VllmConfig:
+    """The engine's config for `model` (a directory; its config.json alone is enough,
+    see `vllm_ext.models.make_shape`) with `vllm_ext.engine_kwargs`'s components and
+    options (`scheduler="sarathi"`, `sarathi_token_budget=64`, any engine argument).
+    The driver never tokenizes and runs vLLM's synchronous loop: both are set unless
+    given."""
+    kwargs = {"skip_tokenizer_init": True, "async_scheduling": False, **kwargs}
+    return EngineArgs(**vllm_ext.engine_kwargs(model=str(model), **kwargs)).create_engine_config()
+
+
+def kv_cache_config(config: VllmConfig, num_blocks: int) -> KVCacheConfig:
+    """A KV cache of `num_blocks` blocks, one full-attention group over every layer of
+    the model: what the engine core would size from free memory, chosen instead."""
+    model, parallel = config.model_config, config.parallel_config
+    spec = FullAttentionSpec(block_size=config.cache_config.block_size,
+                             num_kv_heads=model.get_num_kv_heads(parallel),
+                             head_size=model.get_head_size(), dtype=model.dtype)
+    layers = [f"model.layers.{i}.self_attn.attn" for i in range(model.get_num_layers(parallel))]
+    return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
+                         kv_cache_groups=[KVCacheGroupSpec(layers, spec)])
+
+
+@dataclass(frozen=True, slots=True)
+class Req:
+    """A request of a workload: it joins the waiting queue at `arrival` (virtual time,
+    also its vLLM `arrival_time`) and ends after exactly `max_tokens` output tokens."""
+
+    req_id: str
+    arrival: float
+    prompt: tuple[int, ...]  # token ids; prompts that share a prefix share its KV blocks
+    max_tokens: int
+    cache_salt: str | None = None
+
+    @classmethod
+    def of(cls, req_id: str, arrival: float, prompt: int | Sequence[int],
+           max_tokens: int) -> Req:
+        """A prompt given by its length shares no prefix with any other request (its
+        prefix-cache hashes are salted with its id)."""
+        if isinstance(prompt, int):
+            return cls(req_id, arrival, (0,) * prompt, max_tokens, cache_salt=req_id)
+        return cls(req_id, arrival, tuple(prompt), max_tokens)
+
+    def __repr__(self) -> str:
+        salt = f", cache_salt={self.cache_salt!r}" if self.cache_salt else ""
+        return (f"Req({self.req_id!r}, {self.arrival!r}, {_runs(self.prompt)}, "
+                f"{self.max_tokens}{salt})")
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython's and Hypothesis's printer
+        printer.text(repr(self))
+
+
+def _runs(tokens: Sequence[int]) -> str:
+    """Token ids, short enough to read in a failing example: `[100..163, 7*40]`."""
+    parts, i = [], 0
+    while i < len(tokens):
+        j = i + 1
+        while j < len(tokens) and tokens[j] == tokens[i]:
+            j += 1
+        if j == i + 1:
+            while j < len(tokens) and tokens[j] == tokens[j - 1] + 1:
+                j += 1
+        first, last = tokens[i], tokens[j - 1]
+        parts.append(str(first) if j == i + 1 else f"{first}*{j - i}" if first == last
+                     else f"{first}..{last}")
+        i = j
+    return f"[{', '.join(parts)}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One engine step as the driver saw it."""
+
+    index: int
+    start: float  # virtual time when the step was scheduled
+    duration: float
+    budget: int  # the token budget the scheduler handed out this step
+    running: tuple[ReqState, ...]  # running requests before the step, in the scheduler's order
+    waiting: tuple[ReqState, ...]  # the waiting queue before the step, in order
+    scheduled: dict[str, int]  # tokens per request, in the order the scheduler gave them
+    # Each scheduled request as its tokens began: `num_computed` counts the prefix-cache
+    # hit that a request admitted in this step found.
+    states: dict[str, ReqState]
+    admitted: tuple[str, ...]  # taken from the waiting queue this step, in order
+    preempted: frozenset[str]
+    finished: tuple[str, ...]
+    free_blocks: int  # free KV blocks once the step's output was processed
+
+    @property
+    def shape(self) -> StepShape:
+        return _shape((self.states[r], n) for r, n in self.scheduled.items())
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(n for r, n in self.scheduled.items() if not self.states[r].is_decode)
+
+    def cached(self, req_id: str) -> int:
+        """Tokens that a request admitted in this step found in the prefix cache."""
+        before = next(s for s in self.waiting if s.req_id == req_id)
+        return self.states[req_id].num_computed - before.num_computed
+
+
+def _shape(scheduled: Iterable[tuple[ReqState, int]]) -> StepShape:
+    """What a step computes, from each request as its tokens began and their number."""
+    chunks, contexts = [], []
+    for state, n in scheduled:
+        if state.is_decode:
+            contexts.append(state.num_computed + n)
+        else:
+            chunks.append((n, state.num_computed))
+    return StepShape(tuple(chunks), tuple(contexts))
+
+
+class Livelock(RuntimeError):
+    """Requests were still unfinished after the step cap."""
+
+
+def _one_unit(shape: StepShape) -> float:
+    return 1.0
+
+
+class Driver:
+    """One fresh scheduler over a KV cache of `num_blocks` blocks, driven step by step.
+
+    The driver sets `config.cache_config.num_gpu_blocks`, as the engine core does once
+    it has sized the KV cache, so drivers may share a config but not run interleaved.
+    """
+
+    def __init__(self, config: VllmConfig, num_blocks: int,
+                 step_time: Callable[[StepShape], float] = _one_unit) -> None:
+        config.cache_config.num_gpu_blocks = num_blocks
+        kv_config = kv_cache_config(config, num_blocks)
+        block_size, hash_block_size = resolve_kv_cache_block_sizes(kv_config, config)
+        self.step_time = step_time
+        self.now = 0.0
+        with _no_step_log():
+            self.scheduler: Scheduler = config.scheduler_config.get_scheduler_cls()(
+                vllm_config=config, kv_cache_config=kv_config,
+                structured_output_manager=StructuredOutputManager(config),
+                block_size=block_size, hash_block_size=hash_block_size)
+        if isinstance(self.scheduler, StockScheduler):
+            self.scheduler.clock = lambda: self.now
+        self._block_hasher = None
+        if config.cache_config.enable_prefix_caching:
+            hash_fn = get_hash_fn_by_name(config.cache_config.prefix_caching_hash_algo)
+            init_none_hash(hash_fn)
+            self._block_hasher = get_request_block_hasher(hash_block_size, hash_fn)
+        self.block_pool = self.scheduler.kv_cache_manager.block_pool
+        self.initial_free_blocks = self.block_pool.get_num_free_blocks()
+        self.outputs: dict[str, list[int]] = {}  # output tokens delivered per request
+        self.finish_reasons: dict[str, FinishReason] = {}
+        self._num_steps = 0
+
+    def add(self, req: Req) -> None:
+        params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True)
+        self.scheduler.add_request(Request(
+            req.req_id, list(req.prompt), params, None, arrival_time=req.arrival,
+            cache_salt=req.cache_salt, block_hasher=self._block_hasher))
+        self.outputs[req.req_id] = []
+
+    def step(self) -> Step:
+        sched, start = self.scheduler, self.now
+        running = tuple(req_state(r) for r in sched.running)
+        waiting = tuple(req_state(r) for r in sched.waiting)
+        out = sched.schedule()
+        # vLLM has already advanced num_computed_tokens past this step.
+        states = {r: req_state(sched.requests[r], sched.requests[r].num_computed_tokens - n)
+                  for r, n in out.num_scheduled_tokens.items()}
+        duration = self.step_time(_shape((states[r], n)
+                                         for r, n in out.num_scheduled_tokens.items()))
+        self.now += duration
+        finished = self._finish_step(out)
+        self._num_steps += 1
+        waiting_ids = {s.req_id for s in waiting}
+        return Step(self._num_steps - 1, start, duration, sched.max_num_scheduled_tokens,
+                    running, waiting, dict(out.num_scheduled_tokens), states,
+                    tuple(r for r in out.num_scheduled_tokens if r in waiting_ids),
+                    frozenset(out.preempted_req_ids or ()), finished,
+                    self.block_pool.get_num_free_blocks())
+
+    def _finish_step(self, out: SchedulerOutput) -> tuple[str, ...]:
+        """Hand the scheduler the model runner's made-up answer; the requests it finished."""
+        ids = list(out.num_scheduled_tokens)
+        requests = self.scheduler.requests
+        sampled = [[SAMPLED_TOKEN] if requests[r].num_computed_tokens >= requests[r].num_tokens
+                   else [] for r in ids]
+        answer = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                                   sampled_token_ids=sampled)
+        finished = []
+        for outputs in self.scheduler.update_from_output(out, answer).values():
+            for o in outputs.outputs:
+                self.outputs[o.request_id].extend(o.new_token_ids)
+                if o.finish_reason is not None:
+                    self.finish_reasons[o.request_id] = o.finish_reason
+                    finished.append(o.request_id)
+        return tuple(finished)
+
+    def run(self, workload: Iterable[Req], max_steps: int = 10_000) -> list[Step]:
+        """Steps until every request of the workload, each added at its arrival, has
+        finished; `Livelock` if that takes more than `max_steps`."""
+        pending = collections.deque(sorted(workload, key=lambda r: r.arrival))
+        steps: list[Step] = []
+        while pending or self.scheduler.has_unfinished_requests():
+            if len(steps) == max_steps:
+                raise Livelock(self._stuck(max_steps))
+            if pending and not self.scheduler.has_unfinished_requests():
+                self.now = max(self.now, pending[0].arrival)  # idle until the next arrival
+            while pending and pending[0].arrival <= self.now:
+                self.add(pending.popleft())
+            steps.append(self.step())
+        return steps
+
+    def _stuck(self, max_steps: int) -> str:
+        sched = self.scheduler
+        return (f"not finished after {max_steps} steps: running "
+                f"{[req_state(r) for r in sched.running]}, waiting "
+                f"{[req_state(r) for r in sched.waiting]}, "
+                f"{self.block_pool.get_num_free_blocks()} of {self.initial_free_blocks} "
+                f"KV blocks free")
+
+    def close(self) -> None:
+        self.scheduler.shutdown()
+
+    def __enter__(self) -> Driver:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def _no_step_log():
+    """vllm-ext's schedulers write their steps to the directory the environment names,
+    for this process's `vllm_ext.step_stats()`; driven steps are no engine's."""
+    saved = os.environ.pop(envs.STATS_DIR, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[envs.STATS_DIR] = saved
