@@ -23,8 +23,10 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+
+from vllm_ext.schedulers.request import ReqState
 
 FEATURES = ("const", "prefill_tokens", "prefill_attention", "decodes", "decode_context")
 FORM = ("t = c0 + c1*P + c2*sum_i P_i*(C_i + P_i/2) + c3*D + c4*sum(decode contexts); "
@@ -37,6 +39,17 @@ class StepShape:
 
     chunks: tuple[tuple[int, int], ...] = ()
     decode_contexts: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, scheduled: Iterable[tuple[ReqState, int]]) -> StepShape:
+        """From each scheduled request, as it was when the step began, and its tokens."""
+        chunks, contexts = [], []
+        for state, n in scheduled:
+            if state.is_decode:
+                contexts.append(state.num_computed + n)
+            else:
+                chunks.append((n, state.num_computed))
+        return cls(tuple(chunks), tuple(contexts))
 
     def features(self) -> tuple[float, ...]:
         p = sum(n for n, _ in self.chunks)

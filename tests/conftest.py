@@ -41,11 +41,14 @@ class EngineHost:
         os.close(write)
         self.replies = os.fdopen(read)
 
-    def run(self, args: tuple[str, ...], out: Path, env: dict[str, str]) -> None:
+    def run(self, args: tuple[str, ...], out: Path, env: dict[str, str],
+            model: Path | None = None) -> None:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
         start = self.log.stat().st_size
-        self.proc.stdin.write(json.dumps({"args": list(args), "out": str(out), "env": env}) + "\n")
+        request = {"args": list(args), "out": str(out), "env": env,
+                   "model": str(model) if model else None}
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         answer = self.replies.readline().strip()  # "" if the host died
         if answer != "ok":
@@ -68,16 +71,27 @@ def engine_host(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def small_model(tmp_path_factory) -> Path:
+    """The `small` preset (98.6M parameters): steps of tens of milliseconds, long enough
+    that a step-time model can be judged against measured times on a shared CPU."""
+    from vllm_ext.models import make_model
+
+    cache = os.environ.get("VLLMEXT_TEST_MODEL_DIR")
+    root = Path(cache) if cache else tmp_path_factory.mktemp("models")
+    return make_model(root / "small", preset="small", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
 def run_engine(engine_host, tmp_path_factory):
     """Run one engine configuration (tests/engine_runner.py options) on the session's
     engine host, once per distinct argument list and environment; return its JSON."""
     cache: dict[tuple, dict] = {}
 
-    def run(*args: str, env: dict[str, str] | None = None) -> dict:
-        key = (args, tuple(sorted((env or {}).items())))
+    def run(*args: str, env: dict[str, str] | None = None, model: Path | None = None) -> dict:
+        key = (args, tuple(sorted((env or {}).items())), model)
         if key not in cache:
             out = tmp_path_factory.mktemp("engine") / "result.json"
-            engine_host.run(args, out, env or {})
+            engine_host.run(args, out, env or {}, model)
             cache[key] = json.loads(out.read_text())
         return cache[key]
 

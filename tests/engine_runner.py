@@ -9,7 +9,8 @@ multi-rank engines spawn their workers), run, shut down and cleaned up before th
 So the engines of the whole session share a process, which is what vllm-ext's
 per-engine choices promise to survive: every result names the process, its
 scheduler, block pool and attention classes. Requests come one per line on stdin as
-JSON ({"args": [...], "out": PATH, "env": {...}}); each is answered with one line on
+JSON ({"args": [...], "out": PATH, "env": {...}, "model": PATH or absent for the host's});
+each is answered with one line on
 the file descriptor given after --reply-fd: "ok" or "failed: <why>".
 
 Short prompts start decoding first; long prompts arrive while they decode, so a
@@ -259,7 +260,7 @@ def host(model: str, reply_fd: int) -> None:
             os.environ.update(request.get("env", {}))
             _fresh_stats_dir()
             try:
-                result = run(model, request["args"])
+                result = run(request.get("model") or model, request["args"])
                 with open(request["out"], "w") as f:
                     json.dump(result, f)
                 reply.write("ok\n")

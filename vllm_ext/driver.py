@@ -146,7 +146,7 @@ class Step:
 
     @property
     def shape(self) -> StepShape:
-        return _shape((self.states[r], n) for r, n in self.scheduled.items())
+        return StepShape.of((self.states[r], n) for r, n in self.scheduled.items())
 
     @property
     def prefill_tokens(self) -> int:
@@ -156,17 +156,6 @@ class Step:
         """Tokens that a request admitted in this step found in the prefix cache."""
         before = next(s for s in self.waiting if s.req_id == req_id)
         return self.states[req_id].num_computed - before.num_computed
-
-
-def _shape(scheduled: Iterable[tuple[ReqState, int]]) -> StepShape:
-    """What a step computes, from each request as its tokens began and their number."""
-    chunks, contexts = [], []
-    for state, n in scheduled:
-        if state.is_decode:
-            contexts.append(state.num_computed + n)
-        else:
-            chunks.append((n, state.num_computed))
-    return StepShape(tuple(chunks), tuple(contexts))
 
 
 class Livelock(RuntimeError):
@@ -224,8 +213,8 @@ class Driver:
         # vLLM has already advanced num_computed_tokens past this step.
         states = {r: req_state(sched.requests[r], sched.requests[r].num_computed_tokens - n)
                   for r, n in out.num_scheduled_tokens.items()}
-        duration = self.step_time(_shape((states[r], n)
-                                         for r, n in out.num_scheduled_tokens.items()))
+        duration = self.step_time(StepShape.of((states[r], n)
+                                               for r, n in out.num_scheduled_tokens.items()))
         self.now += duration
         finished = self._finish_step(out)
         self._num_steps += 1

@@ -14,11 +14,7 @@ CUSTOM in every process); its settings (`--pod-impl`) come from the engine's own
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder)
 

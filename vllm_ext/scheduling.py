@@ -119,24 +119,19 @@ class StockScheduler(Scheduler):
     def _record(self, out: SchedulerOutput, t0: float,
                 running_decodes: int) -> tuple[StepRecord, frozenset[str]]:
         """The step's record (wall time still 0) and the requests it prefills."""
-        chunks, contexts, partial, prefilling = [], [], 0, []
-        for req_id, n in out.num_scheduled_tokens.items():
-            req = self.requests[req_id]
-            # vLLM has already advanced num_computed_tokens past this step.
-            before = req_state(req, req.num_computed_tokens - n)
-            if before.is_decode:
-                contexts.append(before.num_computed + n)
-            else:
-                chunks.append((n, before.num_computed))
-                prefilling.append(req_id)
-                partial += before.num_computed + n < req.num_tokens
-        shape = StepShape(tuple(chunks), tuple(contexts))
+        # vLLM has already advanced num_computed_tokens past this step.
+        scheduled = [(req_state(self.requests[r], self.requests[r].num_computed_tokens - n), n)
+                     for r, n in out.num_scheduled_tokens.items()]
+        prefills = [(s, n) for s, n in scheduled if not s.is_decode]
+        prefilling = [s.req_id for s, _ in prefills]
+        partial = sum(s.num_computed + n < s.num_tokens for s, n in prefills)
+        shape = StepShape.of(scheduled)
         _, prefill, attention, _, decode_context = shape.features()
         predicted = self.predict(shape) if self.latency_model else 0.0
         pipelined = len(self.prefills_in_flight().intersection(prefilling))
-        return StepRecord(t0, 0.0, len(contexts), int(prefill), len(chunks), partial,
-                          running_decodes, len(out.preempted_req_ids or ()), len(self.waiting),
-                          attention, int(decode_context), predicted,
+        return StepRecord(t0, 0.0, len(shape.decode_contexts), int(prefill), len(prefills),
+                          partial, running_decodes, len(out.preempted_req_ids or ()),
+                          len(self.waiting), attention, int(decode_context), predicted,
                           pipelined), frozenset(prefilling)
 
     def shutdown(self) -> None:
