@@ -1,10 +1,9 @@
-"""vAttention's settings, checked once: one frozen dataclass that crosses processes as JSON."""
+"""vAttention's settings, checked once: one frozen dataclass, recorded in the engine's config."""
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 LAYOUTS = ("blocks", "slots")
 BACKENDS = ("host", "cuda")
@@ -47,13 +46,6 @@ class VAttentionSettings:
             if getattr(self, name) < 0:
                 raise ValueError(f"--vattention-{name} is a number of pages >= 0, "
                                  f"got {getattr(self, name)}")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> VAttentionSettings:
-        return cls(**json.loads(text))
 
 
 def page_size_for(block_bytes: int, requested: int, granularity: int) -> int:
