@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from vllm_ext.kernels import pod_attention
-from vllm_ext.kernels.pod import plan
+from vllm_ext.kernels.pod import plan, tile_for
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 32, 8, 128, 16, torch.bfloat16
 # (prefill tokens, prefill prior context, decodes, decode context)
@@ -86,7 +86,8 @@ def run_point(point, peak_bw: float | None, peak_flops: float | None) -> dict:
     scale = HEAD_DIM ** -0.5
     n = len(b[4])
     pre, dec = sub_batch(b, slice(decodes, n), 0), sub_batch(b, slice(0, decodes), decodes)
-    plans = {name: plan(x[5], x[4], x[6], HEADS, KV_HEADS) for name, x in
+    block_m = tile_for(HEAD_DIM, DTYPE).block_m
+    plans = {name: plan(x[5], x[4], x[6], HEADS, KV_HEADS, block_m=block_m) for name, x in
              (("pod", b), ("prefill", pre), ("decode", dec))}
     run = lambda x, p: pod_attention(*x, scale=scale, pod_plan=p)
     r = {"prefill_tokens": prefill, "prior_context": prior, "decodes": decodes,

@@ -37,6 +37,25 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # softmax runs in log2 uni
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@dataclass(frozen=True, slots=True)
+class Tile:
+    block_m: int  # query rows of a prefill tile (the plan's work-list granularity)
+    block_n: int  # keys per inner step, prefill and decode
+    num_warps: int
+
+
+def tile_for(head_dim: int, dtype: torch.dtype) -> Tile:
+    """Tile sizes that build without register spills for sm_80, sm_90 and sm_100
+    (kernels/compile_check.py, benchmarks/results/kernels-compile.md). With 4 warps
+    ptxas spills from head size 80 up (a 64-row fp32 accumulator of 128 columns alone
+    takes 64 of a thread's 255 registers), and with 8 warps still at head size 256, and
+    at fp32 from 128 padded columns, unless tiles shrink to 32 rows and 16-key steps."""
+    dim_p = _next_pow2(head_dim)
+    if dim_p >= 256 or (dtype == torch.float32 and dim_p >= 128):
+        return Tile(32, 16, 8)
+    return Tile(64, 32, 8)
+
+
 @triton.jit
 def _decode_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
                  part_o_ptr, part_lse_ptr, merge_ptr, qk_scale,
@@ -337,8 +356,13 @@ def pod_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     _check(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, out)
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    group = num_heads // num_kv_heads
-    p = pod_plan or plan(query_start_loc, seq_lens, num_decodes, num_heads, num_kv_heads)
+    tile = tile_for(head_dim, query.dtype)
+    p = pod_plan or plan(query_start_loc, seq_lens, num_decodes, num_heads, num_kv_heads,
+                         block_m=tile.block_m)
+    if p.block_m != tile.block_m:
+        raise ValueError(f"the plan has {p.block_m}-row prefill tiles; head size {head_dim} in "
+                         f"{query.dtype} runs {tile.block_m}-row tiles: make it with "
+                         f"plan(..., block_m=tile_for(head_dim, dtype).block_m)")
     out = torch.empty_like(query) if out is None else out
     lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=query.device)
     total = p.num_prefill_tiles + p.num_decode_tiles
@@ -356,17 +380,32 @@ def pod_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                              device=device)
     else:
         part_lse = part_o = lse  # unused
+    constants, options = launch_constants(
+        head_dim, block_size, num_heads, num_kv_heads, p.splits, query.dtype,
+        ieee=query.dtype == torch.float32 or (_interpreted() and query.dtype == torch.bfloat16),
+        ratio=p.ratio, num_sms=sms)
     pod_attention_kernel[(total,)](
         query, key_cache, value_cache, out, lse, block_table, seq_lens, query_start_loc,
         p.prefill_work, part_o, part_lse, merge, counters, scale * LOG2E,
         p.num_prefill_tiles, p.num_decode_tiles,
         query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
         key_cache.stride(2), out.stride(0), out.stride(1), block_table.stride(0),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
-        GROUP=group, GROUP_P=max(16, _next_pow2(group)), SPLITS=p.splits,
-        BLOCK_M=p.block_m, BLOCK_N=32, DECODE_BLOCK_N=32,
-        DIM_P=dim_p, IEEE=query.dtype == torch.float32 or (
-            _interpreted() and query.dtype == torch.bfloat16),
-        RATIO_P=p.ratio[0], RATIO_D=p.ratio[1],
-        USE_SMID=sms is not None, NUM_COUNTERS_P=_next_pow2(n_counters))
+        **constants, **options)
     return (out, lse) if return_lse else out
+
+
+def launch_constants(head_dim: int, block_size: int, num_heads: int, num_kv_heads: int,
+                     splits: int, dtype: torch.dtype, ieee: bool, ratio: tuple[int, int],
+                     num_sms: int | None) -> tuple[dict, dict]:
+    """The kernel's constexprs and launch options for a batch: one place, shared by the
+    launcher and the compile check (kernels/compile_check.py), so that what is checked
+    is what runs."""
+    group = num_heads // num_kv_heads
+    tile = tile_for(head_dim, dtype)
+    constants = dict(
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
+        GROUP=group, GROUP_P=max(16, _next_pow2(group)), SPLITS=splits,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, DECODE_BLOCK_N=tile.block_n,
+        DIM_P=_next_pow2(head_dim), IEEE=ieee, RATIO_P=ratio[0], RATIO_D=ratio[1],
+        USE_SMID=num_sms is not None, NUM_COUNTERS_P=_next_pow2(3 + (num_sms or 0)))
+    return constants, {"num_warps": tile.num_warps}

@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# With no GPU, the tests run Triton kernels under Triton's interpreter, which Triton reads
+# only when it is first imported, whichever test module does that first. (The compile
+# gate builds in fresh processes without it.)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from vllm_ext.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV, VllmServer
 
 HERE = Path(__file__).parent

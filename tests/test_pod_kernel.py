@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is decorated
 
 from vllm_ext.kernels import pod_attention, reference  # noqa: E402
-from vllm_ext.kernels.pod import plan  # noqa: E402
+from vllm_ext.kernels.pod import plan, tile_for  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -50,7 +50,7 @@ def make_batch(decode_ctx, prefills, heads=4, kv_heads=2, head_dim=64, block_siz
 def check(batch, dtype=torch.float32, splits=None, scale=0.1):
     query, *_, num_decodes = batch
     p = plan(batch[5], batch[4], num_decodes, query.shape[1], batch[1].shape[2],
-             decode_splits=splits)
+             block_m=tile_for(query.shape[2], query.dtype).block_m, decode_splits=splits)
     out = torch.full_like(query, float("nan"))  # unwritten outputs show as NaN
     got, lse = pod_attention(*batch, scale=scale, out=out, return_lse=True, pod_plan=p)
     want, want_lse = reference.pod_attention(*[t.cpu() if torch.is_tensor(t) else t for t in batch],

@@ -87,8 +87,13 @@ class PodMetadataBuilder(CPUAttentionMetadataBuilder):
             from vllm_ext.patches import patch
 
             patch("cpu_custom_attn").reached()
-        triton = pod_settings(vllm_config).get("impl") == "triton"
-        self._plan = _triton_kernels().plan if triton else None
+        self._plan = None
+        if pod_settings(vllm_config).get("impl") == "triton":
+            import functools
+
+            pod = _triton_kernels()
+            tile = pod.tile_for(kv_cache_spec.head_size, vllm_config.model_config.dtype)
+            self._plan = functools.partial(pod.plan, block_m=tile.block_m)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
