@@ -64,7 +64,7 @@ class Config:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
         return pod.launch_constants(self.head_dim, self.block_size, self.num_heads,
                                     self.num_kv_heads, self.splits, dtype,
-                                    ieee=dtype == torch.float32, ratio=(1, 1), num_sms=132)
+                                    ieee=dtype == torch.float32, num_sms=132)
 
 
 def configs() -> list[Config]:

@@ -195,18 +195,19 @@ def _prefill_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, 
     tl.store(lse_ptr + (q_start + mi) * NUM_HEADS + h, (m + tl.log2(l)) * LN2, mask=mmask)
 
 
-@triton.jit
+# The tile counts and the ticket ratio change with every batch's mix: runtime values,
+# never specialized on, so that a new mix does not compile a new kernel.
+@triton.jit(do_not_specialize=["num_prefill_tiles", "num_decode_tiles", "ratio_p", "ratio_d"])
 def pod_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
                          work_ptr, part_o_ptr, part_lse_ptr, merge_ptr, counter_ptr, qk_scale,
-                         num_prefill_tiles, num_decode_tiles,
+                         num_prefill_tiles, num_decode_tiles, ratio_p, ratio_d,
                          s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
                          HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                          GROUP: tl.constexpr, GROUP_P: tl.constexpr, SPLITS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          DECODE_BLOCK_N: tl.constexpr, DIM_P: tl.constexpr, IEEE: tl.constexpr,
-                         RATIO_P: tl.constexpr, RATIO_D: tl.constexpr, USE_SMID: tl.constexpr,
-                         NUM_COUNTERS_P: tl.constexpr):
+                         USE_SMID: tl.constexpr, NUM_COUNTERS_P: tl.constexpr):
     # counters: [0] next prefill tile, [1] next decode tile, [2] finished programs,
     # [3 + sm] tickets handed out on each SM.
     if USE_SMID:
@@ -215,7 +216,7 @@ def pod_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_p
         ticket = tl.atomic_add(counter_ptr + 3 + sm, 1)
     else:
         ticket = tl.program_id(0)
-    want_prefill = (ticket % (RATIO_P + RATIO_D)) < RATIO_P
+    want_prefill = (ticket % (ratio_p + ratio_d)) < ratio_p
     # Take a tile of the wanted kind; when that kind has run out, one of the other.
     if want_prefill:
         t = tl.atomic_add(counter_ptr + 0, 1)
@@ -383,11 +384,11 @@ def pod_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     constants, options = launch_constants(
         head_dim, block_size, num_heads, num_kv_heads, p.splits, query.dtype,
         ieee=query.dtype == torch.float32 or (_interpreted() and query.dtype == torch.bfloat16),
-        ratio=p.ratio, num_sms=sms)
+        num_sms=sms)
     pod_attention_kernel[(total,)](
         query, key_cache, value_cache, out, lse, block_table, seq_lens, query_start_loc,
         p.prefill_work, part_o, part_lse, merge, counters, scale * LOG2E,
-        p.num_prefill_tiles, p.num_decode_tiles,
+        p.num_prefill_tiles, p.num_decode_tiles, p.ratio[0], p.ratio[1],
         query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
         key_cache.stride(2), out.stride(0), out.stride(1), block_table.stride(0),
         **constants, **options)
@@ -395,7 +396,7 @@ def pod_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
 
 
 def launch_constants(head_dim: int, block_size: int, num_heads: int, num_kv_heads: int,
-                     splits: int, dtype: torch.dtype, ieee: bool, ratio: tuple[int, int],
+                     splits: int, dtype: torch.dtype, ieee: bool,
                      num_sms: int | None) -> tuple[dict, dict]:
     """The kernel's constexprs and launch options for a batch: one place, shared by the
     launcher and the compile check (kernels/compile_check.py), so that what is checked
@@ -406,6 +407,6 @@ def launch_constants(head_dim: int, block_size: int, num_heads: int, num_kv_head
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         GROUP=group, GROUP_P=max(16, _next_pow2(group)), SPLITS=splits,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, DECODE_BLOCK_N=tile.block_n,
-        DIM_P=_next_pow2(head_dim), IEEE=ieee, RATIO_P=ratio[0], RATIO_D=ratio[1],
+        DIM_P=_next_pow2(head_dim), IEEE=ieee,
         USE_SMID=num_sms is not None, NUM_COUNTERS_P=_next_pow2(3 + (num_sms or 0)))
     return constants, {"num_warps": tile.num_warps}
