@@ -7,6 +7,13 @@ a physical allocation (cuMemCreate), maps it (cuMemMap) and opens it to the devi
 handles are kept for reuse up to `keep_handles` and released on `trim()` or when
 the device runs out of memory. Every driver result is checked; an error names the
 call and carries the driver's message.
+
+A committed page reads as zeros until written, as the host backend's do and as vLLM's
+own KV buffer does: cuMemCreate does not clear memory, and a kept handle still holds
+the KV it held before. vLLM clears blocks it hands out only for caches that need it
+(Mamba, mixed precision), and a kernel that multiplies masked-out probabilities (0)
+by stale values would turn a stale NaN into a NaN output, so each commit clears its
+page on the pool's own stream before it reports the page mapped.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ class CudaBackend:
     """Reserve, commit and decommit ranges of a CUDA device's virtual address space."""
 
     __slots__ = ("_cu", "device_index", "granularity", "_prop", "_access", "_handles", "_spare",
-                 "keep_handles", "_ctx")
+                 "keep_handles", "_ctx", "_stream")
     device = "cuda"
 
     def __init__(self, device_index: int | None = None, keep_handles: int = 0,
@@ -74,6 +81,9 @@ class CudaBackend:
         self._handles: dict[int, tuple[object, int]] = {}  # mapped address -> (handle, size)
         self._spare: list[tuple[object, int]] = []  # unmapped physical pages kept for reuse
         self.keep_handles = keep_handles
+        # Clears run here, apart from the engine's streams; each is waited for alone.
+        self._stream = self._call("cuStreamCreate", cu.cuStreamCreate,
+                                  cu.CUstream_flags.CU_STREAM_NON_BLOCKING)
 
     def _call(self, name: str, fn, *args):
         result, *values = fn(*args)
@@ -98,6 +108,7 @@ class CudaBackend:
             self.decommit(a, self._handles[a][1])
         self.trim()
         self._call("cuMemAddressFree", self._cu.cuMemAddressFree, addr, nbytes)
+        self._call("cuStreamDestroy", self._cu.cuStreamDestroy, self._stream)
 
     def _physical(self, nbytes: int):
         for i, (handle, size) in enumerate(self._spare):
@@ -123,11 +134,18 @@ class CudaBackend:
             raise
         try:
             self._call("cuMemSetAccess", cu.cuMemSetAccess, addr, nbytes, [self._access], 1)
+            self.clear(addr, nbytes)
         except DriverError:
             self._call("cuMemUnmap", cu.cuMemUnmap, addr, nbytes)
             self._call("cuMemRelease", cu.cuMemRelease, handle)
             raise
         self._handles[addr] = (handle, nbytes)
+
+    def clear(self, addr: int, nbytes: int) -> None:
+        """Zero a mapped range, on the pool's stream, and wait for it."""
+        cu = self._cu
+        self._call("cuMemsetD8Async", cu.cuMemsetD8Async, addr, 0, nbytes, self._stream)
+        self._call("cuStreamSynchronize", cu.cuStreamSynchronize, self._stream)
 
     def decommit(self, addr: int, nbytes: int) -> None:
         self._current()

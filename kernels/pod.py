@@ -101,7 +101,12 @@ def _decode_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, q
         tl.store(part_lse_ptr + row + split, m + tl.log2(safe_l), mask=gmask)
         tl.store(part_o_ptr + (row + split)[:, None] * DIM_P + d[None, :], acc / safe_l[:, None],
                  mask=out_mask)
-        done = tl.atomic_add(merge_ptr + seq * NUM_KV_HEADS + kvh, 1, sem="acq_rel")
+        # The counter's atomic is issued by one thread: the CTA barrier orders every
+        # thread's partial stores before it, and its release (cumulative through the
+        # barrier) publishes them to the program that finishes last, whose acquire and
+        # L2-only (.cg) loads then see them all.
+        tl.debug_barrier()
+        done = tl.atomic_add(merge_ptr + seq * NUM_KV_HEADS + kvh, 1, sem="acq_rel", scope="gpu")
         if done == SPLITS - 1:
             top = tl.full([GROUP_P], float("-inf"), tl.float32)
             total = tl.zeros([GROUP_P], tl.float32)
@@ -269,9 +274,14 @@ def _num_sms(device: torch.device) -> int | None:
 
 def plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_decodes: int,
          num_heads: int, num_kv_heads: int, block_m: int = 64,
-         decode_splits: int | None = None) -> PodPlan:
+         decode_splits: int | None = None, device: torch.device | str | None = None) -> PodPlan:
     """Tiles and splits for a batch. Decode splits fill one wave of the GPU when the
-    decodes alone would not (none on a CPU unless asked for)."""
+    decodes alone would not (none on a CPU unless asked for).
+
+    Pass the host copies of `query_start_loc` and `seq_lens` (vLLM's metadata keeps
+    both) and the kernel's `device`: then planning reads no device memory, and the work
+    list goes to the device with one copy that does not wait for it."""
+    device = torch.device(device) if device is not None else query_start_loc.device
     qsl = query_start_loc.tolist()
     num_seqs = len(qsl) - 1
     if not 0 <= num_decodes <= num_seqs:
@@ -281,7 +291,7 @@ def plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_decodes: int
         raise ValueError("the first num_decodes sequences must have exactly one query token each")
     work = [(s, off) for s in range(num_decodes, num_seqs) for off in range(0, q_lens[s], block_m)]
     if decode_splits is None:
-        sms = _num_sms(query_start_loc.device)
+        sms = _num_sms(device)
         groups = num_decodes * num_kv_heads
         decode_splits = 1
         if sms and groups and groups < sms:
@@ -298,8 +308,11 @@ def plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_decodes: int
             rp, rd = max(1, round(rp / 2)), max(1, round(rd / 2))
     else:
         rp, rd = (1, 0) if num_prefill else (0, 1)
-    prefill_work = torch.tensor(work or [(0, 0)], dtype=torch.int32,
-                                device=query_start_loc.device)
+    prefill_work = torch.tensor(work or [(0, 0)], dtype=torch.int32)
+    if device.type == "cuda":
+        prefill_work = prefill_work.pin_memory().to(device, non_blocking=True)
+    else:
+        prefill_work = prefill_work.to(device)
     return PodPlan(num_prefill, num_decode, prefill_work, decode_splits, (rp, rd), block_m)
 
 
@@ -310,16 +323,43 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-_BUFFERS: dict[tuple, torch.Tensor] = {}
+class _Workspace:
+    """The launch's scratch memory, one per (device, stream), grown as needed and never
+    freed: the counters (zero between launches, because the launch that uses them
+    leaves them zero) and the split-merge partials. Per stream, because two launches
+    in flight on two streams must not share counters; reused, because a launch that
+    allocates cannot be captured in a CUDA graph with stable addresses."""
 
+    _all: dict[tuple, "_Workspace"] = {}
 
-def _zeros(key: tuple, n: int, device, dtype=torch.int32) -> torch.Tensor:
-    """A zeroed buffer reused across launches: the kernel leaves it zeroed again."""
-    buf = _BUFFERS.get((key, device))
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1), dtype=dtype, device=device)
-        _BUFFERS[(key, device)] = buf
-    return buf
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def get(cls, device: torch.device) -> "_Workspace":
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (device, stream)
+        if key not in cls._all:
+            cls._all[key] = cls(device)
+        return cls._all[key]
+
+    @classmethod
+    def discard(cls, device: torch.device) -> None:
+        """After a launch that raised: its counters may be left part-counted. (A CUDA
+        fault inside a running kernel is sticky, the context unusable; what can fail and
+        leave the process usable is a launch refused before it ran, or the
+        interpreter, which runs programs one by one on the host.)"""
+        for key in [k for k in cls._all if k[0] == device]:
+            del cls._all[key]
+
+    def buffer(self, name: str, n: int, dtype: torch.dtype, zeroed: bool = False) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n:
+            make = torch.zeros if zeroed else torch.empty
+            buf = make(max(n, 1), dtype=dtype, device=self.device)
+            self._buffers[name] = buf
+        return buf[:max(n, 1)]
 
 
 def _check(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, out):
@@ -365,33 +405,35 @@ def pod_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                          f"{query.dtype} runs {tile.block_m}-row tiles: make it with "
                          f"plan(..., block_m=tile_for(head_dim, dtype).block_m)")
     out = torch.empty_like(query) if out is None else out
-    lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=query.device)
     total = p.num_prefill_tiles + p.num_decode_tiles
-    if total == 0:
-        return (out, lse) if return_lse else out
-    dim_p = _next_pow2(head_dim)
     device = query.device
+    ws = _Workspace.get(device)
+    lse = (torch.empty(num_tokens, num_heads, dtype=torch.float32, device=device) if return_lse
+           else ws.buffer("lse", num_tokens * num_heads, torch.float32))
+    if total == 0:
+        return (out, lse.view(num_tokens, num_heads)) if return_lse else out
+    dim_p = _next_pow2(head_dim)
     sms = _num_sms(device)
-    n_counters = 3 + (sms or 0)
-    counters = _zeros("counters", _next_pow2(n_counters), device)
-    merge = _zeros("merge", max(1, num_decodes * num_kv_heads), device)
-    if p.splits > 1:
-        part_lse = torch.empty(num_decodes * num_heads * p.splits, dtype=torch.float32, device=device)
-        part_o = torch.empty(num_decodes * num_heads * p.splits * dim_p, dtype=torch.float32,
-                             device=device)
-    else:
-        part_lse = part_o = lse  # unused
+    counters = ws.buffer("counters", _next_pow2(3 + (sms or 0)), torch.int32, zeroed=True)
+    merge = ws.buffer("merge", num_decodes * num_kv_heads, torch.int32, zeroed=True)
+    rows = num_decodes * num_heads * p.splits
+    part_lse = ws.buffer("part_lse", rows, torch.float32) if p.splits > 1 else lse
+    part_o = ws.buffer("part_o", rows * dim_p, torch.float32) if p.splits > 1 else lse
     constants, options = launch_constants(
         head_dim, block_size, num_heads, num_kv_heads, p.splits, query.dtype,
         ieee=query.dtype == torch.float32 or (_interpreted() and query.dtype == torch.bfloat16),
         num_sms=sms)
-    pod_attention_kernel[(total,)](
-        query, key_cache, value_cache, out, lse, block_table, seq_lens, query_start_loc,
-        p.prefill_work, part_o, part_lse, merge, counters, scale * LOG2E,
-        p.num_prefill_tiles, p.num_decode_tiles, p.ratio[0], p.ratio[1],
-        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
-        key_cache.stride(2), out.stride(0), out.stride(1), block_table.stride(0),
-        **constants, **options)
+    try:
+        pod_attention_kernel[(total,)](
+            query, key_cache, value_cache, out, lse, block_table, seq_lens, query_start_loc,
+            p.prefill_work, part_o, part_lse, merge, counters, scale * LOG2E,
+            p.num_prefill_tiles, p.num_decode_tiles, p.ratio[0], p.ratio[1],
+            query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
+            key_cache.stride(2), out.stride(0), out.stride(1), block_table.stride(0),
+            **constants, **options)
+    except BaseException:
+        _Workspace.discard(device)
+        raise
     return (out, lse) if return_lse else out
 
 

@@ -2,15 +2,15 @@
 
 | patch | what is patched | vLLM | needed by | why, and how | removed when |
 |---|---|---|---|---|---|
-| cli_flags | `EngineArgs.add_cli_args`; the parser it returns folds after parsing | 0.32.x | the CLI | flags on every engine command line; no hook adds engine flags | vLLM gives plugins a CLI-argument hook |
-| cpu_custom_attn | `CpuPlatform.get_attn_backend_cls` | 0.32.x | `--attn pod` (CPU) | the CPU platform honours `attention_backend=CUSTOM`, so the backend is chosen per engine as on CUDA, not by re-registering CPU_ATTN for the whole process | the CPU platform honours a selected backend |
-| kvp_slot_mapping | `ComputeSlotMappingKernel.kernel`, through vLLM's `register_kernels` | 0.32.x | `--kvp N` (CPU) | the CPU platform's slot-mapping op asserts one rank; a rank-aware one is registered in KVP workers (one rank still goes to the platform's op) | the CPU op supports context parallelism |
-| kv_pool_alloc | `allocate_kv_cache` as the V1 (`gpu_model_runner`) and V2 (`gpu/attn_utils`) runners import it | 0.32.x | vattention | the worker's KV memory in a VirtualKVPool; no hook supplies KV memory | a KV-memory allocation hook (0.34's `allocate(size)`) |
-| paged_block_pool | `Scheduler.__init__`; `BlockPool.get_num_free_blocks` and the free-block queue's methods, overridden | 0.32.x | vattention | page-aware choice of free blocks and the physical cap; no hook supplies the block pool | a block-pool hook in the KV cache manager |
-| page_ops_schedule | `Scheduler.schedule` | 0.32.x | vattention | each step's page orders attached to the SchedulerOutput | an extension field on the step |
-| page_ops_worker | `Worker.execute_model` | 0.32.x | vattention | the worker carries out those orders before the step | a pre-step worker hook |
-| slot_owner | `KVCacheManager.allocate_slots` | 0.32.x | vattention | the block pool knows which request it allocates for (slots layout) | a request-aware block pool |
-| pp_eager_buffers | `GPUModelRunner.sync_and_gather_intermediate_tensors` | 0.32.x | any selection, CPU | pipeline parallelism on CPU with --enforce-eager: the later stages' activation buffer, which vLLM allocates only when compiling | vLLM's CPU worker allocates it in eager mode |
+| cli_flags | `EngineArgs.add_cli_args`; the parser it returns folds after parsing | 0.32-0.34 | the CLI | flags on every engine command line; no hook adds engine flags | vLLM gives plugins a CLI-argument hook |
+| cpu_custom_attn | `CpuPlatform.get_attn_backend_cls` | 0.32-0.34 | `--attn pod` (CPU) | the CPU platform honours `attention_backend=CUSTOM`, so the backend is chosen per engine as on CUDA, not by re-registering CPU_ATTN for the whole process | the CPU platform honours a selected backend |
+| kvp_slot_mapping | `ComputeSlotMappingKernel.kernel`, through vLLM's `register_kernels` | 0.32-0.33 (0.34 does it itself) | `--kvp N` (CPU) | the CPU platform's slot-mapping op asserts one rank; a rank-aware one is registered in KVP workers (one rank still goes to the platform's op) | the CPU op supports context parallelism |
+| kv_pool_alloc | `allocate_kv_cache` as the V1 (`gpu_model_runner`, up to 0.33) and V2 (`gpu/attn_utils`; with the `allocate` hook from 0.34) runners import it | 0.32-0.34 | vattention | the worker's KV memory in a VirtualKVPool; no hook supplies KV memory | a KV-memory allocation hook (0.34's `allocate(size)`) |
+| paged_block_pool | `Scheduler.__init__`; `BlockPool.get_num_free_blocks` and the free-block queue's methods, overridden | 0.32-0.34 | vattention | page-aware choice of free blocks and the physical cap; no hook supplies the block pool | a block-pool hook in the KV cache manager |
+| page_ops_schedule | `Scheduler.schedule` | 0.32-0.34 | vattention | each step's page orders attached to the SchedulerOutput | an extension field on the step |
+| page_ops_worker | `Worker.execute_model` | 0.32-0.34 | vattention | the worker carries out those orders before the step | a pre-step worker hook |
+| slot_owner | `KVCacheManager.allocate_slots` | 0.32-0.34 | vattention | the block pool knows which request it allocates for (slots layout) | a request-aware block pool |
+| pp_eager_buffers | `GPUModelRunner.sync_and_gather_intermediate_tensors` | 0.32-0.33 (0.34's V2 runner makes the buffer at load) | any selection, CPU | pipeline parallelism on CPU with --enforce-eager: the later stages' activation buffer, which vLLM allocates only when compiling | vLLM's CPU worker allocates it in eager mode |
 
 Not patches: scheduler classes (`scheduler_cls`, a supported hook), the attention backend
 (`register_backend`, a supported hook; the CPU platform needs `cpu_custom_attn` to honour
@@ -20,7 +20,10 @@ protocol, no vLLM code touched) and the `/metrics` collector (prometheus_client'
 Each patch is applied in every vLLM process where its platform matches, and acts only
 for engines whose own config selected a component that needs it; its `reached()` count
 proves it ran (`vllm-ext doctor`, and the engine tests). A patch that does not fit the
-installed vLLM is refused with its reason, and so are the components that need it.
+installed vLLM is refused with its reason, and so are the components that need it. A
+patch that vLLM made unnecessary from some release on (`obsolete_from`) is neither applied
+nor needed there; a target that changed form between releases is declared once per form,
+with the releases that have it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ PATCHES: tuple[Patch, ...] = (CliFlags(), CpuCustomAttention(), KVPSlotMapping()
 _BY_NAME = {p.name: p for p in PATCHES}
 # Patches that did not fit this process's vLLM, with the reason.
 _refused: dict[str, str] = {}
+_vllm_version: Version | None = None  # the release apply_all patched
 
 __all__ = ["PATCHES", "Patch", "PatchError", "Target", "apply_all", "needed_by", "patch",
            "reached_in", "refused"]
@@ -56,8 +60,11 @@ def patch(name: str) -> Patch:
 def apply_all(vllm_version: Version, platform: str, any_version: bool = False) -> dict[str, str]:
     """Apply every patch for this platform; return the refused ones with their reasons.
     Never raises for a patch that does not fit: its components are refused instead."""
+    global _vllm_version
+    _vllm_version = vllm_version
     for p in PATCHES:
-        if not p.applies_on(platform) or p.applied or p.name in _refused:
+        if not p.applies_on(platform) or p.applied or p.name in _refused \
+                or p.obsolete_in(vllm_version):
             continue
         try:
             p.apply(vllm_version, any_version)
@@ -72,4 +79,5 @@ def refused() -> dict[str, str]:
 
 def needed_by(kind: str, name: str, settings: dict, platform: str) -> list[Patch]:
     """The patches a selected component with these settings relies on, on this platform."""
-    return [p for p in PATCHES if p.applies_on(platform) and p.needed_for(kind, name, settings)]
+    return [p for p in PATCHES if p.applies_on(platform) and p.needed_for(kind, name, settings)
+            and not (_vllm_version is not None and p.obsolete_in(_vllm_version))]

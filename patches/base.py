@@ -43,6 +43,12 @@ class Target:
 
     path: str  # "package.module:Qualified.name"
     params: tuple[str, ...] | None = None
+    # The vLLM releases that have it (None: every release the patch was written for);
+    # outside them the patch neither checks nor replaces it.
+    versions: SpecifierSet | None = None
+
+    def exists_in(self, vllm_version: Version) -> bool:
+        return self.versions is None or vllm_version in self.versions
 
     def resolve(self) -> tuple[Any, str, Any]:
         """(owner, attribute name, current value); PatchError if it is not there."""
@@ -90,6 +96,9 @@ class Patch:
     components: tuple[str, ...]
     platforms: tuple[str, ...] | None = None
     replaces = 1  # how many leading targets `wrap` replaces
+    # From this vLLM release on, vLLM itself does what the patch did: there it is
+    # neither applied nor needed (None: still needed in every release).
+    obsolete_from: str | None = None
 
     def __init__(self) -> None:
         self.applied = False
@@ -103,6 +112,13 @@ class Patch:
     def applies_on(self, platform: str) -> bool:
         return self.platforms is None or platform in self.platforms
 
+    def obsolete_in(self, vllm_version: Version) -> bool:
+        return self.obsolete_from is not None and vllm_version >= Version(self.obsolete_from)
+
+    def targets_in(self, vllm_version: Version) -> tuple[Target, ...]:
+        """The targets this vLLM release has (see `Target.versions`)."""
+        return tuple(t for t in self.targets if t.exists_in(vllm_version))
+
     def needed_for(self, kind: str, name: str, settings: dict[str, Any]) -> bool:
         """Whether component `name` of `kind`, with these settings, relies on this patch."""
         return f"{kind}={name}" in self.components
@@ -112,7 +128,7 @@ class Patch:
         `any_version`, the operator's override) and every target as written against."""
         if vllm_version not in self.vllm_versions and not any_version:
             raise PatchError(f"written for vLLM {self.vllm_versions}, found {vllm_version}")
-        for target in self.targets:
+        for target in self.targets_in(vllm_version):
             target.check()
 
     def apply(self, vllm_version: Version, any_version: bool = False) -> None:
@@ -121,6 +137,8 @@ class Patch:
             return
         self.check(vllm_version, any_version)
         for target in self.targets[:self.replaces]:
+            if not target.exists_in(vllm_version):
+                continue
             owner, attr, original = target.resolve()
             replacement = self.wrap(original)
             if replacement is not None:

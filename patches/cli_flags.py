@@ -28,7 +28,7 @@ class CliFlags(Patch):
 
     name = "cli_flags"
     targets = (Target("vllm.engine.arg_utils:EngineArgs.add_cli_args", ("parser",)),)
-    vllm_versions = SpecifierSet(">=0.32,<0.33")
+    vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("cli",)
 
     def wrap(self, original: Any) -> Any:

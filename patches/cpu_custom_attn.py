@@ -29,7 +29,7 @@ class CpuCustomAttention(Patch):
     targets = (Target("vllm.platforms.cpu:CpuPlatform.get_attn_backend_cls",
                       ("selected_backend", "attn_selector_config", "num_heads")),
                Target("vllm.v1.attention.backends.registry:AttentionBackendEnum.CUSTOM"))
-    vllm_versions = SpecifierSet(">=0.32,<0.33")
+    vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("attn=pod",)
     platforms = ("cpu",)
 

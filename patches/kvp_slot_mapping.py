@@ -34,7 +34,10 @@ class KVPSlotMapping(Patch):
                        "KV_CACHE_BLOCK_SIZE", "TOTAL_CP_WORLD_SIZE", "TOTAL_CP_RANK",
                        "CP_KV_CACHE_INTERLEAVE_SIZE", "PAD_ID", "BLOCK_SIZE")),
                Target("vllm.triton_utils.dispatcher:register_kernels", ("overrides",)))
-    vllm_versions = SpecifierSet(">=0.32,<0.33")
+    vllm_versions = SpecifierSet(">=0.32,<0.34")
+    # 0.34's CPU platform runs vLLM's own Triton slot mapping (triton-cpu), which deals
+    # tokens to context-parallel ranks itself.
+    obsolete_from = "0.34"
     components = ("attn=pod",)  # with --kvp > 1
     platforms = ("cpu",)
 

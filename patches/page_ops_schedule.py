@@ -27,7 +27,7 @@ class PageOpsSchedule(Patch):
     name = "page_ops_schedule"
     targets = (Target("vllm.v1.core.sched.scheduler:Scheduler.schedule",
                       ("self", "throttle_prefills")),)
-    vllm_versions = SpecifierSet(">=0.32,<0.33")
+    vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("kv_allocator=vattention",)
 
     def wrap(self, original: Any) -> Any:

@@ -26,7 +26,7 @@ class PageOpsWorker(Patch):
     name = "page_ops_worker"
     targets = (Target("vllm.v1.worker.gpu_worker:Worker.execute_model",
                       ("self", "scheduler_output")),)
-    vllm_versions = SpecifierSet(">=0.32,<0.33")
+    vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("kv_allocator=vattention",)
 
     def wrap(self, original: Any) -> Any:

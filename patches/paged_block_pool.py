@@ -46,7 +46,7 @@ class PagedBlockPool(Patch):
         Target(f"{_QUEUE}.append_n", ("self", "blocks")),
         Target(f"{_QUEUE}.prepend_n", ("self", "blocks")),
     )
-    vllm_versions = SpecifierSet(">=0.32,<0.33")
+    vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("kv_allocator=vattention",)
 
     def wrap(self, original: Any) -> Any:

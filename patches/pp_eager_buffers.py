@@ -29,7 +29,9 @@ class PPEagerBuffers(Patch):
     targets = (Target("vllm.v1.worker.gpu_model_runner:GPUModelRunner."
                       "sync_and_gather_intermediate_tensors",
                       ("self", "num_tokens", "intermediate_tensors", "sync_self")),)
-    vllm_versions = SpecifierSet(">=0.32,<0.33")
+    vllm_versions = SpecifierSet(">=0.32,<0.34")
+    # 0.34's runner (V2; V1 is gone) makes the buffer when it loads the model.
+    obsolete_from = "0.34"
     components = ("*",)
     platforms = ("cpu",)
 

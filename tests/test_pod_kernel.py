@@ -109,6 +109,51 @@ def test_repeated_launches_reuse_their_counters():
         check(batch, splits=splits)
 
 
+def test_launches_allocate_no_scratch_and_reuse_it():
+    from vllm_ext.kernels.pod import _Workspace
+
+    batch = make_batch([20, 33], [(14, 30)])
+    check(batch, splits=3)
+    ws = _Workspace.get(batch[0].device)
+    before = {name: buf.data_ptr() for name, buf in ws._buffers.items()}
+    check(batch, splits=3)
+    assert {"counters", "merge", "part_o", "part_lse"} <= set(before)
+    assert {name: buf.data_ptr() for name, buf in ws._buffers.items()} == before
+
+
+def test_a_launch_that_raised_does_not_poison_the_next(monkeypatch):
+    from vllm_ext.kernels import pod
+
+    batch = make_batch([20, 33], [(14, 30)])
+    check(batch, splits=2)
+
+    class Aborted(RuntimeError):
+        pass
+
+    class HalfLaunch:
+        # Takes tiles and counts finished programs, as a launch cut short would.
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                args[12][:3] += 1  # counters
+                args[11][:1] += 1  # a merge counter
+                raise Aborted
+            return launch
+
+    monkeypatch.setattr(pod, "pod_attention_kernel", HalfLaunch())
+    with pytest.raises(Aborted):
+        pod_attention(*batch, scale=0.1, pod_plan=plan(batch[5], batch[4], batch[6], 4, 2,
+                                                       decode_splits=2))
+    monkeypatch.undo()
+    check(batch, splits=2)
+
+
+def test_plan_from_host_metadata_puts_the_work_list_on_the_kernels_device():
+    batch = make_batch([5, 9], [(20, 20)])
+    p = plan(batch[5].cpu(), batch[4].cpu(), 2, 4, 2, block_m=64, device=DEVICE)
+    assert p.prefill_work.device.type == torch.device(DEVICE).type
+    assert p.prefill_work.tolist() == [[2, 0]] and p.num_prefill_tiles == 4
+
+
 @pytest.mark.parametrize("change, says", [
     ({"head_dim": 48}, "head_dim 48"),
     ({"dtype": torch.float64}, "dtypes torch.float64"),
@@ -134,3 +179,44 @@ def test_llama3_8b_shapes_compiled():
     for decodes in ([1000, 4000, 33, 2048] * 8, [3000, 17]):
         check(make_batch(decodes, [(700, 2000), (64, 64)], heads=32, kv_heads=8, head_dim=128,
                          dtype=torch.bfloat16), dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_split_merges_hold_over_many_launches_compiled():
+    """The last split to finish merges the others' partials: a missing barrier or
+    release shows as an occasional wrong row, so launch many times, NaN-poisoned."""
+    batch = make_batch([3000, 17, 900], [(300, 700)], heads=32, kv_heads=8, head_dim=128,
+                       dtype=torch.bfloat16)
+    query, *_, num_decodes = batch
+    want = reference.pod_attention(*[t.cpu() if torch.is_tensor(t) else t for t in batch],
+                                   scale=0.1).float()
+    for splits in (None, 7):
+        p = plan(batch[5], batch[4], num_decodes, 32, 8, block_m=tile_for(128, query.dtype).block_m,
+                 decode_splits=splits)
+        assert p.splits > 1
+        for _ in range(300):
+            out = torch.full_like(query, float("nan"))
+            pod_attention(*batch, scale=0.1, out=out, pod_plan=p)
+            torch.testing.assert_close(out.float().cpu(), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_launches_on_two_streams_do_not_share_counters_compiled():
+    a = make_batch([2000, 40], [(200, 500)], heads=32, kv_heads=8, head_dim=128,
+                   dtype=torch.bfloat16, seed=1)
+    b = make_batch([64] * 40, [(900, 900)], heads=32, kv_heads=8, head_dim=128,
+                   dtype=torch.bfloat16, seed=2)
+    want = [reference.pod_attention(*[t.cpu() if torch.is_tensor(t) else t for t in x],
+                                    scale=0.1).float() for x in (a, b)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()
+    for _ in range(50):
+        outs = []
+        for x, stream in zip((a, b), streams):
+            with torch.cuda.stream(stream):
+                outs.append(pod_attention(*x, scale=0.1))
+        torch.cuda.synchronize()
+        for out, w in zip(outs, want):
+            torch.testing.assert_close(out.float().cpu(), w, atol=3e-2, rtol=3e-2)

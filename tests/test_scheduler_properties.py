@@ -9,6 +9,8 @@ that are vLLM's own promises, which shows the driver itself is faithful.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
@@ -21,6 +23,8 @@ from vllm_ext.schedulers.latency import LatencyModel
 from vllm_ext.schedulers.request import ReqState, blocks_for
 from vllm_ext.schedulers.sarathi import KV_ADMISSION, SarathiConfig, SarathiPolicy
 
+pytestmark = pytest.mark.release
+
 BLOCK = 16
 MAX_MODEL_LEN = 512  # prefill-first runs prompts whole: its budget must cover one
 BUDGETS = (8, 32, 96, 512)
@@ -32,7 +36,7 @@ SHARED_PREFIX = tuple(range(100, 228))  # token ids of a "system prompt" some re
 
 # Every property below holds on at least this many generated workloads in CI; the
 # examples are the same on every run, and no database carries failures between runs.
-EXAMPLES = settings(max_examples=2000, derandomize=True, database=None, deadline=None,
+EXAMPLES = settings(max_examples=int(os.environ.get("VLLMEXT_PROPERTY_EXAMPLES", 2000)), derandomize=True, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -126,24 +126,28 @@ def _configure_stock_attn(settings: dict, ctx: ConfigureContext) -> tuple[dict, 
 
 
 def _configure_pod(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
-    if ctx.platform != "cpu":
-        raise SelectionError(f"--attn pod is wired into vLLM's CPU platform in this release, "
-                             f"not {ctx.platform!r}; the kernel itself (vllm_ext.kernels."
-                             f"pod_attention) runs on CUDA")
+    if attn_select.backend_path(ctx.platform) is None:
+        raise SelectionError(f"--attn pod runs on vLLM's {' and '.join(attn_select.BACKEND_PATHS)} "
+                             f"platforms, not {ctx.platform!r}")
     owner = attn_select.custom_owner()
     if owner is not None:
         raise SelectionError(f"--attn pod runs as vLLM's CUSTOM attention backend, which "
                              f"another plugin has taken ({owner})")
-    impl = settings.get("impl") or "torch"
+    # The kernel is compiled on a GPU; on a CPU Triton only interprets it (slowly).
+    impl = settings.get("impl") or ("torch" if ctx.platform == "cpu" else "triton")
     kvp = 1 if settings.get("kvp") is None else settings["kvp"]
     engine = _require(ctx, "--attn pod", {"attention_backend": attn_select.ENGINE_ARG})
-    if impl == "triton":
+    if impl == "triton" and ctx.platform == "cpu":
         # Triton has no CPU backend, only its interpreter, which must be on before Triton
         # is first imported: the engine processes this one starts take it from here. It
         # is Triton's switch, not the selection (that stays in the engine's config), and
         # changes nothing for other engines on a CPU, where vLLM runs no Triton kernels.
         os.environ["TRITON_INTERPRET"] = "1"
     if kvp != 1:
+        if ctx.platform != "cpu":
+            raise SelectionError(f"--kvp runs on vLLM's CPU platform in this release, not "
+                                 f"{ctx.platform!r}: the CUDA backend has no decode context "
+                                 f"parallelism yet")
         engine.update(_configure_kvp(kvp, impl, ctx))
     return {"impl": impl, "kvp": kvp}, engine
 
@@ -182,8 +186,9 @@ def vllm_ext_attention_backends() -> list[Component]:
                   _configure_stock_attn),
         Component("attn", "pod", "POD-Attention: prefills and decodes of a step in one kernel",
                   _configure_pod,
-                  options=(Option("impl", str, "torch: the PyTorch reference (default on CPUs); "
-                                  "triton: the Triton kernel (interpreted on CPUs, slow)",
+                  options=(Option("impl", str, "triton: the Triton kernel (default on GPUs; interpreted "
+                                  "on CPUs, slow); torch: the PyTorch reference (default on "
+                                  "CPUs; on GPUs, for checking)",
                                   choices=attn_select.IMPLS),
                            Option("kvp", int, "KV-cache parallelism over this many ranks "
                                   "(also --kvp N; default 1: none)"))),
@@ -195,6 +200,15 @@ def _configure_stock_kv(settings: dict, ctx: ConfigureContext) -> tuple[dict, di
 
 
 _KV_BACKENDS = {"cpu": "host", "cuda": "cuda"}
+
+
+def _engine_has(arg: str) -> bool:
+    """Whether the installed vLLM's engine takes this argument."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    return arg in {f.name for f in dataclasses.fields(EngineArgs)}
 
 
 def _configure_vattention(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
@@ -212,9 +226,14 @@ def _configure_vattention(settings: dict, ctx: ConfigureContext) -> tuple[dict, 
     except ValueError as e:
         raise SelectionError(str(e)) from None
     engine = {}
+    if _engine_has("enable_extensible_kv_cache"):
+        # vLLM 0.34's growable KV cache reserves the same buffer's virtual memory itself
+        # and maps it whole once sized; the pool maps pages as requests need them.
+        engine.update(_require(ctx, "--kv-allocator vattention",
+                               {"enable_extensible_kv_cache": False}))
     if chosen.layout == "slots":
         # A slot is one request's; blocks shared through the prefix cache would break it.
-        engine = _require(ctx, "--kv-allocator vattention --vattention-layout slots",
+        engine |= _require(ctx, "--kv-allocator vattention --vattention-layout slots",
                           {"enable_prefix_caching": False})
     return asdict(chosen), engine
 

@@ -1,9 +1,9 @@
 """`vllm-ext doctor`: what vllm-ext finds in the installed vLLM, before an engine starts.
 
 For the installed vLLM and platform: the version and whether this release supports it,
-every patch with each of its targets present, missing or changed in signature, the
-attention platform and the CUSTOM backend, Triton (compiled or only interpreted) and
-CUDA virtual memory management. Exit status 0 when everything a default install needs
+how each feature was verified there (vllm_ext.support), every patch with each of its
+targets present, missing or changed in signature, the attention platform and the
+CUSTOM backend, Triton (compiled or only interpreted) and CUDA virtual memory management. Exit status 0 when everything a default install needs
 (a supported vLLM and the command-line flags) is fine, 1 otherwise.
 """
 
@@ -29,6 +29,7 @@ def run(out: Callable[[str], None] = print) -> int:
         if override else f"not supported: vllm-ext stays off ({envs.ALLOW_ANY_VLLM}=1 overrides)")
     _rows(out, [("vLLM", f"{_vllm_label()}: {status} (this release: vLLM {SUPPORTED_VLLM})"),
                 *_platform_lines(), ("Triton", _triton()), ("CUDA VMM", _cuda_vmm())])
+    _support_lines(out, version)
     broken = _patch_lines(out, version, override)
     flags_ok = "cli_flags" not in broken
     healthy = (supported or override) and flags_ok
@@ -57,8 +58,11 @@ def _platform_lines() -> list[Line]:
     from vllm_ext import attn_select
 
     owner = attn_select.custom_owner()
+    path = attn_select.backend_path(current_platform.device_type)
     custom = (f"taken by {owner}: --attn pod unavailable" if owner else
-              f"free for vllm-ext's POD backend ({attn_select.BACKEND_PATH})")
+              f"free for vllm-ext's POD backend ({path})" if path else
+              f"--attn pod does not run on this platform (it runs on "
+              f"{', '.join(attn_select.BACKEND_PATHS)})")
     return [("platform", f"{current_platform.device_type} ({current_platform.device_name})"),
             ("attention", f"CUSTOM backend {custom}")]
 
@@ -93,6 +97,19 @@ def _cuda_vmm() -> str:
             else f"not supported by the {count} devices")
 
 
+def _support_lines(out: Callable[[str], None], version) -> None:
+    from vllm.platforms import current_platform
+
+    from vllm_ext.support import line_of, rows_for
+
+    platform = current_platform.device_type
+    out("")
+    out(f"how this release verified vLLM {line_of(version)} on {platform} (README, "
+        f"\"Compatibility\"):")
+    for feature, how in rows_for(version, platform):
+        out(f"  {feature}: {how}")
+
+
 def _patch_lines(out: Callable[[str], None], version, override: bool) -> dict[str, str]:
     """Print each patch and its targets; return the patches that do not fit, with why."""
     from vllm.platforms import current_platform
@@ -104,6 +121,10 @@ def _patch_lines(out: Callable[[str], None], version, override: bool) -> dict[st
     broken: dict[str, str] = {}
     platform = current_platform.device_type
     for patch in PATCHES:
+        if patch.obsolete_in(version):
+            out(f"  {patch.name}: {patch.summary}; not needed from vLLM {patch.obsolete_from} "
+                f"on (vLLM does it itself)")
+            continue
         where = "" if patch.applies_on(platform) else f" (not used on {platform})"
         versions = "" if version in patch.vllm_versions else \
             f"; written for vLLM {patch.vllm_versions}" + ("" if override else ", refused")
@@ -112,6 +133,10 @@ def _patch_lines(out: Callable[[str], None], version, override: bool) -> dict[st
         if versions and not override and patch.applies_on(platform):
             broken[patch.name] = versions
         for target in patch.targets:
+            if not target.exists_in(version):
+                out(f"      {target.path}: the form of vLLM {target.versions}; not checked "
+                    f"in {version}")
+                continue
             try:
                 target.check()
                 state = "present" + (", signature as written" if target.params else "")

@@ -26,7 +26,7 @@ import collections
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,10 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 import vllm_ext
 from vllm_ext import envs
+
+# Up to vLLM 0.33 a model runner's output carries its own request index; 0.34 dropped it
+# (the index is the position in req_ids).
+_INDEXED_OUTPUT = "req_id_to_index" in {f.name for f in fields(ModelRunnerOutput)}
 from vllm_ext.schedulers.latency import StepShape
 from vllm_ext.schedulers.request import ReqState
 from vllm_ext.scheduling import StockScheduler, req_state
@@ -231,8 +235,8 @@ class Driver:
         requests = self.scheduler.requests
         sampled = [[SAMPLED_TOKEN] if requests[r].num_computed_tokens >= requests[r].num_tokens
                    else [] for r in ids]
-        answer = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                                   sampled_token_ids=sampled)
+        answer = ModelRunnerOutput(req_ids=ids, sampled_token_ids=sampled, **(
+            {"req_id_to_index": {r: i for i, r in enumerate(ids)}} if _INDEXED_OUTPUT else {}))
         finished = []
         for outputs in self.scheduler.update_from_output(out, answer).values():
             for o in outputs.outputs:

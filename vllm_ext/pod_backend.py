@@ -22,13 +22,8 @@ from vllm_ext.kernels import reference
 from vllm_ext.kernels.kvp import shard_attention
 from vllm_ext.kernels.merge import merge_attention
 from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS
-
-
-def pod_settings(vllm_config) -> dict:
-    """This engine's `--attn pod` settings (impl, kvp) from its config."""
-    from vllm_ext.selection import selection_from_config
-
-    return selection_from_config(vllm_config.additional_config).get("attn") or {}
+from vllm_ext.pod_support import refusal, unsupported
+from vllm_ext.pod_support import settings as pod_settings
 
 
 def _triton_kernels():
@@ -114,19 +109,12 @@ class PodAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type="decoder",
                  kv_sharing_target_layer_name=None, sinks=None) -> None:
-        unsupported = [what for what, present in (
-            ("ALiBi", alibi_slopes is not None), ("sliding windows", sliding_window is not None),
-            ("logit soft-capping", bool(logits_soft_cap)), ("attention sinks", sinks is not None),
-            (f"{kv_cache_dtype} KV cache", kv_cache_dtype not in ("auto", "float32", "float16",
-                                                                    "bfloat16")),
-            (f"{attn_type} attention", attn_type != "decoder")) if present]
-        if head_size not in SUPPORTED_HEAD_DIMS:
-            unsupported.append(f"head size {head_size}")
-        if unsupported:
-            raise ValueError(f"--attn pod does not support {', '.join(unsupported)}; it runs causal "
-                             f"decoder attention with head sizes {list(SUPPORTED_HEAD_DIMS)} in "
-                             f"float16, bfloat16 or float32, without ALiBi, sliding windows, "
-                             f"soft-capping or sinks (use --attn vllm for this model)")
+        reasons = unsupported(head_size, kv_cache_dtype, attn_type, alibi=alibi_slopes is not None,
+                              sliding_window=sliding_window is not None,
+                              logit_soft_capping=bool(logits_soft_cap),
+                              attention_sinks=sinks is not None)
+        if reasons:
+            raise ValueError(refusal(reasons))
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
                          sinks)

@@ -163,7 +163,10 @@ class SlotCheck:
         cached = out.scheduled_cached_reqs
         for req_id, ids in zip(cached.req_ids, cached.new_block_ids):
             if ids is not None:
-                self._extend(req_id, ids[0], fresh=req_id in cached.resumed_req_ids)
+                # A resumed request: up to 0.33 with the V1 runner listed here; with V2,
+                # and always from 0.34 on, re-sent among the new ones.
+                self._extend(req_id, ids[0],
+                             fresh=req_id in getattr(cached, "resumed_req_ids", ()))
 
     def _extend(self, req_id: str, ids: list[int], fresh: bool) -> None:
         if not ids:

@@ -7,7 +7,7 @@ from packaging.version import Version
 
 from vllm_ext import envs
 
-SUPPORTED_VLLM = SpecifierSet(">=0.32,<0.33")
+SUPPORTED_VLLM = SpecifierSet(">=0.32,<0.35")
 
 
 class UnsupportedVLLMError(RuntimeError):

@@ -1,0 +1,236 @@
+"""`--attn pod`'s CUDA backend (vllm_ext.pod_cuda) on CPU tensors, against vLLM's own
+classes: its CommonAttentionMetadata, its Triton-layout KV cache written by its own
+writer (`triton_reshape_and_cache_flash`), its CUDA platform's backend selection. The
+POD kernel and vLLM's writer run under Triton's interpreter.
+
+Runs in tests/test_vllm_releases.py's runs, once per vLLM release (0.32 installed, and
+0.33 and 0.34 from their wheels' sources), where vLLM is told Triton is there.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.release, pytest.mark.vllm_triton]
+
+
+@pytest.fixture(autouse=True)
+def _vllm_triton(monkeypatch):
+    from vllm.triton_utils import HAS_TRITON
+
+    if not HAS_TRITON:
+        pytest.skip("vLLM's Triton code on CPU tensors runs in tests/test_vllm_releases.py")
+    # vLLM's KV writer picks its tile by the GPU's generation: an H100's, here.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+BLOCK = 16
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+# name: (query heads, KV heads, head size)
+SHAPES = {"gqa4-d128": (8, 2, 128), "mha-d64": (4, 4, 64), "gqa2-d256": (4, 2, 256)}
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    from vllm_ext.driver import engine_config
+    from vllm_ext.models import make_shape
+
+    model = make_shape(tmp_path_factory.mktemp("model"), "tiny")
+    made = {}
+
+    def get(heads, kv_heads, head_dim, impl="triton"):
+        key = (heads, kv_heads, head_dim, impl)
+        if key not in made:
+            made[key] = engine_config(
+                model, attn="pod", pod_impl=impl, block_size=BLOCK, max_model_len=1024,
+                dtype="float32", hf_overrides={
+                    "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+                    "head_dim": head_dim, "hidden_size": heads * head_dim})
+        return made[key]
+
+    return get
+
+
+def _backend(config, dtype):
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_ext.pod_cuda import PodCudaBackend
+
+    model, parallel = config.model_config, config.parallel_config
+    heads, kv_heads = model.get_num_attention_heads(parallel), model.get_num_kv_heads(parallel)
+    head_dim = model.get_head_size()
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=kv_heads, head_size=head_dim,
+                             dtype=dtype)
+    builder = PodCudaBackend.get_builder_cls()(spec, ["model.layers.0.self_attn.attn"], config,
+                                               torch.device("cpu"))
+    with set_current_vllm_config(config):
+        impl = PodCudaBackend.get_impl_cls()(heads, head_dim, head_dim ** -0.5, kv_heads, None,
+                                             None, "auto")
+    return builder, impl
+
+
+def _step(config, seqs, dtype=torch.float32, padding=0, seed=0):
+    """One engine step of `seqs` ((query tokens, context incl. them), decodes first) through
+    the backend: the earlier context written in an earlier step, this step's tokens now,
+    both by vLLM's writer, into a NaN-filled cache with scattered blocks. Returns the
+    step's output and exact attention computed from the whole K/V, never from the cache."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    builder, impl = _backend(config, dtype)
+    heads, kv_heads, d = impl.num_heads, impl.num_kv_heads, impl.head_size
+    g = torch.Generator().manual_seed(seed)
+    need = [math.ceil(c / BLOCK) for _, c in seqs]
+    num_blocks = sum(need) + 3
+    perm = torch.randperm(num_blocks, generator=g)
+    table = torch.zeros(len(seqs), max(need), dtype=torch.int32)
+    used = 0
+    for s, n in enumerate(need):
+        table[s, :n] = perm[used:used + n]
+        used += n
+    kv_cache = torch.full((num_blocks, kv_heads, BLOCK, 2 * d), float("nan"), dtype=dtype)
+    layer = SimpleNamespace(_k_scale=torch.tensor(1.0), _v_scale=torch.tensor(1.0))
+    keys = [torch.randn(c, kv_heads, d, generator=g).to(dtype) for _, c in seqs]
+    values = [torch.randn(c, kv_heads, d, generator=g).to(dtype) for _, c in seqs]
+
+    def slots(s, positions):
+        pos = torch.tensor(list(positions), dtype=torch.long)
+        return (table[s].long()[pos // BLOCK] * BLOCK + pos % BLOCK)
+
+    earlier = [(s, range(c - q)) for s, (q, c) in enumerate(seqs) if c > q]
+    if earlier:
+        impl.do_kv_cache_update(layer, torch.cat([keys[s][p] for s, p in earlier]),
+                                torch.cat([values[s][p] for s, p in earlier]), kv_cache,
+                                torch.cat([slots(s, p) for s, p in earlier]))
+    now = [range(c - q, c) for q, c in seqs]
+    num_tokens = sum(q for q, _ in seqs)
+    pad = lambda t: torch.cat([t, torch.zeros(padding, *t.shape[1:], dtype=t.dtype)])
+    slot_mapping = torch.cat([slots(s, p) for s, p in enumerate(now)]
+                             + [torch.full((padding,), -1, dtype=torch.long)])
+    key = pad(torch.cat([keys[s][p] for s, p in enumerate(now)]))
+    value = pad(torch.cat([values[s][p] for s, p in enumerate(now)]))
+    impl.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+
+    query = torch.randn(num_tokens + padding, heads, d, generator=g).to(dtype)
+    qsl = torch.tensor([0] + [q for q, _ in seqs], dtype=torch.int32).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor([c for _, c in seqs], dtype=torch.int32)
+    cam = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=len(seqs),
+        num_actual_tokens=num_tokens, max_query_len=max(q for q, _ in seqs),
+        max_seq_len=int(seq_lens.max()), block_table_tensor=table,
+        slot_mapping=slot_mapping.to(torch.int64), seq_lens_cpu_upper_bound=seq_lens)
+    md = builder.build(0, cam)
+    output = torch.full((num_tokens + padding, heads, d), float("nan"), dtype=dtype)
+    impl.forward(layer, query, key, value, kv_cache, md, output)
+
+    want = []
+    for s, (q, c) in enumerate(seqs):
+        qs = query[int(qsl[s]):int(qsl[s + 1])].double()
+        k = keys[s].double().repeat_interleave(heads // kv_heads, dim=1)
+        v = values[s].double().repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * d ** -0.5
+        visible = torch.arange(c)[None, :] <= torch.arange(c - q, c)[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        want.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
+    return output, torch.cat(want), md
+
+
+MIXED = [(1, 5), (1, 40), (1, 33), (20, 20), (10, 50)]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_mixed_batch_is_exact(configs, shape):
+    out, want, md = _step(configs(*SHAPES[shape]), MIXED)
+    assert md.num_decodes == 3 and md.plan.num_decode_tiles > 0 and md.plan.num_prefill_tiles > 0
+    torch.testing.assert_close(out.double(), want, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("seqs", [
+    pytest.param([(1, 17), (1, 64), (1, 100)], id="decodes-only"),
+    pytest.param([(37, 37), (5, 5)], id="prefills-only"),
+    pytest.param([(1, 9), (24, 131), (1, 1)], id="context-then-a-late-one-token-prompt"),
+])
+def test_batch_mixes(configs, seqs):
+    out, want, _ = _step(configs(8, 2, 128), seqs)
+    torch.testing.assert_close(out.double(), want, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+
+
+def test_cuda_graph_padding_rows_are_left_alone(configs):
+    out, want, _ = _step(configs(8, 2, 128), MIXED, padding=5)
+    n = want.shape[0]
+    torch.testing.assert_close(out[:n].double(), want, atol=TOL[torch.float32],
+                               rtol=TOL[torch.float32])
+    assert torch.isnan(out[n:]).all()  # padded tokens: no writes, no reads
+
+
+def test_bf16(configs):
+    out, want, _ = _step(configs(8, 2, 128), MIXED, dtype=torch.bfloat16)
+    torch.testing.assert_close(out.double(), want, atol=TOL[torch.bfloat16],
+                               rtol=TOL[torch.bfloat16])
+
+
+def test_the_torch_impl_agrees(configs):
+    out, want, md = _step(configs(8, 2, 128, impl="torch"), MIXED)
+    assert md.plan is None
+    torch.testing.assert_close(out.double(), want, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+
+
+def test_the_plan_reads_only_host_metadata(configs):
+    """The builder never reads the device copies: here they are poisoned."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    builder, _ = _backend(configs(8, 2, 128), torch.float32)
+    qsl = torch.tensor([0, 1, 2, 12], dtype=torch.int32)
+    seq_lens = torch.tensor([30, 300, 40], dtype=torch.int32)
+    poisoned = object()  # any use but passing it on fails
+    cam = CommonAttentionMetadata(
+        query_start_loc=poisoned, query_start_loc_cpu=qsl, seq_lens=poisoned, num_reqs=3,
+        num_actual_tokens=12, max_query_len=10, max_seq_len=300,
+        block_table_tensor=torch.zeros(3, 20, dtype=torch.int32), slot_mapping=poisoned,
+        seq_lens_cpu_upper_bound=seq_lens)
+    md = builder.build(0, cam)
+    assert md.num_decodes == 2 and md.plan.num_prefill_tiles == 8  # one 64-row tile x 8 heads
+
+
+def _reasons(monkeypatch, **config):
+    """What vLLM's CUDA platform asks a selected backend (platforms/cuda.py, which needs
+    vLLM's compiled ops to import): its selector config and the device's capability,
+    here an H100's. Any reason refuses the backend, as a hard error."""
+    from vllm.platforms.interface import DeviceCapability
+    from vllm.v1.attention.backends import registry
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    from vllm_ext.attn_select import BACKEND_PATHS
+
+    custom = registry.AttentionBackendEnum.CUSTOM
+    monkeypatch.setitem(registry._ATTN_OVERRIDES, custom, BACKEND_PATHS["cuda"])  # as on CUDA
+    backend = custom.get_class()
+    selector = AttentionSelectorConfig(**{"head_size": 128, "dtype": torch.bfloat16,
+                                          "kv_cache_dtype": "auto", "block_size": 16, **config})
+    return backend, backend.validate_configuration(device_capability=DeviceCapability(9, 0),
+                                                   **selector._asdict())
+
+
+def test_vllm_finds_it_valid_on_cuda(monkeypatch):
+    from vllm_ext.pod_cuda import PodCudaBackend
+
+    backend, reasons = _reasons(monkeypatch)
+    assert backend is PodCudaBackend and reasons == []
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"head_size": 72}, "head size 72 (supported: [64, 80, 96, 128, 256])"),
+    ({"kv_cache_dtype": "fp8"}, "KV cache dtype fp8 (supported: auto, float16, bfloat16"),
+    ({"has_sink": True}, "attention sinks (not supported)"),
+    ({"has_sliding_window": True}, "sliding windows (not supported)"),
+    ({"use_dcp": True}, "decode context parallelism on CUDA in this release"),
+    ({"attn_type": "encoder_only"}, "encoder_only attention (supported: decoder)"),
+])
+def test_vllm_is_told_what_it_cannot_run_and_what_it_can(monkeypatch, config, says):
+    _, reasons = _reasons(monkeypatch, **config)
+    assert len(reasons) == 1 and says in reasons[0], reasons
+    assert "--attn pod does not support" in reasons[0] and "use --attn vllm" in reasons[0]

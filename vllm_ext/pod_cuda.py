@@ -1,0 +1,211 @@
+"""`--attn pod` on CUDA: POD-Attention as vLLM's CUSTOM attention backend.
+
+It is TRITON_ATTN's backend with POD's metadata and forward: the KV cache keeps the
+Triton layout ([blocks, kv_heads, block_size, 2 * head_size], K and V the two halves
+of the last dimension) and is written by vLLM's own writer (TritonAttentionImpl's
+`do_kv_cache_update`, `triton_reshape_and_cache_flash`); the forward reads it through
+strided views in one POD launch per layer.
+
+The step's plan (prefill tiles, decode splits, the prefill:decode ticket ratio) is made
+once per step by the metadata builder from the host copies of the batch's metadata,
+so no layer waits on the device. Decodes come first under both model runners: V1
+honours `reorder_batch_threshold = 1`, V2 always sorts them first. A batch that is not
+ordered so is still exact: only its leading one-token requests run as decode tiles.
+
+CUDA graphs: the plan's tile counts and decode splits change with every batch, so a
+full-graph capture would replay a stale plan; the builder declares NEVER and vLLM keeps
+attention out of its piecewise graphs (POD's batches, prefills and decodes together,
+are the ones full graphs never cover anyway).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder
+from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
+
+from vllm_ext.kernels import reference
+from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS
+from vllm_ext.pod_support import DTYPES, refusal, settings, unsupported
+
+IMPL_DEFAULT = "triton"
+
+
+@dataclass
+class PodCudaMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_decodes: int  # the leading one-token requests
+    plan: Any = None  # kernels.pod.PodPlan (--pod-impl triton)
+
+
+class PodCudaBackend(TritonAttentionBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = list(DTYPES)
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"  # vLLM looks the layer's backend up by this name
+
+    @staticmethod
+    def get_impl_cls() -> type[PodCudaImpl]:
+        return PodCudaImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[PodCudaMetadataBuilder]:
+        return PodCudaMetadataBuilder
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(SUPPORTED_HEAD_DIMS)
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size in SUPPORTED_HEAD_DIMS
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == "decoder"
+
+    # What TRITON_ATTN runs and the POD kernel does not.
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_mm_prefix(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_rswa(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_alibi_sqrt(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        return False
+
+    @classmethod
+    def validate_configuration(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla,
+                               has_sink, use_sparse, use_mm_prefix, use_per_head_quant_scales,
+                               device_capability, attn_type, **more) -> list[str]:
+        """vLLM's CUDA platform refuses the selected backend with these reasons."""
+        reasons = unsupported(
+            head_size, kv_cache_dtype, attn_type, dtype,
+            MLA=use_mla, attention_sinks=has_sink, sparse_attention=use_sparse,
+            multimodal_prefix_attention=use_mm_prefix,
+            per_head_quantization_scales=use_per_head_quant_scales,
+            sliding_windows=more.get("has_sliding_window", False),
+            non_causal_attention=more.get("use_non_causal", False),
+            batch_invariance=more.get("use_batch_invariant", False),
+            prefill_context_parallelism=more.get("use_pcp", False),
+            decode_context_parallelism_on_CUDA_in_this_release=more.get("use_dcp", False),
+            restricted_sliding_windows=more.get("use_rswa", False))
+        if reasons:
+            return [refusal(reasons)]
+        return super().validate_configuration(
+            head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink, use_sparse,
+            use_mm_prefix, use_per_head_quant_scales, device_capability, attn_type, **more)
+
+
+class PodCudaMetadataBuilder(AttentionMetadataBuilder[PodCudaMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    reorder_batch_threshold: int | None = 1
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        model, parallel = vllm_config.model_config, vllm_config.parallel_config
+        self.num_heads = model.get_num_attention_heads(parallel)
+        self.num_kv_heads = kv_cache_spec.num_kv_heads
+        self.device = torch.device(device)
+        self._plan = None
+        if (settings(vllm_config).get("impl") or IMPL_DEFAULT) == "triton":
+            from vllm_ext.kernels import pod
+
+            tile = pod.tile_for(kv_cache_spec.head_size, kv_cache_spec.dtype)
+            self._plan = functools.partial(pod.plan, block_m=tile.block_m, device=self.device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False
+              ) -> PodCudaMetadata:
+        cam = common_attn_metadata
+        qsl = cam.query_start_loc_cpu[:cam.num_reqs + 1]
+        q_lens = (qsl[1:] - qsl[:-1]).tolist()  # host memory: no device sync
+        num_decodes = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+        plan = None
+        if self._plan is not None:
+            # Host-side context lengths; an upper bound is enough, they only size the
+            # decode splits.
+            seq_lens = cam.seq_lens_cpu_upper_bound
+            if seq_lens is None:
+                seq_lens = torch.full((cam.num_reqs,), cam.max_seq_len, dtype=torch.int32)
+            plan = self._plan(qsl, seq_lens[:cam.num_reqs], num_decodes, self.num_heads,
+                              self.num_kv_heads)
+        return PodCudaMetadata(
+            num_actual_tokens=cam.num_actual_tokens, max_query_len=cam.max_query_len,
+            max_seq_len=cam.max_seq_len, query_start_loc=cam.query_start_loc,
+            seq_lens=cam.seq_lens, block_table=cam.block_table_tensor,
+            slot_mapping=cam.slot_mapping, num_decodes=num_decodes, plan=plan)
+
+
+class PodCudaImpl(TritonAttentionImpl):
+    """TRITON_ATTN's KV writer (inherited `do_kv_cache_update`), POD's forward."""
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+                 kv_cache_dtype, logits_soft_cap=None, attn_type="decoder",
+                 kv_sharing_target_layer_name=None, sinks=None, **more) -> None:
+        reasons = unsupported(head_size, kv_cache_dtype, attn_type,
+                              alibi=alibi_slopes is not None,
+                              sliding_window=sliding_window is not None,
+                              logit_soft_capping=bool(logits_soft_cap),
+                              attention_sinks=sinks is not None)
+        if reasons:
+            raise ValueError(refusal(reasons))
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+                         kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
+                         sinks, **more)
+        from vllm.config import get_current_vllm_config
+
+        impl = settings(get_current_vllm_config()).get("impl") or IMPL_DEFAULT
+        if impl == "triton":
+            from vllm_ext.kernels.pod import pod_attention
+
+            self.kernel = pod_attention
+        else:
+            self.kernel = reference.pod_attention
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("--attn pod: fused output quantization is not supported")
+        if attn_metadata is None:  # the profiling run
+            return output.fill_(0)
+        md: PodCudaMetadata = attn_metadata
+        n = md.num_actual_tokens
+        # (B, H, N, 2*hs) -> K and V as (B, N, H, hs): strided views, as the writer sees them.
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        plan = {"pod_plan": md.plan} if md.plan is not None else {}
+        self.kernel(query[:n].view(n, self.num_heads, self.head_size), key_cache, value_cache,
+                    md.block_table, md.seq_lens, md.query_start_loc, md.num_decodes, self.scale,
+                    out=out, **plan)
+        return output

@@ -1,0 +1,45 @@
+"""What `--attn pod` supports, said once for both of its backends (the CPU platform's,
+`vllm_ext.pod_backend`, and CUDA's, `vllm_ext.pod_cuda`), and its per-engine settings."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+SUPPORTED = (f"--attn pod runs causal decoder self-attention with head sizes "
+             f"{list(SUPPORTED_HEAD_DIMS)} in float16, bfloat16 or float32 (KV cache in the "
+             f"model's dtype), without ALiBi, sliding windows, soft-capping or attention sinks")
+
+
+def settings(vllm_config) -> dict:
+    """This engine's `--attn pod` settings (impl, kvp) from its config."""
+    from vllm_ext.selection import selection_from_config
+
+    return selection_from_config(vllm_config.additional_config).get("attn") or {}
+
+
+def unsupported(head_size: int, kv_cache_dtype: str | None, attn_type: str = "decoder",
+                dtype: torch.dtype | None = None, **features: bool) -> list[str]:
+    """What of a layer's configuration `--attn pod` cannot run, each named with what it
+    can; `features` are flags such as `sinks=True` (present means unsupported)."""
+    reasons = []
+    if head_size not in SUPPORTED_HEAD_DIMS:
+        reasons.append(f"head size {head_size} (supported: {list(SUPPORTED_HEAD_DIMS)})")
+    if dtype is not None and dtype not in DTYPES:
+        reasons.append(f"dtype {dtype} (supported: float16, bfloat16, float32)")
+    if (kv_cache_dtype or "auto") not in KV_CACHE_DTYPES:
+        reasons.append(f"KV cache dtype {kv_cache_dtype} (supported: {', '.join(KV_CACHE_DTYPES)}; "
+                       f"auto is the model's dtype)")
+    if attn_type != "decoder":
+        reasons.append(f"{attn_type} attention (supported: decoder)")
+    reasons += [f"{name.replace('_', ' ')} (not supported)"
+                for name, present in features.items() if present]
+    return reasons
+
+
+def refusal(reasons: list[str]) -> str:
+    return (f"--attn pod does not support {'; '.join(reasons)}. {SUPPORTED}; use --attn vllm "
+            f"for this model")
