@@ -20,7 +20,9 @@ import pytest
 from vllm_releases import MARKER, RELEASES, environment
 
 HERE = Path(__file__).parent
-FILES = ("test_patches.py", "test_scheduler_properties.py", "test_pod_cuda_backend.py")
+ALLOWED_SKIPS = ("no V1 runner from vLLM 0.34", "no allocation hook before vLLM 0.34")
+FILES = ("test_patches.py", "test_scheduler_properties.py", "test_pod_cuda_backend.py",
+         "test_kv_pool_runners.py")
 
 
 def _run(tmp_path: Path, env: dict, marker: str) -> tuple[dict, str]:
@@ -33,6 +35,10 @@ def _run(tmp_path: Path, env: dict, marker: str) -> tuple[dict, str]:
     assert proc.returncode == 0, tail
     suite = ET.parse(report).getroot().find("testsuite")
     counts = {k: int(suite.get(k)) for k in ("tests", "failures", "errors", "skipped")}
+    # A test may skip only where the release lacks what it checks.
+    skips = {s.get("message", "") for s in suite.iter("skipped")}
+    unexpected = {m for m in skips if not any(ok in m for ok in ALLOWED_SKIPS)}
+    assert not unexpected, (unexpected, tail)
     return counts, tail
 
 
@@ -41,7 +47,7 @@ def test_release(version, tmp_path):
     env = environment(version)
     env["VLLMEXT_PROPERTY_EXAMPLES"] = "1000"  # 2000 on the installed release
     counts, tail = _run(tmp_path, env, MARKER)
-    assert counts["skipped"] == 0 and counts["tests"] >= 40, (counts, tail)
+    assert counts["tests"] - counts["skipped"] >= 43, (counts, tail)
 
 
 def test_installed_release_runs_vllms_triton_code(tmp_path):
