@@ -3,7 +3,8 @@
 # image has torch (CUDA), Triton, cuda-bindings and pytest but no vLLM and no network:
 #   bash benchmarks/gpu_all.sh OUT
 # 1. the POD kernel compiled, against the PyTorch reference: mixed batches of awkward
-#    shapes, NaN-poisoned outputs, split merges over 300 launches, two streams at once;
+#    shapes, NaN-poisoned outputs, split merges over 300 launches, two streams at once,
+#    one rank's KV shard (--kvp);
 #    the vAttention pool's CUDA backend (memory follows mapped pages, no copies, zeroed
 #    pages, reused handles);
 # 2. the POD sweep: one fused launch against two launches and each half alone;
@@ -36,7 +37,8 @@ part() {  # name, seconds, command...
 }
 part tests 170 python -m pytest -q -p no:cacheprovider -m gpu tests/test_pod_kernel.py \
   tests/test_vattention_gpu.py
-part tests-shapes 60 python -m pytest -q -p no:cacheprovider tests/test_pod_kernel.py -k "batches or dtypes or split"
+part tests-shapes 90 python -m pytest -q -p no:cacheprovider tests/test_pod_kernel.py \
+  tests/test_kvp_shards.py -k "batches or dtypes or split or kernel_attends"
 part pod-sweep 130 python benchmarks/pod.py --out "$out"
 part vattention 110 python benchmarks/vattention.py --out "$out"
 echo "total $SECONDS s" | tee -a "$out/status.txt"

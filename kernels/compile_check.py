@@ -47,13 +47,15 @@ class Config:
     dtype: str
     head_dim: int
     splits: int  # decode splits: 1, or several merged in the launch
+    sharded: bool = False  # one rank's share of the KV (--kvp)
     block_size: int = 16  # KV block (vLLM's default on GPUs)
     num_heads: int = 32
     num_kv_heads: int = 8
 
     @property
     def name(self) -> str:
-        return f"{self.dtype}-d{self.head_dim}-{'split' if self.splits > 1 else 'nosplit'}"
+        return (f"{self.dtype}-d{self.head_dim}-{'split' if self.splits > 1 else 'nosplit'}"
+                + ("-kvp" if self.sharded else ""))
 
     def launch(self):
         """(constexprs, launch options) exactly as the launcher computes them."""
@@ -64,11 +66,13 @@ class Config:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
         return pod.launch_constants(self.head_dim, self.block_size, self.num_heads,
                                     self.num_kv_heads, self.splits, dtype,
-                                    ieee=dtype == torch.float32, num_sms=132)
+                                    ieee=dtype == torch.float32, num_sms=132,
+                                    sharded=self.sharded)
 
 
 def configs() -> list[Config]:
-    return [Config(d, h, s) for d, h, s in itertools.product(DTYPES, SUPPORTED_HEAD_DIMS, (1, 4))]
+    return [Config(d, h, s, kvp) for kvp, d, h, s in
+            itertools.product((False, True), DTYPES, SUPPORTED_HEAD_DIMS, (1, 4))]
 
 
 def build_all(jobs: int = 2) -> list[Report]:

@@ -44,31 +44,41 @@ class Tile:
     num_warps: int
 
 
-def tile_for(head_dim: int, dtype: torch.dtype) -> Tile:
+def tile_for(head_dim: int, dtype: torch.dtype, sharded: bool = False) -> Tile:
     """Tile sizes that build without register spills for sm_80, sm_90 and sm_100
     (kernels/compile_check.py, benchmarks/results/kernels-compile.md). With 4 warps
     ptxas spills from head size 80 up (a 64-row fp32 accumulator of 128 columns alone
-    takes 64 of a thread's 255 registers), and with 8 warps still at head size 256, and
-    at fp32 from 128 padded columns, unless tiles shrink to 32 rows and 16-key steps."""
+    takes 64 of a thread's 255 registers); with 8 warps it caps itself near 128
+    registers on sm_100 and spills at 128 padded columns with 32-key steps, and at
+    head size 256 or fp32 from 128 columns unless tiles shrink to 32 rows and 16-key
+    steps. The KV-shard variant (`sharded`) needs smaller fp32 tiles still."""
     dim_p = _next_pow2(head_dim)
-    if dim_p >= 256 or (dtype == torch.float32 and dim_p >= 128):
+    fp32 = dtype == torch.float32
+    if sharded and fp32:
+        return Tile(16, 16, 8) if dim_p >= 256 else Tile(64 if dim_p <= 64 else 32, 16, 8)
+    if dim_p >= 256 or (fp32 and dim_p >= 128):
         return Tile(32, 16, 8)
+    if dim_p == 128:
+        return Tile(64, 16, 8)
     return Tile(64, 32, 8)
 
 
 @triton.jit
 def _decode_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
-                 part_o_ptr, part_lse_ptr, merge_ptr, qk_scale,
+                 part_o_ptr, part_lse_ptr, merge_ptr, qk_scale, cp_size, cp_rank, cp_interleave,
                  s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                  GROUP: tl.constexpr, GROUP_P: tl.constexpr, SPLITS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, DIM_P: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_N: tl.constexpr, DIM_P: tl.constexpr, IEEE: tl.constexpr,
+                 SHARDED: tl.constexpr):
     # One request's query heads that share a KV head, over one split of its context:
     # the group's rows are padded to a tensor-core tile, so each K/V row is read once.
     seq = t // (NUM_KV_HEADS * SPLITS)
     kvh = (t // SPLITS) % NUM_KV_HEADS
     split = t % SPLITS
     ctx = tl.load(seq_lens_ptr + seq)
+    if SHARDED:  # a decode sees its whole past: every key of the shard, in local indices
+        ctx = _local_length(ctx, cp_size, cp_rank, cp_interleave)
     tok = tl.load(qsl_ptr + seq)
     g = tl.arange(0, GROUP_P)
     d = tl.arange(0, DIM_P)
@@ -87,8 +97,11 @@ def _decode_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, q
         nmask = n < hi
         k, v = _load_kv(k_ptr, v_ptr, bt_ptr + seq * s_bt, n, nmask, kvh, d, dmask, s_kb, s_ks,
                         s_kh, BLOCK_SIZE)
-        m, l, acc = _online_softmax_step(q, k, v, m, l, acc, nmask[None, :], qk_scale, IEEE)
+        m, l, acc = _online_softmax_step(q, k, v, m, l, acc, nmask[None, :], qk_scale, IEEE,
+                                         SHARDED)
     if SPLITS == 1:
+        if SHARDED:  # a shard holding none of the past: output 0, LSE -inf
+            l = tl.where(l > 0, l, 1.0)
         tl.store(o_ptr + tok * s_ot + heads[:, None] * s_oh + d[None, :],
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=out_mask)
         tl.store(lse_ptr + tok * (NUM_KV_HEADS * GROUP) + heads, (m + tl.log2(l)) * LN2,
@@ -123,12 +136,32 @@ def _decode_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, q
                 o = o * scale_old[:, None] + w[:, None] * o_sp
                 total = total * scale_old + w
                 top = new_top
-            total = tl.where(gmask, total, 1.0)  # padding rows: no warnings from 0/0
+            if SHARDED:  # a shard holding none of the past: output 0, LSE -inf
+                seen = total > 0
+                total = tl.where(gmask & seen, total, 1.0)
+                top = tl.where(seen, top, float("-inf"))
+            else:
+                total = tl.where(gmask, total, 1.0)  # padding rows: no warnings from 0/0
             tl.store(o_ptr + tok * s_ot + heads[:, None] * s_oh + d[None, :],
                      (o / total[:, None]).to(o_ptr.dtype.element_ty), mask=out_mask)
             tl.store(lse_ptr + tok * (NUM_KV_HEADS * GROUP) + heads,
                      (top + tl.log2(total)) * LN2, mask=gmask)
             tl.atomic_xchg(merge_ptr + seq * NUM_KV_HEADS + kvh, 0)  # ready for the next launch
+
+
+@triton.jit
+def _local_length(length, cp_size, cp_rank, cp_interleave):
+    """How many of a sequence's positions 0..length-1 this KV shard holds (kernels/kvp.py;
+    all of them without KV-cache parallelism: size 1, rank 0, interleave 1)."""
+    span = cp_size * cp_interleave
+    rest = length % span - cp_rank * cp_interleave
+    return (length // span) * cp_interleave + tl.minimum(tl.maximum(rest, 0), cp_interleave)
+
+
+@triton.jit
+def _global_position(n, cp_size, cp_rank, cp_interleave):
+    """The sequence position of the shard's local KV index n."""
+    return ((n // cp_interleave) * cp_size + cp_rank) * cp_interleave + n % cp_interleave
 
 
 @triton.jit
@@ -142,7 +175,8 @@ def _load_kv(k_ptr, v_ptr, table_ptr, n, nmask, kvh, d, dmask, s_kb, s_ks, s_kh,
 
 
 @triton.jit
-def _online_softmax_step(q, k, v, m, l, acc, visible, qk_scale, IEEE: tl.constexpr):
+def _online_softmax_step(q, k, v, m, l, acc, visible, qk_scale, IEEE: tl.constexpr,
+                         UNSEEN_ROWS: tl.constexpr):
     """One K/V block of flash attention: scores, running max and sum, rescaled output.
     IEEE: exact float32 dots (float32 inputs, or bf16 under the interpreter, whose bf16
     dot is wrong in Triton 3.9); otherwise the input dtype's tensor-core dot."""
@@ -152,8 +186,13 @@ def _online_softmax_step(q, k, v, m, l, acc, visible, qk_scale, IEEE: tl.constex
         s = tl.dot(q, tl.trans(k))
     s = tl.where(visible, s * qk_scale, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_ref = m_new
+    if UNSEEN_ROWS:
+        # A row that has seen no key yet (a KV shard holding none of its past) keeps
+        # m = -inf; subtracting 0 instead keeps its weights 0 rather than NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
     l = l * alpha + tl.sum(p, axis=1)
     if IEEE:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
@@ -164,10 +203,11 @@ def _online_softmax_step(q, k, v, m, l, acc, visible, qk_scale, IEEE: tl.constex
 
 @triton.jit
 def _prefill_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, work_ptr,
-                  qk_scale, s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
+                  qk_scale, cp_size, cp_rank, cp_interleave,
+                  s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_HEADS: tl.constexpr,
                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DIM_P: tl.constexpr, IEEE: tl.constexpr):
+                  DIM_P: tl.constexpr, IEEE: tl.constexpr, SHARDED: tl.constexpr):
     entry = t // NUM_HEADS
     h = t % NUM_HEADS
     kvh = h // GROUP
@@ -186,15 +226,23 @@ def _prefill_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_P], tl.float32)
-    # Causal: nothing past this tile's last query position is visible.
+    # Causal: nothing past this tile's last query position is visible; the keys are the
+    # shard's local indices below that, each at its own position in the sequence.
     kv_end = tl.minimum(ctx, ctx - q_len + q_off + BLOCK_M)
+    if SHARDED:
+        kv_end = _local_length(kv_end, cp_size, cp_rank, cp_interleave)
     for start in range(0, kv_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         nmask = n < kv_end
         k, v = _load_kv(k_ptr, v_ptr, bt_ptr + seq * s_bt, n, nmask, kvh, d, dmask, s_kb, s_ks,
                         s_kh, BLOCK_SIZE)
-        visible = (n[None, :] <= pos[:, None]) & nmask[None, :]
-        m, l, acc = _online_softmax_step(q, k, v, m, l, acc, visible, qk_scale, IEEE)
+        key_pos = n
+        if SHARDED:
+            key_pos = _global_position(n, cp_size, cp_rank, cp_interleave)
+        visible = (key_pos[None, :] <= pos[:, None]) & nmask[None, :]
+        m, l, acc = _online_softmax_step(q, k, v, m, l, acc, visible, qk_scale, IEEE, SHARDED)
+    if SHARDED:  # a shard holding none of a row's past: output 0, LSE -inf
+        l = tl.where(l > 0, l, 1.0)
     tl.store(o_ptr + (q_start + mi)[:, None] * s_ot + h * s_oh + d[None, :],
              (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
     tl.store(lse_ptr + (q_start + mi) * NUM_HEADS + h, (m + tl.log2(l)) * LN2, mask=mmask)
@@ -202,17 +250,22 @@ def _prefill_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, 
 
 # The tile counts and the ticket ratio change with every batch's mix: runtime values,
 # never specialized on, so that a new mix does not compile a new kernel.
-@triton.jit(do_not_specialize=["num_prefill_tiles", "num_decode_tiles", "ratio_p", "ratio_d"])
+@triton.jit(do_not_specialize=["num_prefill_tiles", "num_decode_tiles", "ratio_p", "ratio_d",
+                               "cp_size", "cp_rank", "cp_interleave"])
 def pod_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
                          work_ptr, part_o_ptr, part_lse_ptr, merge_ptr, counter_ptr, qk_scale,
                          num_prefill_tiles, num_decode_tiles, ratio_p, ratio_d,
+                         cp_size, cp_rank, cp_interleave,
                          s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
                          HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                          GROUP: tl.constexpr, GROUP_P: tl.constexpr, SPLITS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          DECODE_BLOCK_N: tl.constexpr, DIM_P: tl.constexpr, IEEE: tl.constexpr,
-                         USE_SMID: tl.constexpr, NUM_COUNTERS_P: tl.constexpr):
+                         USE_SMID: tl.constexpr, NUM_COUNTERS_P: tl.constexpr,
+                         SHARDED: tl.constexpr):
+    # SHARDED: the caches hold one rank's share of the KV (kv_shard); a variant of its own,
+    # so that the unsharded kernel does none of the shard's index arithmetic.
     # counters: [0] next prefill tile, [1] next decode tile, [2] finished programs,
     # [3 + sm] tickets handed out on each SM.
     if USE_SMID:
@@ -235,14 +288,16 @@ def pod_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_p
             t = tl.atomic_add(counter_ptr + 0, 1)
     if is_prefill:
         _prefill_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
-                      work_ptr, qk_scale, s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
-                      HEAD_DIM, BLOCK_SIZE, NUM_HEADS, GROUP, BLOCK_M, BLOCK_N, DIM_P, IEEE)
+                      work_ptr, qk_scale, cp_size, cp_rank, cp_interleave,
+                      s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
+                      HEAD_DIM, BLOCK_SIZE, NUM_HEADS, GROUP, BLOCK_M, BLOCK_N, DIM_P, IEEE,
+                      SHARDED)
     else:
         _decode_tile(t, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
-                     part_o_ptr, part_lse_ptr, merge_ptr, qk_scale,
-                     s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
+                     part_o_ptr, part_lse_ptr, merge_ptr, qk_scale, cp_size, cp_rank,
+                     cp_interleave, s_qt, s_qh, s_kb, s_ks, s_kh, s_ot, s_oh, s_bt,
                      HEAD_DIM, BLOCK_SIZE, NUM_KV_HEADS, GROUP, GROUP_P, SPLITS,
-                     DECODE_BLOCK_N, DIM_P, IEEE)
+                     DECODE_BLOCK_N, DIM_P, IEEE, SHARDED)
     # The last program to finish resets every counter for the next launch.
     finished = tl.atomic_add(counter_ptr + 2, 1, sem="acq_rel")
     if finished == num_prefill_tiles + num_decode_tiles - 1:
@@ -391,13 +446,22 @@ def pod_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                   block_table: torch.Tensor, seq_lens: torch.Tensor,
                   query_start_loc: torch.Tensor, num_decodes: int, scale: float,
                   out: torch.Tensor | None = None, return_lse: bool = False,
-                  pod_plan: PodPlan | None = None):
+                  pod_plan: PodPlan | None = None, kv_shard: tuple[int, int, int] | None = None):
     """Causal attention of a hybrid batch (decodes first) in one launch; see
-    vllm_ext.kernels.reference.pod_attention for the exact contract."""
+    vllm_ext.kernels.reference.pod_attention for the exact contract.
+
+    kv_shard=(shards, rank, interleave): the caches hold one rank's share of the KV
+    (KV-cache parallelism, vllm_ext.kernels.kvp's layout; seq_lens stay whole-sequence
+    lengths); the result is attention over that share, as `kvp.shard_attention`
+    computes it: zeros and LSE -inf for a query that sees none of it."""
     _check(query, key_cache, value_cache, block_table, seq_lens, query_start_loc, out)
+    shards, rank, interleave = kv_shard or (1, 0, 1)
+    if not (shards >= 1 and 0 <= rank < shards and interleave >= 1):
+        raise ValueError(f"kv_shard={kv_shard}: needs shards >= 1, 0 <= rank < shards and "
+                         f"interleave >= 1")
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    tile = tile_for(head_dim, query.dtype)
+    tile = tile_for(head_dim, query.dtype, sharded=shards > 1)
     p = pod_plan or plan(query_start_loc, seq_lens, num_decodes, num_heads, num_kv_heads,
                          block_m=tile.block_m)
     if p.block_m != tile.block_m:
@@ -422,14 +486,15 @@ def pod_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     constants, options = launch_constants(
         head_dim, block_size, num_heads, num_kv_heads, p.splits, query.dtype,
         ieee=query.dtype == torch.float32 or (_interpreted() and query.dtype == torch.bfloat16),
-        num_sms=sms)
+        num_sms=sms, sharded=shards > 1)
     try:
         pod_attention_kernel[(total,)](
             query, key_cache, value_cache, out, lse, block_table, seq_lens, query_start_loc,
             p.prefill_work, part_o, part_lse, merge, counters, scale * LOG2E,
             p.num_prefill_tiles, p.num_decode_tiles, p.ratio[0], p.ratio[1],
-            query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1),
-            key_cache.stride(2), out.stride(0), out.stride(1), block_table.stride(0),
+            shards, rank, interleave, query.stride(0), query.stride(1), key_cache.stride(0),
+            key_cache.stride(1), key_cache.stride(2), out.stride(0), out.stride(1),
+            block_table.stride(0),
             **constants, **options)
     except BaseException:
         _Workspace.discard(device)
@@ -439,16 +504,17 @@ def pod_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
 
 def launch_constants(head_dim: int, block_size: int, num_heads: int, num_kv_heads: int,
                      splits: int, dtype: torch.dtype, ieee: bool,
-                     num_sms: int | None) -> tuple[dict, dict]:
+                     num_sms: int | None, sharded: bool = False) -> tuple[dict, dict]:
     """The kernel's constexprs and launch options for a batch: one place, shared by the
     launcher and the compile check (kernels/compile_check.py), so that what is checked
     is what runs."""
     group = num_heads // num_kv_heads
-    tile = tile_for(head_dim, dtype)
+    tile = tile_for(head_dim, dtype, sharded)
     constants = dict(
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         GROUP=group, GROUP_P=max(16, _next_pow2(group)), SPLITS=splits,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, DECODE_BLOCK_N=tile.block_n,
         DIM_P=_next_pow2(head_dim), IEEE=ieee,
-        USE_SMID=num_sms is not None, NUM_COUNTERS_P=_next_pow2(3 + (num_sms or 0)))
+        USE_SMID=num_sms is not None, NUM_COUNTERS_P=_next_pow2(3 + (num_sms or 0)),
+        SHARDED=sharded)
     return constants, {"num_warps": tile.num_warps}

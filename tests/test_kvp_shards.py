@@ -87,3 +87,43 @@ def test_a_rank_with_none_of_a_short_sequence_gives_minus_infinity():
                                torch.tensor([3], dtype=torch.int32),
                                torch.tensor([0, 1], dtype=torch.int32), 0.125, 2, 1, 16)
     assert torch.isneginf(lse).all() and (out == 0).all()
+
+
+@pytest.mark.parametrize("shards,interleave,splits", [(2, 1, None), (3, 4, 3), (2, 16, None),
+                                                      (4, 8, 2)])
+def test_the_kernel_attends_one_shard_as_the_reference_does(shards, interleave, splits):
+    """The Triton kernel with kv_shard, against shard_attention, rank by rank: outputs,
+    LSEs, and the zeros / -inf of queries that see none of a rank's keys."""
+    import os
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is decorated
+    from vllm_ext.kernels.pod import plan, pod_attention as pod_kernel, tile_for
+
+    g = torch.Generator().manual_seed(shards * interleave)
+    heads, kv_heads, dim, block = 4, 2, 64, 16
+    q_lens = [1, 1, 1, 20, 3]  # decodes (one with a 2-token past), then prefill chunks
+    seq_lens = [2, 90, 33, 20, 75]  # a prompt's first chunk; a chunk after earlier context
+    table, num_blocks = _layout(seq_lens, shards, interleave, block, g)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(int(qsl[-1]), heads, dim, generator=g)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    unseen = 0
+    for rank in range(shards):
+        rk = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
+        rv = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
+        want, want_lse = shard_attention(query, rk, rv, table, lens, qsl, dim ** -0.5, shards,
+                                         rank, interleave)
+        p = plan(qsl, lens, 3, heads, kv_heads,
+                 block_m=tile_for(dim, query.dtype, sharded=shards > 1).block_m,
+                 decode_splits=splits, device=device)
+        args = [t.to(device) for t in (query, rk, rv, table, lens, qsl)]
+        out = torch.full_like(args[0], float("nan"))
+        got, got_lse = pod_kernel(*args, 3, dim ** -0.5, out=out, return_lse=True, pod_plan=p,
+                                  kv_shard=(shards, rank, interleave))
+        got, got_lse = got.cpu(), got_lse.cpu()
+        unseen += int(torch.isinf(want_lse).sum())
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(got_lse, want_lse, rtol=2e-5, atol=2e-5)
+    assert unseen  # the first prompt's first tokens: on rank 0 only

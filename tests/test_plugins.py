@@ -122,7 +122,6 @@ def test_duplicate_component_names_are_refused():
     ({"attn": "vllm"}, {"kvp": 2}, {}, "--kvp runs with --attn pod, but --attn vllm was given"),
     ({}, {"kvp": 2, "pod_kvp": 3}, {}, "--kvp 2 contradicts --pod-kvp 3"),
     ({}, {"kvp": 0}, {}, "--kvp must be at least 1, got 0"),
-    ({}, {"kvp": 2, "pod_impl": "triton"}, {}, "--pod-impl triton is not supported with it"),
     ({"kv_allocator": "vattention"}, {"kvp": 2}, {}, "--kvp with --kv-allocator vattention"),
     ({}, {"kvp": 2}, {"tensor_parallel_size": 3}, "--tensor-parallel-size 3 must be a multiple"),
     ({}, {"kvp": 2}, {"decode_context_parallel_size": 4},

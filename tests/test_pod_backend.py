@@ -28,11 +28,14 @@ def test_unsupported_model_features_fail_naming_what_is_supported(change, says):
     assert "head sizes [64, 80, 96, 128, 256]" in str(e.value) and "--attn vllm" in str(e.value)
 
 
-def test_cuda_runs_the_compiled_kernel_by_default_and_other_platforms_are_refused():
+def test_cuda_runs_the_compiled_kernel_by_default_kvp_too_and_other_platforms_are_refused():
     settings, engine = _configure_pod({}, ConfigureContext("cuda", {}))
     assert settings == {"impl": "triton", "kvp": 1} and engine == {"attention_backend": "CUSTOM"}
     assert _configure_pod({}, ConfigureContext("cpu", {}))[0]["impl"] == "torch"
     with pytest.raises(SelectionError, match="runs on vLLM's cpu and cuda platforms, not 'tpu'"):
         _configure_pod({}, ConfigureContext("tpu", {}))
-    with pytest.raises(SelectionError, match="--kvp runs on vLLM's CPU platform in this release"):
-        _configure_pod({"kvp": 2}, ConfigureContext("cuda", {}))
+    settings, engine = _configure_pod({"kvp": 2}, ConfigureContext("cuda", {}))
+    assert settings == {"impl": "triton", "kvp": 2}
+    assert engine["decode_context_parallel_size"] == 2 and engine["tensor_parallel_size"] == 2
+    assert _configure_pod({"kvp": 2, "impl": "triton"}, ConfigureContext("cpu", {}))[0] == \
+        {"impl": "triton", "kvp": 2}

@@ -215,11 +215,12 @@ def _reasons(monkeypatch, **config):
                                                    **selector._asdict())
 
 
-def test_vllm_finds_it_valid_on_cuda(monkeypatch):
+def test_vllm_finds_it_valid_on_cuda_with_and_without_kvp(monkeypatch):
     from vllm_ext.pod_cuda import PodCudaBackend
 
     backend, reasons = _reasons(monkeypatch)
     assert backend is PodCudaBackend and reasons == []
+    assert _reasons(monkeypatch, use_dcp=True)[1] == []
 
 
 @pytest.mark.parametrize("config, says", [
@@ -227,10 +228,150 @@ def test_vllm_finds_it_valid_on_cuda(monkeypatch):
     ({"kv_cache_dtype": "fp8"}, "KV cache dtype fp8 (supported: auto, float16, bfloat16"),
     ({"has_sink": True}, "attention sinks (not supported)"),
     ({"has_sliding_window": True}, "sliding windows (not supported)"),
-    ({"use_dcp": True}, "decode context parallelism on CUDA in this release"),
+    ({"use_pcp": True}, "prefill context parallelism (not supported)"),
     ({"attn_type": "encoder_only"}, "encoder_only attention (supported: decoder)"),
 ])
 def test_vllm_is_told_what_it_cannot_run_and_what_it_can(monkeypatch, config, says):
     _, reasons = _reasons(monkeypatch, **config)
     assert len(reasons) == 1 and says in reasons[0], reasons
     assert "--attn pod does not support" in reasons[0] and "use --attn vllm" in reasons[0]
+
+
+class _Group:
+    """vLLM's DCP group for ranks run as threads of this process, one at a time: a rank
+    computes only while it holds the turn, and gives it up at each collective until
+    every rank has brought its part (so Triton's interpreter never runs two kernels at
+    once)."""
+
+    def __init__(self, world: int) -> None:
+        import threading
+
+        self.world_size, self.turn = world, threading.Lock()
+        self.barrier, self.parts = threading.Barrier(world), [None] * world
+
+    def member(self, rank: int):
+        group = self
+
+        class Member:
+            world_size, rank_in_group = group.world_size, rank
+
+            def _exchange(self, t):
+                group.parts[rank] = t
+                group.turn.release()
+                group.barrier.wait()
+                parts = list(group.parts)
+                group.barrier.wait()
+                group.turn.acquire()
+                return parts
+
+            def all_gather(self, t, dim=-1):
+                return torch.cat(self._exchange(t), dim=dim)
+
+            def reduce_scatter(self, t, dim=-1):
+                total = torch.stack(self._exchange(t)).sum(0)
+                return total.chunk(group.world_size, dim=dim)[rank].contiguous()
+
+        return Member()
+
+
+def _interpretable_dcp_kernel(monkeypatch) -> None:
+    """vLLM's DCP merge launcher counts the compiled kernel's `constexprs`, which the
+    interpreter's kernel object does not list: give it the same list."""
+    import inspect
+
+    from vllm.v1.attention.ops import dcp
+
+    kernel = dcp._CORRECT_ATTN_CP_OUT_KERNEL.kernel
+    if not hasattr(kernel, "constexprs"):
+        params = inspect.signature(kernel.fn).parameters.values()
+        monkeypatch.setattr(kernel, "constexprs", [
+            i for i, p in enumerate(params) if "constexpr" in str(p.annotation)], raising=False)
+
+
+@pytest.mark.parametrize("interleave, impl", [(1, "triton"), (16, "triton"), (16, "torch")])
+def test_kvp_ranks_merged_by_vllms_collective_are_exact(tmp_path, monkeypatch, interleave, impl):
+    """--kvp 2 on CUDA, on CPU tensors: each rank's cache holds its share of every
+    request's KV (vLLM's DCP layout, written by vLLM's writer), each rank attends the
+    group's heads over it, and vLLM's cp_lse_ag_out_rs merges: every rank's heads equal
+    attention over the whole KV."""
+    import threading
+
+    from vllm.distributed import parallel_state
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from vllm_ext.driver import engine_config
+    from vllm_ext.kernels.kvp import slot_mapping
+    from vllm_ext.models import make_shape
+
+    _interpretable_dcp_kernel(monkeypatch)
+    ranks, heads, d = 2, 8, 64
+    config = engine_config(make_shape(tmp_path / "m", "tiny"), attn="pod", kvp=ranks,
+                           pod_impl=impl, cp_kv_cache_interleave_size=interleave, block_size=BLOCK,
+                           max_model_len=1024, dtype="float32", hf_overrides={
+                               "num_attention_heads": heads, "num_key_value_heads": 1,
+                               "head_dim": d, "hidden_size": heads * d})
+    seqs = MIXED
+    g = torch.Generator().manual_seed(interleave)
+    keys = [torch.randn(c, 1, d, generator=g) for _, c in seqs]
+    values = [torch.randn(c, 1, d, generator=g) for _, c in seqs]
+    virtual = BLOCK * ranks
+    need = [math.ceil(c / virtual) for _, c in seqs]
+    table = torch.arange(1, 1 + sum(need) * 2, dtype=torch.int32)[torch.randperm(
+        sum(need) * 2, generator=g)][:len(seqs) * max(need)].view(len(seqs), max(need))
+    qsl = torch.tensor([0] + [q for q, _ in seqs], dtype=torch.int32).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor([c for _, c in seqs], dtype=torch.int32)
+    query = torch.randn(int(qsl[-1]), heads, d, generator=g)
+    layer = SimpleNamespace(_k_scale=torch.tensor(1.0), _v_scale=torch.tensor(1.0))
+    group, outs, errors = _Group(ranks), {}, []
+    local = threading.local()
+    monkeypatch.setattr(parallel_state, "get_dcp_group", lambda: local.member)
+
+    def rank_main(rank):
+        local.member = group.member(rank)
+        group.turn.acquire()
+        try:
+            builder, impl = _backend(config, torch.float32)
+            impl.dcp_world_size, impl.dcp_rank = ranks, rank
+            assert impl.num_heads == heads // ranks and builder.num_heads == heads
+            cache = torch.full((int(table.max()) + 1, 1, BLOCK, 2 * d), float("nan"))
+            for s, (q, c) in enumerate(seqs):  # the past, then this step's tokens
+                for part in (range(c - q), range(c - q, c)):
+                    pos = torch.tensor(list(part), dtype=torch.long)
+                    slots = slot_mapping(pos, torch.full_like(pos, s), table, BLOCK, ranks, rank,
+                                         interleave)
+                    impl.do_kv_cache_update(layer, keys[s][pos], values[s][pos], cache, slots)
+            cam = CommonAttentionMetadata(
+                query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens,
+                num_reqs=len(seqs), num_actual_tokens=int(qsl[-1]),
+                max_query_len=max(q for q, _ in seqs), max_seq_len=int(seq_lens.max()),
+                block_table_tensor=table, slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.long),
+                seq_lens_cpu_upper_bound=seq_lens)
+            md = builder.build(0, cam)
+            mine = query[:, rank * impl.num_heads:(rank + 1) * impl.num_heads].contiguous()
+            out = torch.full_like(mine, float("nan"))
+            impl.forward(layer, mine, None, None, cache, md, out)
+            outs[rank] = out
+        except BaseException as e:  # reported below, from the test's thread
+            errors.append(e)
+            group.barrier.abort()
+        finally:
+            group.turn.release()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    if errors:
+        raise errors[0]
+    want = []
+    for s, (q, c) in enumerate(seqs):
+        qs = query[int(qsl[s]):int(qsl[s + 1])].double()
+        k, v = keys[s].double().expand(c, heads, d), values[s].double().expand(c, heads, d)
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * d ** -0.5
+        visible = torch.arange(c)[None, :] <= torch.arange(c - q, c)[:, None]
+        want.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible, float("-inf"))
+                                 .softmax(-1), v))
+    want = torch.cat(want)
+    got = torch.cat([outs[r] for r in range(ranks)], dim=1)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)

@@ -144,23 +144,16 @@ def _configure_pod(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
         # changes nothing for other engines on a CPU, where vLLM runs no Triton kernels.
         os.environ["TRITON_INTERPRET"] = "1"
     if kvp != 1:
-        if ctx.platform != "cpu":
-            raise SelectionError(f"--kvp runs on vLLM's CPU platform in this release, not "
-                                 f"{ctx.platform!r}: the CUDA backend has no decode context "
-                                 f"parallelism yet")
-        engine.update(_configure_kvp(kvp, impl, ctx))
+        engine.update(_configure_kvp(kvp, ctx))
     return {"impl": impl, "kvp": kvp}, engine
 
 
-def _configure_kvp(kvp: int, impl: str, ctx: ConfigureContext) -> dict:
+def _configure_kvp(kvp: int, ctx: ConfigureContext) -> dict:
     """KVP on vLLM's decode-context-parallel machinery: its process groups shard each
     request's KV over `kvp` of the tensor-parallel ranks, and our backend gives every
     rank's attention with its LSE and merges them."""
     if kvp < 1:
         raise SelectionError(f"--kvp must be at least 1, got {kvp}")
-    if impl != "torch":
-        raise SelectionError(f"--kvp runs the PyTorch shard attention; --pod-impl {impl} is "
-                             f"not supported with it (give --pod-impl torch or leave it out)")
     if ctx.selected.get("kv_allocator") == "vattention":
         raise SelectionError("--kvp with --kv-allocator vattention is not supported: the "
                              "vAttention pool runs one worker per engine in this release")

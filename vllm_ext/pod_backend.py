@@ -176,9 +176,14 @@ class PodAttentionImpl(CPUAttentionBackendImpl):
         group, ranks, rank = get_dcp_group(), self.dcp_world_size, self.dcp_rank
         n, heads = query.shape[:2]
         every_head = group.all_gather(query.contiguous(), dim=1)  # [n, ranks * heads, d]
-        part, lse = shard_attention(every_head, key_cache, value_cache, md.block_table,
-                                    md.seq_lens, md.query_start_loc, self.scale, ranks, rank,
-                                    self.kvp_interleave)
+        shard = (ranks, rank, self.kvp_interleave)
+        if self.kernel is reference.pod_attention:
+            part, lse = shard_attention(every_head, key_cache, value_cache, md.block_table,
+                                        md.seq_lens, md.query_start_loc, self.scale, *shard)
+        else:  # the step's plan is for this rank's heads: the launch plans for the group's
+            part, lse = self.kernel(every_head, key_cache, value_cache, md.block_table,
+                                    md.seq_lens, md.query_start_loc, md.num_decode_tokens,
+                                    self.scale, return_lse=True, kv_shard=shard)
         parts = group.all_gather(part, dim=0).view(ranks, n, ranks, heads, -1)[:, :, rank]
         lses = group.all_gather(lse, dim=0).view(ranks, n, ranks, heads)[:, :, rank]
         merged, _ = merge_attention(list(parts), list(lses))

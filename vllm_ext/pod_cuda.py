@@ -12,6 +12,15 @@ so no layer waits on the device. Decodes come first under both model runners: V1
 honours `reorder_batch_threshold = 1`, V2 always sorts them first. A batch that is not
 ordered so is still exact: only its leading one-token requests run as decode tiles.
 
+`--kvp N` is vLLM's decode context parallelism: each rank of the DCP group holds every
+request's KV in runs of `cp_kv_cache_interleave_size` tokens dealt round-robin (this
+step's tokens too, written before attention). A rank gathers the group's query heads,
+attends all of them over its share in one POD launch (each key at its own position in
+the sequence, so causality is exact; a query that sees none of the share gets LSE
+-inf), and vLLM's own collective (`cp_lse_ag_out_rs`: the LSEs all-gathered, each
+output rescaled, then reduce-scattered over heads) leaves each rank its heads' exact
+result.
+
 CUDA graphs: the plan's tile counts and decode splits change with every batch, so a
 full-graph capture would replay a stale plan; the builder declares NEVER and vLLM keeps
 attention out of its piecewise graphs (POD's batches, prefills and decodes together,
@@ -119,7 +128,6 @@ class PodCudaBackend(TritonAttentionBackend):
             non_causal_attention=more.get("use_non_causal", False),
             batch_invariance=more.get("use_batch_invariant", False),
             prefill_context_parallelism=more.get("use_pcp", False),
-            decode_context_parallelism_on_CUDA_in_this_release=more.get("use_dcp", False),
             restricted_sliding_windows=more.get("use_rswa", False))
         if reasons:
             return [refusal(reasons)]
@@ -135,14 +143,17 @@ class PodCudaMetadataBuilder(AttentionMetadataBuilder[PodCudaMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         model, parallel = vllm_config.model_config, vllm_config.parallel_config
-        self.num_heads = model.get_num_attention_heads(parallel)
+        # With KVP a rank attends every head of its DCP group.
+        self.num_heads = (model.get_num_attention_heads(parallel)
+                          * parallel.decode_context_parallel_size)
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         self.device = torch.device(device)
         self._plan = None
         if (settings(vllm_config).get("impl") or IMPL_DEFAULT) == "triton":
             from vllm_ext.kernels import pod
 
-            tile = pod.tile_for(kv_cache_spec.head_size, kv_cache_spec.dtype)
+            tile = pod.tile_for(kv_cache_spec.head_size, kv_cache_spec.dtype,
+                                sharded=parallel.decode_context_parallel_size > 1)
             self._plan = functools.partial(pod.plan, block_m=tile.block_m, device=self.device)
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False
@@ -170,6 +181,11 @@ class PodCudaMetadataBuilder(AttentionMetadataBuilder[PodCudaMetadata]):
 class PodCudaImpl(TritonAttentionImpl):
     """TRITON_ATTN's KV writer (inherited `do_kv_cache_update`), POD's forward."""
 
+    # vLLM's decode context parallelism: accepted by its backend selection
+    # (`supports_dcp`); the shard's LSE is returned for its merge.
+    supports_dcp = True
+    can_return_lse_for_decode = True
+
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type="decoder",
                  kv_sharing_target_layer_name=None, sinks=None, **more) -> None:
@@ -185,13 +201,15 @@ class PodCudaImpl(TritonAttentionImpl):
                          sinks, **more)
         from vllm.config import get_current_vllm_config
 
-        impl = settings(get_current_vllm_config()).get("impl") or IMPL_DEFAULT
-        if impl == "triton":
+        config = get_current_vllm_config()
+        self.triton = (settings(config).get("impl") or IMPL_DEFAULT) == "triton"
+        if self.triton:
             from vllm_ext.kernels.pod import pod_attention
 
             self.kernel = pod_attention
         else:
             self.kernel = reference.pod_attention
+        self.kvp_interleave = config.parallel_config.cp_kv_cache_interleave_size
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -204,8 +222,30 @@ class PodCudaImpl(TritonAttentionImpl):
         # (B, H, N, 2*hs) -> K and V as (B, N, H, hs): strided views, as the writer sees them.
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        query = query[:n].view(n, self.num_heads, self.head_size)
+        if self.dcp_world_size > 1:
+            out.copy_(self._forward_kvp(query, key_cache, value_cache, md))
+            return output
         plan = {"pod_plan": md.plan} if md.plan is not None else {}
-        self.kernel(query[:n].view(n, self.num_heads, self.head_size), key_cache, value_cache,
-                    md.block_table, md.seq_lens, md.query_start_loc, md.num_decodes, self.scale,
-                    out=out, **plan)
+        self.kernel(query, key_cache, value_cache, md.block_table, md.seq_lens,
+                    md.query_start_loc, md.num_decodes, self.scale, out=out, **plan)
         return output
+
+    def _forward_kvp(self, query, key_cache, value_cache, md) -> torch.Tensor:
+        """This rank's heads of attention over KV sharded across the DCP group."""
+        from vllm.distributed.parallel_state import get_dcp_group
+        from vllm.v1.attention.ops.dcp import cp_lse_ag_out_rs
+
+        group = get_dcp_group()
+        shard = (self.dcp_world_size, self.dcp_rank, self.kvp_interleave)
+        every_head = group.all_gather(query.contiguous(), dim=1)  # [n, ranks * heads, d]
+        if self.triton:
+            part, lse = self.kernel(every_head, key_cache, value_cache, md.block_table,
+                                    md.seq_lens, md.query_start_loc, md.num_decodes, self.scale,
+                                    return_lse=True, pod_plan=md.plan, kv_shard=shard)
+        else:
+            from vllm_ext.kernels.kvp import shard_attention
+
+            part, lse = shard_attention(every_head, key_cache, value_cache, md.block_table,
+                                        md.seq_lens, md.query_start_loc, self.scale, *shard)
+        return cp_lse_ag_out_rs(part, lse, group, is_lse_base_on_e=True)

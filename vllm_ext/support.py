@@ -21,7 +21,8 @@ TARGETS = "patch targets checked in this release"
 _SCHED_GPU = f"{IN_PROCESS} (real-Scheduler property tests)"
 _POD_CUDA = (f"{IN_PROCESS} (CUDA backend on CPU tensors, vLLM's KV writer); {COMPILED}; "
              f"{GPU_OWED}")
-_KVP_CUDA = "refused on CUDA in this release (no decode context parallelism on the CUDA backend)"
+_KVP_CUDA = (f"{IN_PROCESS} (two DCP ranks as threads, merged by vLLM's cp_lse_ag_out_rs); "
+             f"{COMPILED}; {GPU_OWED}")
 
 # (release line, platform) -> feature -> how verified
 MATRIX: dict[tuple[str, str], dict[str, str]] = {
