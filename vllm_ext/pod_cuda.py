@@ -39,7 +39,7 @@ from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, Trito
 
 from vllm_ext.kernels import reference
 from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS
-from vllm_ext.pod_support import DTYPES, refusal, settings, unsupported
+from vllm_ext.pod_support import DTYPES, check_layer, refusal, settings, unsupported
 
 IMPL_DEFAULT = "triton"
 
@@ -189,13 +189,8 @@ class PodCudaImpl(TritonAttentionImpl):
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type="decoder",
                  kv_sharing_target_layer_name=None, sinks=None, **more) -> None:
-        reasons = unsupported(head_size, kv_cache_dtype, attn_type,
-                              alibi=alibi_slopes is not None,
-                              sliding_window=sliding_window is not None,
-                              logit_soft_capping=bool(logits_soft_cap),
-                              attention_sinks=sinks is not None)
-        if reasons:
-            raise ValueError(refusal(reasons))
+        check_layer(head_size, kv_cache_dtype, attn_type, alibi_slopes, sliding_window,
+                    logits_soft_cap, sinks)
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
                          sinks, **more)

@@ -40,6 +40,18 @@ def unsupported(head_size: int, kv_cache_dtype: str | None, attn_type: str = "de
     return reasons
 
 
+def check_layer(head_size: int, kv_cache_dtype: str | None, attn_type: str, alibi_slopes,
+                sliding_window, logits_soft_cap, sinks) -> None:
+    """Raise, naming what is supported, for an attention layer `--attn pod` cannot run
+    (what vLLM hands an attention implementation's constructor)."""
+    reasons = unsupported(head_size, kv_cache_dtype, attn_type, alibi=alibi_slopes is not None,
+                          sliding_window=sliding_window is not None,
+                          logit_soft_capping=bool(logits_soft_cap),
+                          attention_sinks=sinks is not None)
+    if reasons:
+        raise ValueError(refusal(reasons))
+
+
 def refusal(reasons: list[str]) -> str:
     return (f"--attn pod does not support {'; '.join(reasons)}. {SUPPORTED}; use --attn vllm "
             f"for this model")
