@@ -1,6 +1,7 @@
 """KV-cache parallelism (`--kvp 2`) on the real engine: two CPU ranks (gloo) each hold a
-share of every request's KV, attention is merged by LSE, and the greedy float32 tokens
-equal a single worker's for contexts far longer than one rank's share."""
+share of every request's KV, attention over it (the PyTorch reference, or the POD kernel
+with `kv_shard`) is merged by LSE, and the greedy float32 tokens equal a single worker's
+for contexts far longer than one rank's share."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from engine_runner import LONG, MAX_TOKENS, SHORT
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
 
 
-@pytest.mark.parametrize("interleave", [1, 16])
-def test_kvp_two_ranks_equal_one_worker(run_engine, interleave):
+@pytest.mark.parametrize("interleave, impl", [(1, "torch"), (16, "torch"), (16, "triton")])
+def test_kvp_two_ranks_equal_one_worker(run_engine, interleave, impl):
     stock = run_engine()
-    kvp = run_engine("--kvp", "2", "--kvp-interleave", str(interleave))
+    # triton: the POD kernel on each rank's shard (kv_shard), interpreted on this CPU.
+    kvp = run_engine("--kvp", "2", "--kvp-interleave", str(interleave), "--pod-impl", impl)
     assert kvp["parallel"] == {"tensor_parallel_size": 2, "pipeline_parallel_size": 1,
                                "decode_context_parallel_size": 2,
                                "cp_kv_cache_interleave_size": interleave}
