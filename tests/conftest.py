@@ -11,7 +11,10 @@ import pytest
 # With no GPU, the tests run Triton kernels under Triton's interpreter, which Triton reads
 # only when it is first imported, whichever test module does that first. (The compile
 # gate builds in fresh processes without it.)
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # on a GPU the same tests run the kernels compiled
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _vllm_sees_triton() -> None:
