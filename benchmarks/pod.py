@@ -137,12 +137,17 @@ def main() -> None:
               f"serial {r['serial_ms']:.3f}, prefill {r['prefill_ms']:.3f}, decode "
               f"{r['decode_ms']:.3f}: {r['speedup_vs_serial']:.2f}x, "
               f"{r['vs_ideal_overlap']:.2f} of ideal", flush=True)
-    speedups = [r["speedup_vs_serial"] for r in rows]
-    summary = {"gpu": gpu, "torch": torch.__version__, "mean_speedup_vs_serial":
-               statistics.mean(speedups), "min_speedup_vs_serial": min(speedups),
-               "max_vs_ideal_overlap": max(r["vs_ideal_overlap"] for r in rows)}
+        # After every point: a run cut short by its time limit keeps what it measured.
+        summary = write(Path(opts.out), gpu, rows)
     print(json.dumps(summary, indent=1))
-    out = Path(opts.out)
+
+
+def write(out: Path, gpu: str, rows: list[dict]) -> dict:
+    speedups = [r["speedup_vs_serial"] for r in rows]
+    summary = {"gpu": gpu, "torch": torch.__version__, "points": len(rows),
+               "mean_speedup_vs_serial": statistics.mean(speedups),
+               "min_speedup_vs_serial": min(speedups),
+               "max_vs_ideal_overlap": max(r["vs_ideal_overlap"] for r in rows)}
     out.mkdir(parents=True, exist_ok=True)
     tag = gpu.replace(" ", "-")
     (out / f"pod-{tag}.json").write_text(json.dumps({"summary": summary, "points": rows}, indent=1))
@@ -156,7 +161,7 @@ def main() -> None:
                      f"{r['prefill_ms']:.3f} | {r['decode_ms']:.3f} | {r['speedup_vs_serial']:.2f}x | "
                      f"{r['vs_ideal_overlap']:.2f} | {bw} | {r['prefill_tflops']:.0f} |")
     (out / f"pod-{tag}.md").write_text(f"# POD-Attention on {gpu}\n\n" + "\n".join(lines) + "\n")
-
+    return summary
 
 if __name__ == "__main__":
     main()
