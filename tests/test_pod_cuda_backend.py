@@ -229,6 +229,8 @@ def test_vllm_finds_it_valid_on_cuda_with_and_without_kvp(monkeypatch):
     ({"has_sink": True}, "attention sinks (not supported)"),
     ({"has_sliding_window": True}, "sliding windows (not supported)"),
     ({"use_pcp": True}, "prefill context parallelism (not supported)"),
+    ({"kv_cache_dtype": "float16"}, "KV cache dtype float16 with a bfloat16 model (supported: "
+                                    "the model's own dtype, or auto)"),
     ({"attn_type": "encoder_only"}, "encoder_only attention (supported: decoder)"),
 ])
 def test_vllm_is_told_what_it_cannot_run_and_what_it_can(monkeypatch, config, says):

@@ -33,6 +33,10 @@ def unsupported(head_size: int, kv_cache_dtype: str | None, attn_type: str = "de
     if (kv_cache_dtype or "auto") not in KV_CACHE_DTYPES:
         reasons.append(f"KV cache dtype {kv_cache_dtype} (supported: {', '.join(KV_CACHE_DTYPES)}; "
                        f"auto is the model's dtype)")
+    elif dtype is not None and kv_cache_dtype not in (None, "auto") \
+            and getattr(torch, kv_cache_dtype) != dtype:
+        reasons.append(f"KV cache dtype {kv_cache_dtype} with a {str(dtype).split('.')[-1]} "
+                       f"model (supported: the model's own dtype, or auto)")
     if attn_type != "decoder":
         reasons.append(f"{attn_type} attention (supported: decoder)")
     reasons += [f"{name.replace('_', ' ')} (not supported)"
