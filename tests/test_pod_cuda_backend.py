@@ -127,16 +127,22 @@ def _step(config, seqs, dtype=torch.float32, padding=0, seed=0):
     output = torch.full((num_tokens + padding, heads, d), float("nan"), dtype=dtype)
     impl.forward(layer, query, key, value, kv_cache, md, output)
 
+    return output, _exact_attention(seqs, query, qsl, keys, values), md
+
+
+def _exact_attention(seqs, query, qsl, keys, values) -> torch.Tensor:
+    """Causal attention of each sequence's queries over its whole K/V, in float64."""
     want = []
     for s, (q, c) in enumerate(seqs):
         qs = query[int(qsl[s]):int(qsl[s + 1])].double()
-        k = keys[s].double().repeat_interleave(heads // kv_heads, dim=1)
-        v = values[s].double().repeat_interleave(heads // kv_heads, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", qs, k) * d ** -0.5
+        group = qs.shape[1] // keys[s].shape[1]
+        k = keys[s].double().repeat_interleave(group, dim=1)
+        v = values[s].double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * qs.shape[2] ** -0.5
         visible = torch.arange(c)[None, :] <= torch.arange(c - q, c)[:, None]
         scores = scores.masked_fill(~visible, float("-inf"))
         want.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
-    return output, torch.cat(want), md
+    return torch.cat(want)
 
 
 MIXED = [(1, 5), (1, 40), (1, 33), (20, 20), (10, 50)]
@@ -366,14 +372,6 @@ def test_kvp_ranks_merged_by_vllms_collective_are_exact(tmp_path, monkeypatch, i
         t.join(timeout=600)
     if errors:
         raise errors[0]
-    want = []
-    for s, (q, c) in enumerate(seqs):
-        qs = query[int(qsl[s]):int(qsl[s + 1])].double()
-        k, v = keys[s].double().expand(c, heads, d), values[s].double().expand(c, heads, d)
-        scores = torch.einsum("qhd,khd->hqk", qs, k) * d ** -0.5
-        visible = torch.arange(c)[None, :] <= torch.arange(c - q, c)[:, None]
-        want.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible, float("-inf"))
-                                 .softmax(-1), v))
-    want = torch.cat(want)
+    want = _exact_attention(seqs, query, qsl, keys, values)
     got = torch.cat([outs[r] for r in range(ranks)], dim=1)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)

@@ -21,7 +21,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm_ext.kernels import reference
 from vllm_ext.kernels.kvp import shard_attention
 from vllm_ext.kernels.merge import merge_attention
-from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS
+from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS, leading_decodes
 from vllm_ext.pod_support import check_layer
 from vllm_ext.pod_support import settings as pod_settings
 
@@ -92,8 +92,7 @@ class PodMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        q_lens = (md.query_start_loc[1:] - md.query_start_loc[:-1]).tolist()
-        md.num_decode_tokens = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+        md.num_decode_tokens = leading_decodes(md.query_start_loc)
         # The kernel's tile list is per step, not per layer: plan it once here.
         md.pod_plan = (self._plan(md.query_start_loc, md.seq_lens, md.num_decode_tokens,
                                   self.num_heads, self.num_kv_heads)

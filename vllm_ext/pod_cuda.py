@@ -38,7 +38,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuild
 from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
 
 from vllm_ext.kernels import reference
-from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS
+from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS, leading_decodes
 from vllm_ext.pod_support import DTYPES, check_layer, refusal, settings, unsupported
 
 IMPL_DEFAULT = "triton"
@@ -160,8 +160,7 @@ class PodCudaMetadataBuilder(AttentionMetadataBuilder[PodCudaMetadata]):
               ) -> PodCudaMetadata:
         cam = common_attn_metadata
         qsl = cam.query_start_loc_cpu[:cam.num_reqs + 1]
-        q_lens = (qsl[1:] - qsl[:-1]).tolist()  # host memory: no device sync
-        num_decodes = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+        num_decodes = leading_decodes(qsl)  # host memory: no device sync
         plan = None
         if self._plan is not None:
             # Host-side context lengths; an upper bound is enough, they only size the
