@@ -15,7 +15,7 @@ def test_multi_token_and_empty_events():
     tl = Timeline.of(0.0, [(1.0, 1), (1.5, 1), (2.5, 2), (2.75, 0), (3.0, 1)])
     assert tl.num_tokens == 5
     assert tl.ttft == 1.0 and tl.e2e == 3.0
-    assert tl.gaps == [0.5, 1.0, 0.0, 0.5]  # the 2-token event: one gap, one zero gap
+    assert tl.gaps == (0.5, 1.0, 0.0, 0.5)  # the 2-token event: one gap, one zero gap
     assert tl.tpot == 0.5  # (3.0 - 1.0) / 4
     assert tl.normalized_latency == 0.6
 
@@ -23,13 +23,13 @@ def test_multi_token_and_empty_events():
 def test_aborted_before_any_token():
     tl = Timeline.of(5.0, [(6.0, 0)], completed=False)
     assert (tl.ttft, tl.e2e, tl.tpot, tl.normalized_latency) == (None, None, None, None)
-    assert tl.gaps == [] and deadline_misses(tl, 1.0, 0.5) == (0, 0)
+    assert tl.gaps == () and deadline_misses(tl, 1.0, 0.5) == (0, 0)
     assert fluidity_index(tl, 1.0, 0.5) is None
 
 
 def test_single_token_has_no_tpot():
     tl = Timeline.of(0.0, [(0.25, 1)])
-    assert tl.ttft == 0.25 and tl.tpot is None and tl.gaps == []
+    assert tl.ttft == 0.25 and tl.tpot is None and tl.gaps == ()
 
 
 def test_deadlines_bank_slack_and_count_every_overrun():

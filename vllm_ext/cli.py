@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vllm_ext.ab.cli import add_parser as add_ab
 
     add_ab(bench.add_subparsers(dest="bench", required=True))
+    from vllm_ext.simulate.cli import add_parser as add_simulate
+
+    add_simulate(sub)
     return parser
 
 

@@ -54,7 +54,7 @@ from vllm_ext.schedulers.latency import StepShape
 from vllm_ext.schedulers.request import ReqState
 from vllm_ext.scheduling import StockScheduler, req_state
 
-__all__ = ["Driver", "Livelock", "Req", "Step", "engine_config", "kv_cache_config"]
+__all__ = ["Driver", "Livelock", "Req", "Step", "Tick", "engine_config", "kv_cache_config"]
 
 # The token every made-up sample is. Requests end by length (ignore_eos), so its value
 # matters only to the prefix cache, which hashes output tokens too.
@@ -162,6 +162,19 @@ class Step:
         return self.states[req_id].num_computed - before.num_computed
 
 
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """One step as a simulation needs it (`Driver.advance`)."""
+
+    start: float
+    duration: float
+    output: SchedulerOutput
+    states: dict[str, ReqState]  # each scheduled request as its tokens began
+    shape: StepShape
+    finished: tuple[str, ...]
+    delivered: dict[str, int]  # output tokens each request received at the step's end
+
+
 class Livelock(RuntimeError):
     """Requests were still unfinished after the step cap."""
 
@@ -209,42 +222,53 @@ class Driver:
             cache_salt=req.cache_salt, block_hasher=self._block_hasher))
         self.outputs[req.req_id] = []
 
-    def step(self) -> Step:
+    def advance(self) -> Tick:
+        """One step: schedule, time it, hand the made-up output back (what a
+        simulation needs, without `step`'s copies of the queues)."""
         sched, start = self.scheduler, self.now
-        running = tuple(req_state(r) for r in sched.running)
-        waiting = tuple(req_state(r) for r in sched.waiting)
         out = sched.schedule()
         # vLLM has already advanced num_computed_tokens past this step.
         states = {r: req_state(sched.requests[r], sched.requests[r].num_computed_tokens - n)
                   for r, n in out.num_scheduled_tokens.items()}
-        duration = self.step_time(StepShape.of((states[r], n)
-                                               for r, n in out.num_scheduled_tokens.items()))
+        shape = StepShape.of((states[r], n) for r, n in out.num_scheduled_tokens.items())
+        duration = self.step_time(shape)
         self.now += duration
-        finished = self._finish_step(out)
+        finished, delivered = self._finish_step(out)
         self._num_steps += 1
+        return Tick(start, duration, out, states, shape, finished, delivered)
+
+    def step(self) -> Step:
+        sched = self.scheduler
+        running = tuple(req_state(r) for r in sched.running)
+        waiting = tuple(req_state(r) for r in sched.waiting)
+        tick = self.advance()
+        out = tick.output
         waiting_ids = {s.req_id for s in waiting}
-        return Step(self._num_steps - 1, start, duration, sched.max_num_scheduled_tokens,
-                    running, waiting, dict(out.num_scheduled_tokens), states,
+        return Step(self._num_steps - 1, tick.start, tick.duration, sched.max_num_scheduled_tokens,
+                    running, waiting, dict(out.num_scheduled_tokens), tick.states,
                     tuple(r for r in out.num_scheduled_tokens if r in waiting_ids),
-                    frozenset(out.preempted_req_ids or ()), finished,
+                    frozenset(out.preempted_req_ids or ()), tick.finished,
                     self.block_pool.get_num_free_blocks())
 
-    def _finish_step(self, out: SchedulerOutput) -> tuple[str, ...]:
-        """Hand the scheduler the model runner's made-up answer; the requests it finished."""
+    def _finish_step(self, out: SchedulerOutput) -> tuple[tuple[str, ...], dict[str, int]]:
+        """Hand the scheduler the model runner's made-up answer: the requests it
+        finished, and the output tokens it delivered to each request."""
         ids = list(out.num_scheduled_tokens)
         requests = self.scheduler.requests
         sampled = [[SAMPLED_TOKEN] if requests[r].num_computed_tokens >= requests[r].num_tokens
                    else [] for r in ids]
         answer = ModelRunnerOutput(req_ids=ids, sampled_token_ids=sampled, **(
             {"req_id_to_index": {r: i for i, r in enumerate(ids)}} if _INDEXED_OUTPUT else {}))
-        finished = []
+        finished, delivered = [], {}
         for outputs in self.scheduler.update_from_output(out, answer).values():
             for o in outputs.outputs:
-                self.outputs[o.request_id].extend(o.new_token_ids)
+                if o.new_token_ids:
+                    self.outputs[o.request_id].extend(o.new_token_ids)
+                    delivered[o.request_id] = len(o.new_token_ids)
                 if o.finish_reason is not None:
                     self.finish_reasons[o.request_id] = o.finish_reason
                     finished.append(o.request_id)
-        return tuple(finished)
+        return tuple(finished), delivered
 
     def run(self, workload: Iterable[Req], max_steps: int = 10_000) -> list[Step]:
         """Steps until every request of the workload, each added at its arrival, has

@@ -129,17 +129,23 @@ def _llama_config(preset: ModelPreset):
     )
 
 
-def make_shape(out_dir: str | os.PathLike[str], preset: str = "tiny") -> Path:
-    """A directory holding only a preset's config.json: no weights, no tokenizer.
+def make_shape(out_dir: str | os.PathLike[str], preset: str | ModelPreset = "tiny",
+               dtype: str | None = None) -> Path:
+    """A directory holding only a preset's config.json (any Llama shape's, given a
+    `ModelPreset`): no weights, no tokenizer.
 
     Enough for vLLM to build an engine's config (with ``skip_tokenizer_init=True``),
     so the scheduler can be driven without a model (``vllm_ext.driver``), in seconds.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
+        preset = PRESETS[preset]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = _llama_config(PRESETS[preset])
+    config = _llama_config(preset)
+    if dtype is not None:
+        config.dtype = dtype
     config.architectures = ["LlamaForCausalLM"]  # saving the weights would record it
     config.save_pretrained(out)
     return out

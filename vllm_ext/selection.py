@@ -7,7 +7,9 @@ classes by dotted name (`scheduler_cls`), our settings under
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from vllm_ext.components import KINDS, Component, ConfigureContext, SelectionError
@@ -129,7 +131,25 @@ def selection_from_config(additional_config: Mapping[str, Any] | None) -> dict[s
     return dict((additional_config or {}).get(CONFIG_KEY) or {})
 
 
+# Selections resolve for this machine's platform, except while a simulation configures
+# its arms for the platform it forecasts (`vllm_ext.simulate`): a GPU's default token
+# budget, not this CPU's.
+_resolving_for: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "vllm_ext_resolving_for", default=None)
+
+
+@contextlib.contextmanager
+def resolving_for(platform: str | None) -> Iterator[None]:
+    token = _resolving_for.set(platform)
+    try:
+        yield
+    finally:
+        _resolving_for.reset(token)
+
+
 def current_platform_name() -> str:
+    if (simulated := _resolving_for.get()) is not None:
+        return simulated
     from vllm.platforms import current_platform
 
     return current_platform.device_type or "unknown"

@@ -38,6 +38,27 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help='flags every started server gets before its arm\'s own, e.g. '
                         '"--dtype float32 --enforce-eager --max-model-len 4096"')
     g.add_argument("--startup-timeout", type=float, default=600.0, metavar="S")
+    add_trace_args(p).add_argument(
+        "--vocab-size", type=int,
+        help="for random prompt ids; read from MODEL/config.json when it is a directory")
+    add_slo_args(p)
+    e = p.add_argument_group("output equivalence")
+    e.add_argument("--no-equivalence", action="store_true")
+    e.add_argument("--equivalence-prompts", metavar="JSONL",
+                   help='{"prompt": ..., "answer": ...} lines; a built-in set by default')
+    e.add_argument("--equivalence-tokens", type=int, default=32)
+    e.add_argument("--top-logprobs", type=int, default=5)
+    add_capacity_args(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--out", help="report directory (default ab-report-<UTC time>)")
+    o.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    o.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+    return p
+
+
+def add_trace_args(p: argparse.ArgumentParser):
+    """The trace flags `bench ab` and `simulate` share; their group."""
     t = p.add_argument_group("trace (identical in every arm)")
     t.add_argument("--num-requests", type=int, default=64)
     t.add_argument("--arrival", choices=ARRIVALS, default="poisson")
@@ -55,19 +76,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--first-seed", type=int, default=0,
                    help="seeds run from here; change it to replay against a server that has "
                         "seen earlier runs' prompts in its prefix cache")
-    t.add_argument("--vocab-size", type=int,
-                   help="for random prompt ids; read from MODEL/config.json when it is a directory")
+    return t
+
+
+def add_slo_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("SLOs (deadlines, fluidity, goodput)")
     s.add_argument("--ttft-slo-s", type=float, default=2.0)
     s.add_argument("--tbt-slo-ms", type=float, default=100.0)
     s.add_argument("--prefill-ms-per-token", type=float, default=0.0,
                    help="predicted prefill time per prompt token, added to the TTFT deadline")
-    e = p.add_argument_group("output equivalence")
-    e.add_argument("--no-equivalence", action="store_true")
-    e.add_argument("--equivalence-prompts", metavar="JSONL",
-                   help='{"prompt": ..., "answer": ...} lines; a built-in set by default')
-    e.add_argument("--equivalence-tokens", type=int, default=32)
-    e.add_argument("--top-logprobs", type=int, default=5)
+
+
+def add_capacity_args(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("capacity search (Sarathi-Serve's method)")
     c.add_argument("--capacity", action="store_true",
                    help="bisect each arm's capacity (probes: Poisson arrivals, --prompt-len and "
@@ -77,12 +97,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--capacity-qps", default="0.1:10", metavar="LO:HI")
     c.add_argument("--capacity-probes", type=int, default=5)
     c.add_argument("--capacity-requests", type=int, default=64, help="requests per probe")
-    o = p.add_argument_group("output")
-    o.add_argument("--out", help="report directory (default ab-report-<UTC time>)")
-    o.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    o.add_argument("--no-progress", action="store_true")
-    p.set_defaults(run=run)
-    return p
 
 
 def vocab_size_of(model: str | None, given: int | None) -> int:
@@ -102,33 +116,11 @@ def vocab_size_of(model: str | None, given: int | None) -> int:
 
 def build_config(a: argparse.Namespace):
     from vllm_ext.ab.progress import Progress
-    from vllm_ext.ab.runner import ABConfig, Arm, CapacitySearch
+    from vllm_ext.ab.runner import ABConfig, Arm
 
     arms = [Arm.parse(s) for s in a.arm] + [Arm.parse(s, endpoint=True) for s in a.endpoint]
-    if a.seeds < 1:
-        raise TraceError(f"--seeds must be >= 1, got {a.seeds}")
-    seeds = range(a.first_seed, a.first_seed + a.seeds)
-    prompt, output = LengthDist.parse(a.prompt_len, "--prompt-len"), LengthDist.parse(a.output_len,
-                                                                                        "--output-len")
-    if a.trace_csv:
-        traces = [load_csv(a.trace_csv, seed=s) for s in seeds]
-    else:
-        traces = [synthesize(a.num_requests, a.arrival, prompt, output, seed=s, qps=a.qps,
-                             burstiness=a.burstiness, concurrency=a.concurrency,
-                             max_prompt=a.max_prompt_tokens)
-                  for s in seeds]
-    capacity = None
-    if a.capacity:
-        try:
-            lo, hi = (float(x) for x in a.capacity_qps.split(":"))
-        except ValueError:
-            raise TraceError(f"--capacity-qps {a.capacity_qps!r}: expected LO:HI") from None
-        if not 0 < lo < hi or a.capacity_probes < 1 or a.capacity_requests < 1:
-            raise TraceError("capacity search needs 0 < LO < HI, --capacity-probes >= 1 and "
-                             "--capacity-requests >= 1")
-        capacity = CapacitySearch(CapacityTarget(a.capacity_tbt_slo_ms or a.tbt_slo_ms,
-                                                 a.capacity_sched_delay_s), lo, hi,
-                                  a.capacity_probes, a.capacity_requests)
+    traces, prompt, output = traces_from(a)
+    capacity = capacity_from(a)
     prompts = None
     if not a.no_equivalence:
         prompts = load_prompts(a.equivalence_prompts) if a.equivalence_prompts else default_prompts()
@@ -145,6 +137,41 @@ def build_config(a: argparse.Namespace):
     cfg.check()
     cfg.vocab_size = vocab_size_of(a.model, a.vocab_size)
     return cfg
+
+
+def traces_from(a: argparse.Namespace):
+    """(one trace per seed, prompt lengths, output lengths) from the trace flags."""
+    if a.seeds < 1:
+        raise TraceError(f"--seeds must be >= 1, got {a.seeds}")
+    seeds = range(a.first_seed, a.first_seed + a.seeds)
+    prompt = LengthDist.parse(a.prompt_len, "--prompt-len")
+    output = LengthDist.parse(a.output_len, "--output-len")
+    if a.trace_csv:
+        traces = [load_csv(a.trace_csv, seed=s) for s in seeds]
+    else:
+        traces = [synthesize(a.num_requests, a.arrival, prompt, output, seed=s, qps=a.qps,
+                             burstiness=a.burstiness, concurrency=a.concurrency,
+                             max_prompt=a.max_prompt_tokens)
+                  for s in seeds]
+    return traces, prompt, output
+
+
+def capacity_from(a: argparse.Namespace):
+    """The capacity search the flags ask for, or None."""
+    from vllm_ext.ab.runner import CapacitySearch
+
+    if not a.capacity:
+        return None
+    try:
+        lo, hi = (float(x) for x in a.capacity_qps.split(":"))
+    except ValueError:
+        raise TraceError(f"--capacity-qps {a.capacity_qps!r}: expected LO:HI") from None
+    if not 0 < lo < hi or a.capacity_probes < 1 or a.capacity_requests < 1:
+        raise TraceError("capacity search needs 0 < LO < HI, --capacity-probes >= 1 and "
+                         "--capacity-requests >= 1")
+    return CapacitySearch(CapacityTarget(a.capacity_tbt_slo_ms or a.tbt_slo_ms,
+                                         a.capacity_sched_delay_s), lo, hi,
+                          a.capacity_probes, a.capacity_requests)
 
 
 def run(a: argparse.Namespace) -> int:

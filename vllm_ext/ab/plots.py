@@ -39,21 +39,24 @@ def draw(results: list[ArmResult], cfg: ABConfig, outdir: Path) -> list[Path]:
     if plt is None or not ok:
         return []
     outdir.mkdir(parents=True, exist_ok=True)
-    paths = [_tbt(plt, ok, cfg, outdir / "tbt_ccdf.png"), _ttft(plt, ok, outdir / "ttft_cdf.png"),
-             _timelines(plt, ok, outdir / "token_timelines.png")]
+    figures = [(_tbt(plt, ok, cfg), "tbt_ccdf.png"), (_ttft(plt, ok), "ttft_cdf.png"),
+               (_timelines(plt, ok), "token_timelines.png")]
     if any(r.capacity for r in ok):
-        paths.append(_capacity(plt, ok, cfg, outdir / "capacity.png"))
-    return paths
+        figures.append((_capacity(plt, ok, cfg), "capacity.png"))
+    mark = "SIMULATED: " + cfg.simulation["source"] if cfg.simulation else None
+    return [_save(plt, fig, outdir / name, mark) for fig, name in figures]
 
 
-def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(plt, fig, path: Path, mark: str | None) -> Path:
+    if mark:  # a plot copied out of the report still says it is a forecast
+        fig.text(0.01, 0.005, mark, fontsize=7, color="firebrick", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1) if mark else None)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _tbt(plt, results, cfg, path: Path) -> Path:
+def _tbt(plt, results, cfg):
     """Complementary CDF on log axes: the tail, where arms differ, gets the room."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
@@ -66,10 +69,10 @@ def _tbt(plt, results, cfg, path: Path) -> Path:
     ax.set(xscale="log", yscale="log", xlabel="time between tokens (ms)",
            ylabel="fraction of gaps longer", title="TBT tail (zero gaps of coalesced tokens omitted)")
     ax.legend()
-    return _save(plt, fig, path)
+    return fig
 
 
-def _ttft(plt, results, path: Path) -> Path:
+def _ttft(plt, results):
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         ttft = sorted(t for run in r.runs for x in run if (t := x.timeline().ttft) is not None)
@@ -78,10 +81,10 @@ def _ttft(plt, results, path: Path) -> Path:
                     label=r.arm.name)
     ax.set(xlabel="time to first token (s)", ylabel="fraction of requests", title="TTFT CDF")
     ax.legend()
-    return _save(plt, fig, path)
+    return fig
 
 
-def _timelines(plt, results, path: Path) -> Path:
+def _timelines(plt, results):
     """First seed's requests, one row each: a dot per token. Stalls show as gaps
     across many rows at once."""
     fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.6 * len(results)), sharex=True,
@@ -93,10 +96,10 @@ def _timelines(plt, results, path: Path) -> Path:
             ax.plot([rec.sent], [rec.index], "k|", markersize=4)
         ax.set(ylabel="request", title=f"{r.arm.name}: token arrivals (| = sent)")
     axes[-1, 0].set_xlabel("seconds from the start of the run")
-    return _save(plt, fig, path)
+    return fig
 
 
-def _capacity(plt, results, cfg, path: Path) -> Path:
+def _capacity(plt, results, cfg):
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         if r.capacity:
@@ -106,4 +109,4 @@ def _capacity(plt, results, cfg, path: Path) -> Path:
     ax.set(xscale="log", yscale="log", xlabel="Poisson QPS", ylabel="P99 TBT (ms)",
            title="Capacity search probes")
     ax.legend()
-    return _save(plt, fig, path)
+    return fig

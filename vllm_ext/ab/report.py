@@ -101,7 +101,9 @@ def headline_rows(results: list[ArmResult], comparisons: dict,
                   compact: bool = False) -> tuple[list[str], list[list[str]]]:
     columns = [c for c in COLUMNS if not compact or c[0] in COMPACT]
     searched = any(r.capacity for r in results)
-    head = ["arm", *(title for _, title, _ in columns), "exact match"] + ["capacity"] * searched
+    compared = any(r.outputs is not None for r in results)
+    head = ["arm", *(title for _, title, _ in columns)] + ["exact match"] * compared \
+        + ["capacity"] * searched
     rows = []
     for res in results:
         if res.summary is None:
@@ -110,7 +112,8 @@ def headline_rows(results: list[ArmResult], comparisons: dict,
         eqv = comparisons.get(res.arm.name, {}).get("equivalence")
         exact = "base" if res is results[0] and res.outputs is not None else (
             fmt(eqv["exact_match_rate"], "{:.0%}") if eqv else "n/a")
-        rows.append([res.arm.name, *(fmt(res.summary.get(k), f) for k, _, f in columns), exact]
+        rows.append([res.arm.name, *(fmt(res.summary.get(k), f) for k, _, f in columns)]
+                    + [exact] * compared
                     + [res.capacity.describe() if res.capacity else "n/a"] * searched)
     return head, rows
 
@@ -147,9 +150,14 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     seeds = ", ".join(str(t.seed) for t in cfg.traces)
     note = plots.missing()  # said once, near the top
+    sim = cfg.simulation
     out: list[tuple[str, object]] = [
-        ("h1", "A/B benchmark"),
-        ("p", f"{when}; {machine()}."),
+        ("h1", "Simulated A/B: a forecast, not a measurement" if sim else "A/B benchmark"),
+        ("p", f"{when}; {'simulated on ' if sim else ''}{machine()}."),
+        *([("p", f"SIMULATED. Each arm is vLLM's own scheduler, the class and settings its "
+                 f"flags select, stepped on a virtual clock; each step lasts what the step-time "
+                 f"source predicts for its batch: {sim['source']}. Every latency below is that "
+                 f"forecast. Assumptions:"), ("ul", sim["assumptions"])] if sim else []),
         ("p", f"Model {cfg.model}. Trace: {cfg.traces[0].description}; seeds {seeds}, the same "
               f"in every arm. SLOs: {cfg.slo.describe()}."),
         *([("p", note)] if note else []),
@@ -213,6 +221,8 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
         out += [("h2", "Failed arms")]
         for r in failed:
             out += [("p", f"{r.arm.name} failed after {r.wall_s:.0f} s:"), ("pre", r.error)]
+    if sim:
+        return out + _sweep_sections(results, sim) + [("h2", "How it was simulated"), ("ul", SIMULATED)]
     out += [("h2", "How it was measured"),
             ("ul", [TOKEN_COUNTING + ".",
                     "TTFT from sending a request to its first token; TBT: every gap between "
@@ -230,10 +240,48 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
     return out
 
 
+SIMULATED = [
+    "Each arm's scheduler is the class its flags select, built from the engine config "
+    "`vllm serve MODEL FLAGS` makes (vLLM's own serve parser), over a KV cache of the stated "
+    "number of blocks; vLLM's synchronous engine loop is followed step by step.",
+    "A step's output is made up as the model runner's would be: one token for every request "
+    "whose prompt is complete, none for a partial prefill. A token reaches its client when "
+    "its step ends; the network, detokenization and the API server take no time.",
+    "TTFT, TBT, TPOT, deadlines (Metron), goodput and throughput are computed from those "
+    "token times exactly as `vllm-ext bench ab` computes them from streamed tokens.",
+    "Scheduling delay: from a request's arrival to the start of the first step that "
+    "schedules it, exact on the virtual clock.",
+]
+
+
+def _sweep_sections(results: list[ArmResult], sim: dict) -> list[tuple[str, object]]:
+    """Capacity per swept value, and the best, for each arm the sweep applied to."""
+    sweep = sim.get("sweep")
+    if not sweep:
+        return []
+    by_name = {r.arm.name: r for r in results}
+    out: list[tuple[str, object]] = [("h2", f"Sweep of --{sweep['flag']}")]
+    rows = []
+    for base, variants in sweep["arms"].items():
+        caps = {value: by_name[name].capacity for value, name in variants if name in by_name}
+        passed = {v: c.qps for v, c in caps.items() if c is not None and c.qps is not None}
+        best = max(passed, key=passed.get) if passed else None
+        for value, name in variants:
+            c = caps.get(value)
+            rows.append([base, str(value), c.describe() if c else "n/a",
+                         "best" if value == best else ""])
+    out.append(("table", (["arm", f"--{sweep['flag']}", "capacity", ""], rows)))
+    if sweep.get("skipped"):
+        out.append(("p", "Arms the flag does not apply to, run as given: "
+                         + "; ".join(f"{n} ({why})" for n, why in sweep["skipped"].items())))
+    return out
+
+
 def write(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> Path:
     out = cfg.out
     write_json(out / "report.json", {
         "machine": machine(), "model": cfg.model, "slo": cfg.slo.describe(),
+        "simulated": cfg.simulation is not None, "simulation": cfg.simulation,
         "traces": [t.description for t in cfg.traces], "seeds": [t.seed for t in cfg.traces],
         "token_counting": TOKEN_COUNTING, "kl_method": KL_METHOD,
         "arms": [{"name": r.arm.name, "command": r.arm.describe(), "error": r.error,

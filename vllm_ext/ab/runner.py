@@ -94,6 +94,9 @@ class ABConfig:
     startup_timeout: float = 600.0
     warmup_requests: int = 2
     progress: Progress = field(default_factory=Progress)  # Progress(enabled=False): silent
+    # Set by `vllm-ext simulate`: {"source": ..., "assumptions": [...], "sweep": ...};
+    # the report then says everywhere that its figures are forecasts.
+    simulation: dict | None = None
 
     def check(self) -> None:
         if not self.arms:
@@ -151,7 +154,7 @@ def _replay_measured(url: str, model: str, trace: Trace, cfg: ABConfig, desc: st
     return records, ServerView.scrape(url).since(before)
 
 
-def _probe_trace(cfg: ABConfig, qps: float, index: int) -> Trace:
+def probe_trace(cfg: ABConfig, qps: float, index: int) -> Trace:
     # Seeds of their own per probe (and per --first-seed): prompts never repeat on the
     # same server, so the prefix cache cannot flatter later probes.
     return synthesize(cfg.capacity.requests, "poisson", cfg.prompt_len, cfg.output_len,
@@ -223,7 +226,7 @@ def _search_capacity(url: str, model: str, cfg: ABConfig, name: str, say) -> cap
 
     def probe(qps: float) -> cap.Probe:
         index = next(count)
-        trace = _probe_trace(cfg, qps, index)
+        trace = probe_trace(cfg, qps, index)
         records, view = _replay_measured(url, model, trace, cfg, f"[{name}] capacity probe "
                                          f"{index + 1}/{search.iterations} at {qps:.3g} QPS")
         s = summarize([records], cfg.slo)

@@ -32,7 +32,7 @@ class SLO:
 
 
 def _pct(values: Sequence[float], q: float, scale: float = 1.0) -> float:
-    return scale * percentile(values, q) if values else math.nan
+    return scale * percentile(values, q) if len(values) else math.nan
 
 
 def _defined(values) -> list[float]:
@@ -88,7 +88,7 @@ def summarize(runs: Sequence[Sequence[RequestRecord]], slo: SLO) -> dict:
         **{key: fn(tls) for key, (_, fn, _) in HEADLINE.items()},
         "ttft_p90_s": _pct(ttfts(tls), 90), "ttft_mean_s": _mean(ttfts(tls)),
         "tbt_p90_ms": _pct(gaps, 90, 1e3), "tbt_p999_ms": _pct(gaps, 99.9, 1e3),
-        "tbt_max_ms": 1e3 * max(gaps) if gaps else math.nan,
+        "tbt_max_ms": 1e3 * float(gaps.max()) if len(gaps) else math.nan,
         "req_max_tbt_p50_ms": _pct(max_gaps, 50, 1e3), "req_max_tbt_p99_ms": _pct(max_gaps, 99, 1e3),
         "tpot_p90_ms": _pct(tpot, 90, 1e3), "tpot_p99_ms": _pct(tpot, 99, 1e3),
         "tpot_mean_ms": 1e3 * _mean(tpot),

@@ -1,0 +1,214 @@
+"""`vllm-ext simulate`: the arms of `vllm-ext bench ab`, forecast on a virtual clock."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+from pathlib import Path
+
+from vllm_ext.ab.cli import add_capacity_args, add_slo_args, add_trace_args, capacity_from, traces_from
+from vllm_ext.ab.summary import SLO
+from vllm_ext.ab.traces import TraceError
+
+EXAMPLE = """examples:
+  # this machine, from a profile of the served model (vllm-ext profile MODEL --out lat.json)
+  vllm-ext simulate --latency-model lat.json --serve-args "--dtype float32 --max-model-len 4096" \\
+      --arm vllm="--scheduler vllm" --arm sarathi="--scheduler sarathi" --qps 0.4 --seeds 2
+
+  # an A100, Llama-3-8B: which Sarathi budget carries the most load within a 100 ms P99 TBT?
+  vllm-ext simulate --gpu a100 --model-shape llama-3-8b --arm sarathi="--scheduler sarathi" \\
+      --sweep sarathi-token-budget=256,512,1024,2048 --capacity-qps 0.5:20 --tbt-slo-ms 100 \\
+      --prompt-len lognormal:1024:0.9 --output-len lognormal:256:0.5 --max-prompt-tokens 6000
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from vllm_ext.simulate.gpu import GPUS, PROFILED, GpuAssumptions
+
+    p = sub.add_parser(
+        "simulate", help="forecast an A/B of vllm serve flag sets with vLLM's own scheduler on a "
+                         "virtual clock (this machine's profile or a GPU's)",
+        description="Run each arm's vLLM scheduler (the class and settings its `vllm serve` "
+                    "flags select) over the same seeded traces on a virtual clock, each step "
+                    "lasting what a step-time source predicts, and write the report `vllm-ext "
+                    "bench ab` writes, marked as simulated.",
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("arms (the first is the base the others are compared with)")
+    g.add_argument("--arm", action="append", default=[], metavar='NAME="FLAGS"',
+                   help="simulate `vllm serve MODEL FLAGS` (repeatable)")
+    g.add_argument("--serve-args", default="", metavar='"FLAGS"',
+                   help="flags every arm gets before its own, e.g. \"--max-model-len 8192\"")
+    g.add_argument("--model", help="with --latency-model or --step-time: the model directory "
+                                   "(its config.json is enough); default: the profiled one")
+    g.add_argument("--sweep", metavar="FLAG=V1,V2,...",
+                   help="one arm per value of a serve flag in every arm that takes it, each "
+                        "capacity-searched, and the best value named (implies --capacity)")
+    s = p.add_argument_group("step-time source (exactly one)")
+    s.add_argument("--latency-model", metavar="FILE",
+                   help="a step-time model from `vllm-ext profile` (this machine)")
+    s.add_argument("--gpu", choices=sorted(GPUS), help="profiled GPU operator tables "
+                   "(Vidur's, MIT) with an attention model; needs --model-shape")
+    s.add_argument("--model-shape", help="; ".join(f"{g}: {', '.join(m)}"
+                                                   for g, m in PROFILED.items()))
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (1, 2, 4, 8)")
+    s.add_argument("--step-time", metavar="MODULE:FUNCTION",
+                   help="any function of a vllm_ext.schedulers.latency.StepShape -> seconds")
+    d = GpuAssumptions()
+    s.add_argument("--step-overhead-ms", type=float, default=d.step_overhead_ms,
+                   help="--gpu: per-step CPU time (scheduling, inputs, sampling)")
+    s.add_argument("--attn-flops-fraction", type=float, default=d.attn_flops_fraction,
+                   help="--gpu: prefill attention's share of peak FLOPs")
+    s.add_argument("--attn-bandwidth-fraction", type=float, default=d.attn_bandwidth_fraction,
+                   help="--gpu: KV reads' share of HBM bandwidth")
+    k = p.add_argument_group("KV cache (default: --gpu: what vLLM would leave at "
+                             "--gpu-memory-utilization 0.9; else VLLM_CPU_KVCACHE_SPACE or 4 GiB)")
+    k.add_argument("--kv-memory", type=float, metavar="GIB", help="KV memory per GPU (GiB)")
+    k.add_argument("--num-gpu-blocks", type=int, metavar="N", help="KV blocks")
+    add_trace_args(p)
+    add_slo_args(p)
+    add_capacity_args(p)
+    # Probes cost seconds here, not minutes: search finer by default.
+    p.set_defaults(capacity_probes=8, capacity_requests=256)
+    o = p.add_argument_group("output")
+    o.add_argument("--out", help="report directory (default simulate-report-<UTC time>)")
+    o.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    o.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+    return p
+
+
+class OptionError(ValueError):
+    pass
+
+
+def _source(a: argparse.Namespace):
+    """(step-time source, model directory, target, KV size) from the flags."""
+    from vllm_ext.simulate.arms import Target
+    from vllm_ext.simulate.gpu import GPUS, GpuAssumptions, GpuStepTime
+    from vllm_ext.simulate.run import KvSize, default_cpu_kv
+    from vllm_ext.simulate.sources import CallableSource, FittedSource
+
+    given = [f for f, v in (("--latency-model", a.latency_model), ("--gpu", a.gpu),
+                            ("--step-time", a.step_time)) if v]
+    if len(given) != 1:
+        raise OptionError("give exactly one step-time source: --latency-model FILE, --gpu "
+                          "a100|h100 with --model-shape, or --step-time MODULE:FUNCTION"
+                          + (f" (got {' and '.join(given)})" if given else ""))
+    if a.kv_memory is not None and a.num_gpu_blocks is not None:
+        raise OptionError("give --kv-memory or --num-gpu-blocks, not both")
+    if a.kv_memory is not None and not a.kv_memory > 0:
+        raise OptionError(f"--kv-memory must be > 0 GiB, got {a.kv_memory}")
+    if a.num_gpu_blocks is not None and a.num_gpu_blocks < 2:
+        raise OptionError(f"--num-gpu-blocks must be >= 2, got {a.num_gpu_blocks}")
+    if a.gpu is None and (a.model_shape or a.tp != 1):
+        raise OptionError("--model-shape and --tp describe a --gpu simulation; give --gpu")
+    kv = (KvSize(blocks=a.num_gpu_blocks) if a.num_gpu_blocks is not None else
+          KvSize(gib=a.kv_memory, why="--kv-memory") if a.kv_memory is not None else None)
+    if a.gpu:
+        if not a.model_shape:
+            raise OptionError("--gpu needs --model-shape (profiled: see --help)")
+        if a.model:
+            raise OptionError("--gpu simulates --model-shape's model; leave out --model")
+        for flag, value in (("--attn-flops-fraction", a.attn_flops_fraction),
+                            ("--attn-bandwidth-fraction", a.attn_bandwidth_fraction)):
+            if not 0 < value <= 1:
+                raise OptionError(f"{flag} must be in (0, 1], got {value}")
+        if a.step_overhead_ms < 0:
+            raise OptionError(f"--step-overhead-ms must be >= 0, got {a.step_overhead_ms}")
+        source = GpuStepTime(a.gpu, a.model_shape, a.tp, GpuAssumptions(
+            a.step_overhead_ms, a.attn_flops_fraction, a.attn_bandwidth_fraction, a.kv_memory))
+        spec = GPUS[a.gpu]
+        target = Target("cuda", spec.serve_max_num_batched_tokens, spec.serve_max_num_seqs, 16)
+        if kv is None or a.kv_memory is not None:
+            kv = KvSize(blocks=source.num_blocks(16), why=source.kv_memory_note())
+        return source, _shape_dir(a.model_shape, source.shape), target, kv
+    source = (FittedSource(a.latency_model) if a.latency_model else
+              CallableSource.load(a.step_time))
+    model = a.model or getattr(source, "profiled_model", None)
+    if not model:
+        raise OptionError("--model DIR is needed: the model whose shape the arms are configured "
+                          "for (its config.json)")
+    if not (Path(model) / "config.json").is_file():
+        raise OptionError(f"--model {model}: no config.json there (a model directory, e.g. "
+                          f"`vllm-ext make-model DIR`)")
+    return source, str(model), Target(), kv or default_cpu_kv()
+
+
+def _shape_dir(name: str, shape) -> str:
+    """A config.json of the profiled model's shape, written once per user."""
+    import os
+
+    from vllm_ext.models import ModelPreset, make_shape
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vllm-ext" / "shapes"
+    out = root / name
+    if not (out / "config.json").is_file():
+        make_shape(out, ModelPreset(name, shape.hidden, shape.intermediate, shape.layers,
+                                    shape.heads, shape.kv_heads, shape.vocab, shape.max_position,
+                                    "simulated GPU model"), dtype="bfloat16")
+    return str(out)
+
+
+def build(a: argparse.Namespace):
+    """(ABConfig, Simulation) from the flags; every refusal before anything runs."""
+    from vllm_ext.ab.progress import Progress
+    from vllm_ext.ab.runner import ABConfig, Arm
+    from vllm_ext.simulate.run import Simulation, Sweep
+    from vllm_ext.simulate.sources import fitted_for_adaptive, write_fitted
+
+    arms = [Arm.parse(s) for s in a.arm]
+    traces, prompt, output = traces_from(a)
+    if a.sweep and not a.capacity:
+        a.capacity = True
+    capacity = capacity_from(a)
+    source, model, target, kv = _source(a)
+    out = Path(a.out or datetime.datetime.now(datetime.timezone.utc).strftime(
+        "simulate-report-%Y%m%d-%H%M%S"))
+    shown = f"{source.shape.name} (its shape: {model})" if a.gpu else model
+    cfg = ABConfig(model=shown, arms=arms, traces=traces, out=out, vocab_size=0,
+                   slo=SLO(a.ttft_slo_s, a.tbt_slo_ms, a.prefill_ms_per_token),
+                   common_args=tuple(shlex.split(a.serve_args)), prompts=None,
+                   capacity=capacity, prompt_len=prompt, output_len=output,
+                   max_prompt_tokens=a.max_prompt_tokens, bootstrap_iterations=a.bootstrap,
+                   progress=Progress(enabled=not a.no_progress))
+    cfg.check()
+    sim = Simulation(source, model, kv, target, Sweep.parse(a.sweep) if a.sweep else None)
+    adaptive = any("--sarathi-tbt-slo-ms" in arm.serve_args for arm in arms) or (
+        "--sarathi-tbt-slo-ms" in cfg.common_args)
+    if adaptive:
+        # What `vllm-ext profile` would fit on the forecast engine, unless the source is one.
+        sim.adaptive_model = (a.latency_model or str(write_fitted(
+            fitted_for_adaptive(source, 8192), out / "adaptive-step-time-model.json")))
+    assumptions = [*source.assumptions(), f"KV cache: {kv.describe()}."]
+    if adaptive and not a.latency_model:
+        assumptions.append(f"Arms with --sarathi-tbt-slo-ms and no model of their own plan "
+                           f"with a linear step-time model fitted to this source "
+                           f"({sim.adaptive_model}).")
+    cfg.simulation = {"source": source.name, "assumptions": assumptions}
+    return cfg, sim
+
+
+def run(a: argparse.Namespace) -> int:
+    from vllm_ext.ab.runner import ABError
+    from vllm_ext.simulate.arms import ArmError
+    from vllm_ext.simulate.gpu import GpuError
+    from vllm_ext.simulate.sources import SourceError
+
+    try:
+        cfg, sim = build(a)
+        from vllm_ext.simulate.run import run_simulation
+
+        results, comparisons = run_simulation(cfg, sim, say=lambda line: print(line, flush=True))
+    except (TraceError, ABError, ArmError, GpuError, SourceError, OptionError) as e:
+        print(f"vllm-ext simulate: error: {e}", file=sys.stderr)
+        return 2
+    from vllm_ext.ab.cli import print_headline
+
+    print(f"\nSIMULATED ({cfg.simulation['source']}); not measured.")
+    print_headline(cfg, results, comparisons)
+    sweep = cfg.simulation.get("sweep")
+    if sweep:
+        print(f"\nsweep of --{sweep['flag']}: see {cfg.out}/summary.md")
+    return 1 if any(r.error for r in results) else 0

@@ -1,0 +1,221 @@
+"""Every arm of a simulated A/B: configs checked first, then each arm's traces and
+capacity probes simulated, and the same report `bench ab` writes, marked as simulated."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vllm_ext.ab import capacity as cap
+from vllm_ext.ab import report
+from vllm_ext.ab.runner import ABConfig, Arm, ArmResult, probe_trace, compare_arms
+from vllm_ext.ab.summary import summarize
+from vllm_ext.ab.traces import Trace
+from vllm_ext.simulate.arms import ArmError, Target, arm_config
+from vllm_ext.simulate.engine import SimRun, simulate_trace
+from vllm_ext.simulate.sources import StepTimeSource
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """One flag's values, each tried in every arm that takes the flag."""
+
+    flag: str  # without the leading dashes
+    values: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, spec: str) -> Sweep:
+        flag, sep, values = spec.partition("=")
+        flag = flag.strip().lstrip("-")
+        vals = tuple(v.strip() for v in values.split(",") if v.strip())
+        if not sep or not flag or not vals:
+            raise ArmError(f"--sweep {spec!r}: expected FLAG=V1,V2,... (e.g. "
+                           f"sarathi-token-budget=256,512,1024)")
+        return cls(flag, vals)
+
+
+@dataclass(frozen=True, slots=True)
+class KvSize:
+    """The KV cache every arm gets: a number of blocks, or GiB per GPU."""
+
+    blocks: int | None = None
+    gib: float | None = None
+    why: str = ""  # where a default came from
+
+    def num_blocks(self, config) -> int:
+        if self.blocks is not None:
+            return self.blocks
+        model, parallel = config.model_config, config.parallel_config
+        per_token = (2 * model.get_num_layers(parallel) * model.get_num_kv_heads(parallel)
+                     * model.get_head_size() * model.dtype.itemsize)
+        return int(self.gib * GiB // (per_token * config.cache_config.block_size))
+
+    def describe(self) -> str:
+        if self.blocks is not None:
+            return f"{self.blocks} blocks ({self.why or '--num-gpu-blocks'})"
+        return f"{self.gib:g} GiB{f' ({self.why})' if self.why else ''}"
+
+
+@dataclass
+class Simulation:
+    source: StepTimeSource
+    model: str  # a directory whose config.json describes the model
+    kv: KvSize
+    target: Target = Target()
+    sweep: Sweep | None = None
+    adaptive_model: str | None = None  # for arms with --sarathi-tbt-slo-ms and no model
+    configs: dict[str, object] = field(default_factory=dict)  # arm name -> VllmConfig
+    skipped: dict[str, str] = field(default_factory=dict)  # arms the sweep left alone
+
+
+def _flags(arm: Arm, sim: Simulation, common: tuple[str, ...]) -> list[str]:
+    flags = [*common, *arm.serve_args]
+    if ("--sarathi-tbt-slo-ms" in flags and "--sarathi-latency-model" not in flags
+            and sim.adaptive_model):
+        flags += ["--sarathi-latency-model", sim.adaptive_model]
+    return flags
+
+
+def expand_sweep(cfg: ABConfig, sim: Simulation) -> dict:
+    """Replace each arm that takes the swept flag by one arm per value (`arm@v`);
+    the sweep's description for the report."""
+    sweep = sim.sweep
+    arms, variants = [], {}
+    for arm in cfg.arms:
+        trial = Arm(arm.name, (*arm.serve_args, f"--{sweep.flag}", sweep.values[0]))
+        try:
+            arm_config(sim.model, _flags(trial, sim, cfg.common_args), sim.target)
+        except ArmError as e:
+            sim.skipped[arm.name] = str(e).splitlines()[0]
+            arms.append(arm)
+            continue
+        names = []
+        for v in sweep.values:
+            arms.append(Arm(f"{arm.name}@{v}", (*arm.serve_args, f"--{sweep.flag}", v)))
+            names.append((v, arms[-1].name))
+        variants[arm.name] = names
+    if not variants:
+        raise ArmError(f"--sweep {sweep.flag}: no arm takes --{sweep.flag} "
+                       f"({'; '.join(f'{n}: {w}' for n, w in sim.skipped.items())})")
+    cfg.arms = arms
+    return {"flag": sweep.flag, "values": list(sweep.values), "arms": variants,
+            "skipped": dict(sim.skipped)}
+
+
+def prepare(cfg: ABConfig, sim: Simulation) -> None:
+    """Every arm's engine config, and every trace checked against it, before anything
+    is simulated: a bad flag or an oversized request fails here, naming the arm."""
+    for arm in cfg.arms:
+        try:
+            config = arm_config(sim.model, _flags(arm, sim, cfg.common_args), sim.target)
+        except ArmError as e:
+            raise ArmError(f"arm {arm.name} ({arm.describe()}): {e}") from None
+        limit = config.model_config.max_model_len
+        for trace in cfg.traces:
+            for i, r in enumerate(trace.requests):
+                if r.prompt_tokens + r.output_tokens > limit:
+                    raise ArmError(
+                        f"arm {arm.name}: request {i} of seed {trace.seed} needs "
+                        f"{r.prompt_tokens} prompt + {r.output_tokens} output tokens, more than "
+                        f"its max_model_len {limit} (--max-prompt-tokens, or --max-model-len "
+                        f"in --serve-args)")
+        if sim.kv.num_blocks(config) < 2:
+            raise ArmError(f"arm {arm.name}: a KV cache of {sim.kv.describe()} holds no "
+                           f"blocks of this model")
+        sim.configs[arm.name] = config
+
+
+def _simulate(cfg: ABConfig, sim: Simulation, arm: Arm, trace: Trace, desc: str) -> SimRun:
+    config = sim.configs[arm.name]
+    with cfg.progress.replay(desc, len(trace.requests)) as shown:
+        return simulate_trace(config, sim.kv.num_blocks(config), trace, sim.source,
+                              on_done=shown.request_done)
+
+
+def run_arm(arm: Arm, cfg: ABConfig, sim: Simulation, say) -> ArmResult:
+    result = ArmResult(arm)
+    config = sim.configs[arm.name]
+    runs: list[SimRun] = []
+    try:
+        for i, trace in enumerate(cfg.traces, start=1):
+            run = _simulate(cfg, sim, arm, trace, f"[{arm.name}] seed {trace.seed} "
+                                                  f"({i}/{len(cfg.traces)}), simulated")
+            runs.append(run)
+            result.runs.append(run.records)
+            report.write_json(cfg.out / "raw" / arm.name / f"seed{trace.seed}.json",
+                              {"arm": arm.name, "seed": trace.seed, "trace": trace.description,
+                               "simulated": True,
+                               "requests": [r.to_dict() for r in run.records],
+                               "sched_delays": run.sched_delays})
+        delays = [d for run in runs for d in run.sched_delays]
+        steps, wall = sum(r.steps for r in runs), sum(r.wall_s for r in runs)
+        result.summary = {**summarize(result.runs, cfg.slo),
+                          "sched_delay_p50_s": statistics.median(delays),
+                          "sim_steps": steps, "sim_wall_s": wall,
+                          "sim_steps_per_s": steps / wall if wall else float("nan"),
+                          "kv_blocks": sim.kv.num_blocks(config),
+                          "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+                          "max_num_seqs": config.scheduler_config.max_num_seqs}
+        if cfg.capacity is not None:
+            result.capacity = _search_capacity(cfg, sim, arm, say)
+    except Exception as e:  # one arm's failure is recorded; the others still run
+        result.error = f"{type(e).__name__}: {e}"
+        say(f"[{arm.name}] FAILED: {result.error}")
+    result.wall_s = sum(r.wall_s for r in runs)
+    return result
+
+
+def _search_capacity(cfg: ABConfig, sim: Simulation, arm: Arm, say) -> cap.Capacity:
+    search = cfg.capacity
+    count = iter(range(search.iterations))
+
+    def probe(qps: float) -> cap.Probe:
+        index = next(count)
+        run = _simulate(cfg, sim, arm, probe_trace(cfg, qps, index),
+                        f"[{arm.name}] capacity probe {index + 1}/{search.iterations} at "
+                        f"{qps:.3g} QPS, simulated")
+        s = summarize([run.records], cfg.slo)
+        return search.target.judge(qps, s["tbt_p99_ms"], statistics.median(run.sched_delays),
+                                   s["failed"])
+
+    def show(p: cap.Probe) -> None:
+        say(f"[{arm.name}] capacity probe {p.qps:.3g} QPS: TBT P99 {p.tbt_p99_ms:.0f} ms, "
+            f"scheduling delay P50 {p.sched_delay_p50_s:.2f} s -> "
+            f"{'pass' if p.passed else 'fail'}")
+
+    return cap.bisect_capacity(probe, search.low_qps, search.high_qps, search.iterations, show)
+
+
+def run_simulation(cfg: ABConfig, sim: Simulation,
+                   say: Callable[[str], None] = print) -> tuple[list[ArmResult], dict]:
+    """All arms, one after another; the report is rewritten after each."""
+    cfg.check()
+    if sim.sweep is not None:
+        cfg.simulation = {**(cfg.simulation or {}), "sweep": expand_sweep(cfg, sim)}
+    prepare(cfg, sim)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    for trace in cfg.traces:
+        report.write_json(cfg.out / "trace" / f"seed{trace.seed}.json", trace.to_dict())
+    results: list[ArmResult] = []
+    comparisons: dict = {}
+    for i, arm in enumerate(cfg.arms, start=1):
+        say(f"[{arm.name}] arm {i} of {len(cfg.arms)}, simulated: {arm.describe()}")
+        results.append(run_arm(arm, cfg, sim, say))
+        comparisons = compare_arms(results, cfg, comparisons)
+        report.write(cfg, results, comparisons)
+    return results, comparisons
+
+
+def default_cpu_kv() -> KvSize:
+    """This machine's CPU engine: the KV space vLLM's CPU worker is given."""
+    space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    if space:
+        return KvSize(gib=float(space), why="VLLM_CPU_KVCACHE_SPACE")
+    return KvSize(gib=4.0, why="default; --kv-memory or --num-gpu-blocks to change")
+
+
+__all__ = ["KvSize", "Simulation", "Sweep", "default_cpu_kv", "prepare", "run_simulation"]
