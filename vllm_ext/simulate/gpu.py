@@ -27,6 +27,7 @@ simulator's report prints.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -105,14 +106,26 @@ class GpuError(ValueError):
     """A GPU, model shape or setting the profiled data cannot answer for."""
 
 
-def _interpolate(points: Sequence[tuple[int, tuple[float, ...]]], x: float) -> float:
-    """Sum of the operators at `x` tokens, linear between profiled points (and beyond
-    the last two)."""
-    xs = [p[0] for p in points]
-    i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
-    (x0, y0), (x1, y1) = points[i - 1], points[i]
-    a, b = sum(y0), sum(y1)
-    return max(0.0, a + (b - a) * (x - x0) / (x1 - x0))
+class _Curve:
+    """A profiled time (ms) as a function of one size, linear between profiled points
+    and beyond the last two. Repeated points are averaged, and a point below an
+    earlier one (timing noise: more work never takes less time) is raised to it."""
+
+    def __init__(self, points: Sequence[tuple[int, float]]) -> None:
+        merged: dict[int, list[float]] = {}
+        for x, y in points:
+            merged.setdefault(x, []).append(y)
+        self.xs = sorted(merged)
+        self.ys = list(itertools.accumulate((sum(merged[x]) / len(merged[x]) for x in self.xs),
+                                            max))
+        if len(self.xs) < 2:
+            raise GpuError("a profiled curve needs at least two points")
+
+    def __call__(self, x: float) -> float:
+        xs, ys = self.xs, self.ys
+        i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
 class GpuStepTime:
@@ -139,16 +152,16 @@ class GpuStepTime:
             raise GpuError(f"{model}: shape {want} differs from the profiled {shape_cols}")
         if s.kv_heads % tp and tp % s.kv_heads:
             raise GpuError(f"--tp {tp} does not divide {model}'s {s.kv_heads} KV heads")
-        # Operator 0 is the embedding, counted once per step rather than per layer.
-        self._emb = [(t, ops[:1]) for t, ops in by_tp[tp]]
-        layer_ops = []
-        for t, ops in by_tp[tp]:
-            norms_adds = ops[1] + ops[5] + 2 * ops[9]  # two norms, two residual adds
-            layer_ops.append((t, (*ops[2:5], *ops[6:9], norms_adds)))
-        self._layer = layer_ops
-        self._all_reduce = tables.load_all_reduce(gpu).get(tp) if tp > 1 else None
-        if tp > 1 and self._all_reduce is None:
-            raise GpuError(f"--tp {tp}: no {gpu} all-reduce profile for {tp} workers")
+        # Operator 0 is the embedding, counted once per step rather than per layer;
+        # a layer has two norms (1, 5) and two residual adds (9).
+        self._emb = _Curve([(t, ops[0]) for t, ops in by_tp[tp]])
+        self._layer = _Curve([(t, sum(ops[1:]) + ops[9]) for t, ops in by_tp[tp]])
+        self._all_reduce = None
+        if tp > 1:
+            reduce = tables.load_all_reduce(gpu).get(tp)
+            if reduce is None:
+                raise GpuError(f"--tp {tp}: no {gpu} all-reduce profile for {tp} workers")
+            self._all_reduce = _Curve(reduce)
         self._flops = self.spec.peak_tflops * 1e12 * assumptions.attn_flops_fraction
         self._bw = self.spec.bandwidth_gbs * 1e9 * assumptions.attn_bandwidth_fraction
         heads = s.heads // tp
@@ -168,7 +181,7 @@ class GpuStepTime:
         tokens = sum(n for n, _ in shape.chunks) + len(shape.decode_contexts)
         if tokens == 0:
             return {"overhead": self.a.step_overhead_ms / 1e3, "total": self.a.step_overhead_ms / 1e3}
-        linear = (_interpolate(self._emb, tokens) + s.layers * _interpolate(self._layer, tokens)) / 1e3
+        linear = (self._emb(tokens) + s.layers * self._layer(tokens)) / 1e3
         pairs = sum(n * (c + n / 2) for n, c in shape.chunks)
         prefill_attn = s.layers * self._prefill_flops_per_unit * pairs / self._flops
         # Decodes read their whole context; prefill chunks their earlier context too.
@@ -177,7 +190,7 @@ class GpuStepTime:
         comm = 0.0
         if self._all_reduce is not None:
             size = tokens * s.hidden * BYTES
-            comm = 2 * s.layers * _interpolate([(b, (t,)) for b, t in self._all_reduce], size) / 1e3
+            comm = 2 * s.layers * self._all_reduce(size) / 1e3
         # Logits only for the rows sampled: every decode and every chunk (vLLM samples
         # the last row of each scheduled request, and drops a partial prefill's token).
         rows = len(shape.decode_contexts) + len(shape.chunks)
