@@ -77,6 +77,14 @@ def test_a_prompt_larger_than_the_kv_cache_is_reported_not_looped(shape_dir):
         simulate_trace(config, 4, _trace((0.0, 8 * block, 1)), per_token)
 
 
+def test_a_request_beyond_the_context_fails_as_a_server_refuses_it(shape_dir):
+    config = arm_config(shape_dir, ["--max-num-batched-tokens", "64", "--max-model-len", "128"])
+    run = simulate_trace(config, 64, _trace((0.0, 120, 9), (0.0, 10, 1)), per_token)
+    refused, served = run.records
+    assert "exceed max_model_len 128" in refused.error and not refused.events
+    assert served.completed and served.events == [(1.15625, 1)]
+
+
 def test_gpu_target_resolves_as_vllm_serve_would_there(shape_dir):
     from vllm_ext.selection import current_platform_name
 

@@ -222,7 +222,7 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
         for r in failed:
             out += [("p", f"{r.arm.name} failed after {r.wall_s:.0f} s:"), ("pre", r.error)]
     if sim:
-        return out + _sweep_sections(results, sim) + [("h2", "How it was simulated"), ("ul", SIMULATED)]
+        return out + sweep_sections(results, sim) + [("h2", "How it was simulated"), ("ul", SIMULATED)]
     out += [("h2", "How it was measured"),
             ("ul", [TOKEN_COUNTING + ".",
                     "TTFT from sending a request to its first token; TBT: every gap between "
@@ -254,7 +254,7 @@ SIMULATED = [
 ]
 
 
-def _sweep_sections(results: list[ArmResult], sim: dict) -> list[tuple[str, object]]:
+def sweep_sections(results: list[ArmResult], sim: dict) -> list[tuple[str, object]]:
     """Capacity per swept value, and the best, for each arm the sweep applied to."""
     sweep = sim.get("sweep")
     if not sweep:

@@ -1,5 +1,6 @@
 """What a vLLM server's /metrics saw of a replay: the scheduling delays (time from
-arrival to first scheduling) and prefix-cache hits, as differences between scrapes."""
+arrival to first scheduling), prefix-cache hits and, under a vllm-ext scheduler, the
+engine's steps and their summed time, as differences between scrapes."""
 
 from __future__ import annotations
 
@@ -19,28 +20,37 @@ class ServerView:
     queue_time: dict | None = None  # scheduling-delay histogram, observations of the replay
     cache_hits: float | None = None  # prefix-cache tokens hit / queried during the replay
     cache_queries: float | None = None
+    steps: float | None = None  # engine steps (vllm-ext schedulers only)
+    step_seconds: float | None = None  # their wall time, summed
 
     @classmethod
     def scrape(cls, url: str) -> "ServerView":
         text = get_text(f"{url}/metrics")
         return cls(promtext.histogram(text, QUEUE_TIME_METRIC),
                    promtext.counter(text, "vllm:prefix_cache_hits"),
-                   promtext.counter(text, "vllm:prefix_cache_queries"))
+                   promtext.counter(text, "vllm:prefix_cache_queries"),
+                   promtext.counter(text, "vllm_ext_steps"),
+                   promtext.counter(text, "vllm_ext_step_seconds_sum"))
 
     def since(self, before: "ServerView") -> "ServerView":
         sub = lambda a, b: None if a is None else a - (b or 0.0)
         return ServerView(promtext.delta(before.queue_time, self.queue_time),
                           sub(self.cache_hits, before.cache_hits),
-                          sub(self.cache_queries, before.cache_queries))
+                          sub(self.cache_queries, before.cache_queries),
+                          sub(self.steps, before.steps),
+                          sub(self.step_seconds, before.step_seconds))
 
     def __add__(self, other: "ServerView") -> "ServerView":
         add = lambda a, b: b if a is None else a if b is None else a + b
         return ServerView(promtext.add(self.queue_time, other.queue_time),
                           add(self.cache_hits, other.cache_hits),
-                          add(self.cache_queries, other.cache_queries))
+                          add(self.cache_queries, other.cache_queries),
+                          add(self.steps, other.steps),
+                          add(self.step_seconds, other.step_seconds))
 
     def figures(self) -> dict:
         delay = promtext.quantile(self.queue_time, 0.5)
         hit = self.cache_hits / self.cache_queries if self.cache_queries else None
-        return {"sched_delay_p50_s": math.nan if delay is None else delay,
-                "prefix_cache_hit_rate": math.nan if hit is None else hit}
+        nan = lambda x: math.nan if x is None else x
+        return {"sched_delay_p50_s": nan(delay), "prefix_cache_hit_rate": nan(hit),
+                "engine_steps": nan(self.steps), "engine_step_s": nan(self.step_seconds)}

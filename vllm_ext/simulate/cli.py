@@ -208,7 +208,8 @@ def run(a: argparse.Namespace) -> int:
 
     print(f"\nSIMULATED ({cfg.simulation['source']}); not measured.")
     print_headline(cfg, results, comparisons)
-    sweep = cfg.simulation.get("sweep")
-    if sweep:
-        print(f"\nsweep of --{sweep['flag']}: see {cfg.out}/summary.md")
+    from vllm_ext.ab.report import md_table, sweep_sections
+
+    for kind, body in sweep_sections(results, cfg.simulation):
+        print(f"\n{body}" if kind == "h2" else md_table(*body) if kind == "table" else body)
     return 1 if any(r.error for r in results) else 0

@@ -38,6 +38,8 @@ class SimRun:
     sched_delays: list[float]  # per request, seconds
     steps: int
     simulated_s: float  # virtual time from the first arrival to the last token
+    busy_steps: int  # steps that scheduled work (what a server's vllm_ext_steps counts)
+    busy_s: float  # and their virtual time
     wall_s: float  # how long simulating took
     max_running: int
 
@@ -59,10 +61,19 @@ def simulate_trace(config, num_blocks: int, trace: Trace, step_time: Callable[[S
     records = [RequestRecord(i, r.arrival, r.arrival, r.prompt_tokens, r.output_tokens)
                for i, r in enumerate(trace.requests)]
     first_scheduled: dict[str, float] = {}
+    # A server refuses a request that cannot fit its context (HTTP 400): so does this.
+    limit = config.model_config.max_model_len
+    for r, rec in zip(reqs, records):
+        if rec.prompt_tokens + rec.max_tokens > limit:
+            rec.error = (f"{rec.prompt_tokens} prompt + {rec.max_tokens} output tokens exceed "
+                         f"max_model_len {limit}")
+    refused = {r.req_id for r, rec in zip(reqs, records) if rec.error}
+    reqs = [r for r in reqs if r.req_id not in refused]
     closed = trace.concurrency is not None
     pending = collections.deque(reqs[:trace.concurrency] if closed else reqs)
     later = collections.deque(reqs[trace.concurrency:] if closed else ())
-    steps = idle = max_running = 0
+    steps = busy_steps = idle = max_running = 0
+    busy = 0.0
     with Driver(config, num_blocks, step_time) as driver:
         sched = driver.scheduler
         while pending or later or sched.has_unfinished_requests():
@@ -92,6 +103,8 @@ def simulate_trace(config, num_blocks: int, trace: Trace, step_time: Callable[[S
                     on_done()
             if tick.output.total_num_scheduled_tokens:
                 idle = 0
+                busy_steps += 1
+                busy += tick.duration
             elif not pending:
                 idle += 1
                 if idle >= STUCK_STEPS:
@@ -105,8 +118,11 @@ def simulate_trace(config, num_blocks: int, trace: Trace, step_time: Callable[[S
     sent = [r.sent for r in records]
     last = max((r.events[-1][0] for r in records if r.events), default=0.0)
     delays = [first_scheduled[r.req_id] - records[index[r.req_id]].sent for r in reqs]
-    return SimRun(records, delays, steps, last - min(sent), time.perf_counter() - started,
-                  max_running)
+    if on_done is not None:
+        for _ in refused:
+            on_done()
+    return SimRun(records, delays, steps, last - min(sent), busy_steps, busy,
+                  time.perf_counter() - started, max_running)
 
 
 def _describe(waiting, records, index) -> str:

@@ -155,6 +155,9 @@ def run_arm(arm: Arm, cfg: ABConfig, sim: Simulation, say) -> ArmResult:
         steps, wall = sum(r.steps for r in runs), sum(r.wall_s for r in runs)
         result.summary = {**summarize(result.runs, cfg.slo),
                           "sched_delay_p50_s": statistics.median(delays),
+                          # The figures a real server's vllm-ext metrics give (bench ab).
+                          "engine_steps": sum(r.busy_steps for r in runs),
+                          "engine_step_s": sum(r.busy_s for r in runs),
                           "sim_steps": steps, "sim_wall_s": wall,
                           "sim_steps_per_s": steps / wall if wall else float("nan"),
                           "kv_blocks": sim.kv.num_blocks(config),

@@ -1,0 +1,108 @@
+"""Fidelity of `vllm-ext simulate` on this machine: the same arms on the same traces,
+measured (`vllm-ext bench ab`, real `vllm serve` processes) and simulated (`vllm-ext
+simulate --latency-model`, from `vllm-ext profile` of the same model), in one run.
+
+    python benchmarks/simulate_fidelity.py [--out benchmarks/results] [--work DIR]
+
+Workloads: the README demo's traffic (two seeds) and the scheduler benchmark's
+(benchmarks/schedulers.py: 16 long decodes while five ~1K-token prompts arrive), each
+through stock vLLM, prefill-first and Sarathi. Writes OUT/simulate-fidelity-cpu.md;
+the reports it compares stay in the work directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+SLOS = ("--ttft-slo-s", "5", "--tbt-slo-ms", "1000")
+
+
+def scheduler_trace(path: Path) -> Path:
+    from schedulers import workload
+
+    rows = ["arrival,prompt_tokens,output_tokens"]
+    rows += [f"{r.arrival},{r.prompt_len},{r.max_tokens}" for r in workload()]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--work", default="fidelity-work")
+    ap.add_argument("--workloads", nargs="+", default=["demo", "schedulers"],
+                    choices=["demo", "schedulers"])
+    ap.add_argument("--reuse", action="store_true",
+                    help="compare the reports already in the work directory, running nothing")
+    args = ap.parse_args()
+
+    from vllm_ext.ab.report import machine
+    from vllm_ext.cli import main as cli
+    from vllm_ext.demo import ARMS, TRAFFIC
+    from vllm_ext.models import make_model
+    from vllm_ext.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV
+    from vllm_ext.simulate.fidelity import compare, markdown, where_time_goes
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model = str(make_model(Path("models") / "small", preset="small"))
+    serve = shlex.join([*CPU_SERVE_ARGS, "--max-model-len", "4096"])
+    arms = [a for name, flags in ARMS.items() for a in ("--arm", f"{name}={flags}")]
+    latency = work / "latency-small.json"
+    started = time.monotonic()
+    if not latency.exists():  # the profile an operator would take once
+        profile = ["profile", model, "--out", str(latency), "--dtype", "float32",
+                   "--max-model-len", "4096", "--budget", "2048"]
+        print("$ vllm-ext " + shlex.join(profile), flush=True)
+        if cli(profile):
+            return 1
+    traffic = {"demo": [*TRAFFIC],
+               "schedulers": ["--trace-csv", str(scheduler_trace(work / "schedulers.csv")),
+                              *SLOS]}
+    sections, commands = [], []
+    for name in args.workloads:
+        common = ["--model", model, "--serve-args", serve, *arms, *traffic[name]]
+        measured = ["bench", "ab", *common, "--no-equivalence", "--out", str(work / name / "measured")]
+        simulated = ["simulate", *common, "--latency-model", str(latency), "--kv-memory",
+                     CPU_SERVE_ENV["VLLM_CPU_KVCACHE_SPACE"], "--out", str(work / name / "simulated")]
+        for argv in (measured, simulated):
+            print("$ vllm-ext " + shlex.join(argv), flush=True)
+            commands.append("vllm-ext " + shlex.join(argv))
+            if not args.reuse:
+                cli(argv)
+        real = json.loads((work / name / "measured" / "report.json").read_text())
+        sim = json.loads((work / name / "simulated" / "report.json").read_text())
+        checks, order = compare(real, sim)
+        sections.append(markdown(f"{name}: {real['traces'][0]}", checks, order,
+                                 where_time_goes(real, sim)))
+        print(sections[-1], flush=True)
+    fit = json.loads(latency.read_text())["fit"]
+    text = (f"# `vllm-ext simulate` against `vllm-ext bench ab` on this machine\n\n"
+            f"{time.strftime('%Y-%m-%d')}; {machine()}; small synthetic model, float32, eager. "
+            f"One run of `python benchmarks/simulate_fidelity.py`"
+            + ("" if args.reuse else f" ({(time.monotonic() - started) / 60:.0f} min)") + ".\n\n"
+            f"Step-time model: `vllm-ext profile` of the same model (budget 2048, "
+            f"{fit['steps']} steps; mean error {100 * fit['holdout_mean_rel_error']:.1f}% on "
+            f"{fit['holdout_points']} held-out steps).\n\n"
+            f"Targets: TTFT P50, TBT P50 and output tokens/s within 10%, TBT P99 within 20%, "
+            f"the arms in the same order (every pair of arms whose measured values differ by "
+            f"more than the target is ordered the same way by the simulation; closer pairs are "
+            f"ties). Errors are (simulated - measured) / measured.\n\n"
+            + "\n".join(sections)
+            + "\nCommands:\n\n" + "\n".join(f"    {c}" for c in commands) + "\n")
+    out = Path(args.out) / "simulate-fidelity-cpu.md"
+    out.write_text(text)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
