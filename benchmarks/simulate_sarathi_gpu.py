@@ -28,9 +28,11 @@ SETUPS = (("a100", "llama-3-8b"), ("h100", "llama-2-7b"))
 SLO_MULTIPLES = {"strict": 5, "relaxed": 25}
 PAPER_RATIO = 2.6
 # Chat-like traffic (our choice; the paper's traces are not available here): prompts
-# lognormal around 1024 tokens with a long tail, replies around 256.
-TRAFFIC = ("--prompt-len", "lognormal:1024:0.9", "--max-prompt-tokens", "5000",
-           "--output-len", "lognormal:256:0.6", "--serve-args", "--max-model-len 8192")
+# lognormal around 1024 tokens with a long tail, replies around 256, both clipped to
+# fit Llama-2's 4K context.
+TRAFFIC = ("--prompt-len", "lognormal:1024:0.9", "--max-prompt-tokens", "3072",
+           "--output-len", "lognormal:256:0.6", "--max-output-tokens", "1024",
+           "--serve-args", "--max-model-len 4096")
 
 
 def arms(slo_ms: float) -> dict[str, str]:
@@ -105,7 +107,8 @@ def main() -> int:
             f"Capacity: the highest Poisson QPS whose probe of {args.requests} requests keeps "
             f"P99 TBT within the SLO and P50 scheduling delay within 2 s, by bisection over "
             f"0.25-32 QPS ({args.probes} probes; the paper's rule). Traffic: prompts lognormal "
-            f"around 1024 tokens (sigma 0.9, at most 5000), outputs around 256 (sigma 0.6). "
+            f"around 1024 tokens (sigma 0.9, at most 3072), outputs around 256 (sigma 0.6, at "
+            f"most 1024), a 4K context. "
             f"SLOs: 5x (strict) and 25x (relaxed) one lone decode step at 4K context on the "
             f"forecast engine, a rule of ours that gives both GPUs equally tight targets.\n\n"
             + "\n".join(f"- {n}" for n in notes) + "\n\n" + "\n".join(lines) + "\n\n"

@@ -49,12 +49,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--equivalence-tokens", type=int, default=32)
     e.add_argument("--top-logprobs", type=int, default=5)
     add_capacity_args(p)
-    o = p.add_argument_group("output")
-    o.add_argument("--out", help="report directory (default ab-report-<UTC time>)")
-    o.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    o.add_argument("--no-progress", action="store_true")
+    add_output_args(p, "ab-report")
     p.set_defaults(run=run)
     return p
+
+
+def add_output_args(p: argparse.ArgumentParser, name: str) -> None:
+    o = p.add_argument_group("output")
+    o.add_argument("--out", help=f"report directory (default {name}-<UTC time>)")
+    o.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    o.add_argument("--no-progress", action="store_true")
+
+
+def out_dir(a: argparse.Namespace, name: str) -> Path:
+    return Path(a.out or datetime.datetime.now(datetime.timezone.utc).strftime(
+        f"{name}-%Y%m%d-%H%M%S"))
 
 
 def add_trace_args(p: argparse.ArgumentParser):
@@ -70,6 +79,8 @@ def add_trace_args(p: argparse.ArgumentParser):
     t.add_argument("--output-len", default="lognormal:128", help=f"output tokens: {LENGTH_FORMS}")
     t.add_argument("--max-prompt-tokens", type=int, default=1 << 30, metavar="N",
                    help="clip sampled prompt lengths (keep prompt + output within the context)")
+    t.add_argument("--max-output-tokens", type=int, default=1 << 30, metavar="N",
+                   help="clip sampled output lengths")
     t.add_argument("--trace-csv", metavar="FILE",
                    help="replay arrival,prompt_tokens,output_tokens rows instead of synthesizing")
     t.add_argument("--seeds", type=int, default=1, help="paired traces per arm")
@@ -124,14 +135,14 @@ def build_config(a: argparse.Namespace):
     prompts = None
     if not a.no_equivalence:
         prompts = load_prompts(a.equivalence_prompts) if a.equivalence_prompts else default_prompts()
-    out = Path(a.out or datetime.datetime.now(datetime.timezone.utc).strftime("ab-report-%Y%m%d-%H%M%S"))
+    out = out_dir(a, "ab-report")
     cfg = ABConfig(model=a.model, arms=arms, traces=traces, out=out,
                    vocab_size=0,
                    slo=SLO(a.ttft_slo_s, a.tbt_slo_ms, a.prefill_ms_per_token),
                    common_args=tuple(shlex.split(a.serve_args)), prompts=prompts,
                    equivalence_tokens=a.equivalence_tokens, top_k=a.top_logprobs,
                    capacity=capacity, prompt_len=prompt, output_len=output,
-                   max_prompt_tokens=a.max_prompt_tokens,
+                   max_prompt_tokens=a.max_prompt_tokens, max_output_tokens=a.max_output_tokens,
                    bootstrap_iterations=a.bootstrap, startup_timeout=a.startup_timeout,
                    progress=Progress(enabled=not a.no_progress))
     cfg.check()
@@ -151,7 +162,7 @@ def traces_from(a: argparse.Namespace):
     else:
         traces = [synthesize(a.num_requests, a.arrival, prompt, output, seed=s, qps=a.qps,
                              burstiness=a.burstiness, concurrency=a.concurrency,
-                             max_prompt=a.max_prompt_tokens)
+                             max_prompt=a.max_prompt_tokens, max_output=a.max_output_tokens)
                   for s in seeds]
     return traces, prompt, output
 

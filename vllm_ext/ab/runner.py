@@ -90,6 +90,7 @@ class ABConfig:
     prompt_len: LengthDist | None = None  # for capacity probes' traces
     output_len: LengthDist | None = None
     max_prompt_tokens: int = 1 << 30
+    max_output_tokens: int = 1 << 30
     bootstrap_iterations: int = 1000
     startup_timeout: float = 600.0
     warmup_requests: int = 2
@@ -159,7 +160,7 @@ def probe_trace(cfg: ABConfig, qps: float, index: int) -> Trace:
     # same server, so the prefix cache cannot flatter later probes.
     return synthesize(cfg.capacity.requests, "poisson", cfg.prompt_len, cfg.output_len,
                       seed=10_000 + 100 * cfg.traces[0].seed + index, qps=qps,
-                      max_prompt=cfg.max_prompt_tokens)
+                      max_prompt=cfg.max_prompt_tokens, max_output=cfg.max_output_tokens)
 
 
 def run_arm(arm: Arm, cfg: ABConfig, say=print) -> ArmResult:

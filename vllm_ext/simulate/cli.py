@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import shlex
 import sys
 from pathlib import Path
 
-from vllm_ext.ab.cli import add_capacity_args, add_slo_args, add_trace_args, capacity_from, traces_from
+from vllm_ext.ab.cli import (add_capacity_args, add_output_args, add_slo_args, add_trace_args,
+                             capacity_from, out_dir, traces_from)
 from vllm_ext.ab.summary import SLO
 from vllm_ext.ab.traces import TraceError
 
@@ -71,10 +71,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_capacity_args(p)
     # Probes cost seconds here, not minutes: search finer by default.
     p.set_defaults(capacity_probes=8, capacity_requests=256)
-    o = p.add_argument_group("output")
-    o.add_argument("--out", help="report directory (default simulate-report-<UTC time>)")
-    o.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    o.add_argument("--no-progress", action="store_true")
+    add_output_args(p, "simulate-report")
     p.set_defaults(run=run)
     return p
 
@@ -164,14 +161,14 @@ def build(a: argparse.Namespace):
         a.capacity = True
     capacity = capacity_from(a)
     source, model, target, kv = _source(a)
-    out = Path(a.out or datetime.datetime.now(datetime.timezone.utc).strftime(
-        "simulate-report-%Y%m%d-%H%M%S"))
+    out = out_dir(a, "simulate-report")
     shown = f"{source.shape.name} (its shape: {model})" if a.gpu else model
     cfg = ABConfig(model=shown, arms=arms, traces=traces, out=out, vocab_size=0,
                    slo=SLO(a.ttft_slo_s, a.tbt_slo_ms, a.prefill_ms_per_token),
                    common_args=tuple(shlex.split(a.serve_args)), prompts=None,
                    capacity=capacity, prompt_len=prompt, output_len=output,
-                   max_prompt_tokens=a.max_prompt_tokens, bootstrap_iterations=a.bootstrap,
+                   max_prompt_tokens=a.max_prompt_tokens, max_output_tokens=a.max_output_tokens,
+                   bootstrap_iterations=a.bootstrap,
                    progress=Progress(enabled=not a.no_progress))
     cfg.check()
     sim = Simulation(source, model, kv, target, Sweep.parse(a.sweep) if a.sweep else None)
