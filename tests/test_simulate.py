@@ -26,6 +26,7 @@ def _trace(*reqs: tuple[float, int, int], concurrency: int | None = None) -> Tra
                  concurrency=concurrency)
 
 
+@pytest.mark.release
 def test_clock_and_metrics_by_hand(shape_dir):
     """Stock vLLM (no vllm-ext flag), a 64-token budget, step time 1 s + 1/64 s a token.
 
@@ -85,6 +86,7 @@ def test_a_request_beyond_the_context_fails_as_a_server_refuses_it(shape_dir):
     assert served.completed and served.events == [(1.15625, 1)]
 
 
+@pytest.mark.release
 def test_gpu_target_resolves_as_vllm_serve_would_there(shape_dir):
     from vllm_ext.selection import current_platform_name
 
@@ -100,6 +102,7 @@ def test_gpu_target_resolves_as_vllm_serve_would_there(shape_dir):
     assert current_platform_name() == "cpu"  # the simulated platform does not leak
 
 
+@pytest.mark.release
 def test_bad_arm_flags_name_the_problem(shape_dir):
     with pytest.raises(ArmError, match="unrecognized arguments: --bogus"):
         arm_config(shape_dir, ["--bogus"])
@@ -149,6 +152,7 @@ def test_bad_options_are_refused_before_anything_runs(shape_dir, tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.release
 def test_sweep_capacity_report(shape_dir, tmp_path, capsys):
     """Two arms, one swept over two budgets, capacity-searched; every figure in the
     report is marked as simulated and the best budget is named."""
@@ -191,6 +195,7 @@ def test_a_failing_step_time_fails_its_arm_only(shape_dir, tmp_path):
     assert "a step takes >= 0 seconds" in rep["arms"][0]["error"]
 
 
+@pytest.mark.release
 def test_adaptive_arms_plan_with_a_model_fitted_to_the_source(shape_dir, tmp_path):
     """--sarathi-tbt-slo-ms without a model of its own: the arm plans with the linear
     step-time model fitted to the simulator's source (here exactly linear, so the fit

@@ -89,6 +89,7 @@ def test_refusals_name_what_is_profiled(args, message):
         GpuStepTime(*args)
 
 
+@pytest.mark.release
 def test_serve_defaults_are_vllms_own(monkeypatch):
     """What GpuSpec says `vllm serve` picks on each GPU is what vLLM's own
     EngineArgs.get_batch_defaults returns for that GPU's name and memory."""

@@ -38,10 +38,15 @@ class _Refused(Exception):
 
 @functools.cache
 def _serve_parser():
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    # The builder `vllm serve` itself calls; it loads the general plugins, as `vllm
+    # serve` does. Its module moved in vLLM 0.33 (the server's own modules, which also
+    # import it, need the server's dependencies).
+    try:
+        from vllm.entrypoints.common.cli_args import make_arg_parser  # 0.33, 0.34
+    except ImportError:
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser  # 0.32
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    # make_arg_parser loads the general plugins, as `vllm serve` does.
     parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
 
     def error(message: str):  # argparse's own prints usage and exits the process
