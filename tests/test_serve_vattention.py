@@ -55,9 +55,11 @@ def test_mapped_memory_follows_live_tokens_on_metrics(server, tiny_model):
 
     client = OpenAI(base_url=f"{base}/v1", api_key="unused")
     prompts = [" ".join(["the quick brown fox"] * n) for n in (5, 50, 20, 70)]
-    # Long enough that a busy front end answers /metrics many times mid-burst: at 96
-    # tokens a warm server could finish between two scrapes on a loaded machine.
-    tokens = 320
+    # Long enough that a busy front end answers /metrics many times mid-burst (at 96
+    # tokens a warm server could finish between two scrapes on a loaded machine), short
+    # enough that the longest prompt (about 840 tokens) and its reply fit the server's
+    # 1024-token context.
+    tokens = 160
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
