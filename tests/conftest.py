@@ -139,10 +139,20 @@ SHARED_SERVE_ARGS = (*CPU_SERVE_ARGS, "--max-model-len", "1024", "--block-size",
 
 
 @pytest.fixture(scope="session")
-def shared_server(tiny_model, tmp_path_factory):
+def shared_stats_dir(tmp_path_factory) -> Path:
+    """Where the shared server's engine writes its step and KV-pool statistics (the
+    files its /metrics reads), so tests can read every per-step sample afterwards."""
+    return tmp_path_factory.mktemp("serve-stats")
+
+
+@pytest.fixture(scope="session")
+def shared_server(tiny_model, tmp_path_factory, shared_stats_dir):
     """(base URL, log path) of a real `vllm serve` on 127.0.0.1, up for the whole session."""
+    from vllm_ext import envs
+
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    srv = VllmServer(tiny_model, list(SHARED_SERVE_ARGS), log_path)
+    srv = VllmServer(tiny_model, list(SHARED_SERVE_ARGS), log_path,
+                     env={envs.STATS_DIR: str(shared_stats_dir)})
     with srv as base:
         yield base, log_path
     assert srv.proc.returncode is not None
