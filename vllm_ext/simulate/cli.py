@@ -20,7 +20,8 @@ EXAMPLE = """examples:
   # an A100, Llama-3-8B: which Sarathi budget carries the most load within a 100 ms P99 TBT?
   vllm-ext simulate --gpu a100 --model-shape llama-3-8b --arm sarathi="--scheduler sarathi" \\
       --sweep sarathi-token-budget=256,512,1024,2048 --capacity-qps 0.5:20 --tbt-slo-ms 100 \\
-      --prompt-len lognormal:1024:0.9 --output-len lognormal:256:0.5 --max-prompt-tokens 6000
+      --prompt-len lognormal:1024:0.9 --output-len lognormal:256:0.5 --max-prompt-tokens 6000 \\
+      --max-output-tokens 1024
 """
 
 
