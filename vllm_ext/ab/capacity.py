@@ -20,6 +20,12 @@ class Probe:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def line(self, arm: str) -> str:
+        """The probe's progress line, as both capacity searches print it."""
+        delay = "n/a" if self.sched_delay_p50_s is None else f"{self.sched_delay_p50_s:.2f} s"
+        return (f"[{arm}] capacity probe {self.qps:.3g} QPS: TBT P99 {self.tbt_p99_ms:.0f} ms, "
+                f"scheduling delay P50 {delay} -> {'pass' if self.passed else 'fail'}")
+
 
 @dataclass(frozen=True, slots=True)
 class CapacityTarget:

@@ -234,12 +234,8 @@ def _search_capacity(url: str, model: str, cfg: ABConfig, name: str, say) -> cap
         return search.target.judge(qps, s["tbt_p99_ms"], promtext.quantile(view.queue_time, 0.5),
                                    s["failed"])
 
-    def show(p: cap.Probe) -> None:
-        delay = "n/a" if p.sched_delay_p50_s is None else f"{p.sched_delay_p50_s:.2f} s"
-        say(f"[{name}] capacity probe {p.qps:.3g} QPS: TBT P99 {p.tbt_p99_ms:.0f} ms, "
-            f"scheduling delay P50 {delay} -> {'pass' if p.passed else 'fail'}")
-
-    return cap.bisect_capacity(probe, search.low_qps, search.high_qps, search.iterations, show)
+    return cap.bisect_capacity(probe, search.low_qps, search.high_qps, search.iterations,
+                               lambda p: say(p.line(name)))
 
 
 def compare_arms(results: list[ArmResult], cfg: ABConfig, known: dict | None = None) -> dict:

@@ -86,18 +86,17 @@ def expand_sweep(cfg: ABConfig, sim: Simulation) -> dict:
     sweep = sim.sweep
     arms, variants = [], {}
     for arm in cfg.arms:
-        trial = Arm(arm.name, (*arm.serve_args, f"--{sweep.flag}", sweep.values[0]))
-        try:
-            arm_config(sim.model, _flags(trial, sim, cfg.common_args), sim.target)
+        swept = [Arm(f"{arm.name}@{v}", (*arm.serve_args, f"--{sweep.flag}", v))
+                 for v in sweep.values]
+        try:  # the first value's config tells whether the arm takes the flag; prepare keeps it
+            sim.configs[swept[0].name] = arm_config(sim.model, _flags(swept[0], sim,
+                                                                      cfg.common_args), sim.target)
         except ArmError as e:
             sim.skipped[arm.name] = str(e).splitlines()[0]
             arms.append(arm)
             continue
-        names = []
-        for v in sweep.values:
-            arms.append(Arm(f"{arm.name}@{v}", (*arm.serve_args, f"--{sweep.flag}", v)))
-            names.append((v, arms[-1].name))
-        variants[arm.name] = names
+        arms += swept
+        variants[arm.name] = [(v, a.name) for v, a in zip(sweep.values, swept)]
     if not variants:
         raise ArmError(f"--sweep {sweep.flag}: no arm takes --{sweep.flag} "
                        f"({'; '.join(f'{n}: {w}' for n, w in sim.skipped.items())})")
@@ -111,7 +110,8 @@ def prepare(cfg: ABConfig, sim: Simulation) -> None:
     is simulated: a bad flag or an oversized request fails here, naming the arm."""
     for arm in cfg.arms:
         try:
-            config = arm_config(sim.model, _flags(arm, sim, cfg.common_args), sim.target)
+            config = sim.configs.get(arm.name) or arm_config(
+                sim.model, _flags(arm, sim, cfg.common_args), sim.target)
         except ArmError as e:
             raise ArmError(f"arm {arm.name} ({arm.describe()}): {e}") from None
         limit = config.model_config.max_model_len
@@ -185,12 +185,8 @@ def _search_capacity(cfg: ABConfig, sim: Simulation, arm: Arm, say) -> cap.Capac
         return search.target.judge(qps, s["tbt_p99_ms"], statistics.median(run.sched_delays),
                                    s["failed"])
 
-    def show(p: cap.Probe) -> None:
-        say(f"[{arm.name}] capacity probe {p.qps:.3g} QPS: TBT P99 {p.tbt_p99_ms:.0f} ms, "
-            f"scheduling delay P50 {p.sched_delay_p50_s:.2f} s -> "
-            f"{'pass' if p.passed else 'fail'}")
-
-    return cap.bisect_capacity(probe, search.low_qps, search.high_qps, search.iterations, show)
+    return cap.bisect_capacity(probe, search.low_qps, search.high_qps, search.iterations,
+                               lambda p: say(p.line(arm.name)))
 
 
 def run_simulation(cfg: ABConfig, sim: Simulation,

@@ -41,6 +41,11 @@ def _write_gz(path: Path, header: list[str], rows: list[list]) -> None:
         f.write(buf.getvalue().encode())
 
 
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _read_gz(path: Path) -> list[dict[str, str]]:
     with gzip.open(path, "rt") as f:
         return list(csv.DictReader(f))
@@ -50,7 +55,7 @@ def build(source: Path, out: Path = DATA) -> list[Path]:
     """Write the shipped tables from a copy of Vidur's `data/profiling/` files."""
     written = []
     for (gpu, model), rel in COMPUTE.items():
-        rows = list(csv.DictReader(open(source / "compute" / rel / "mlp.csv")))
+        rows = _read_csv(source / "compute" / rel / "mlp.csv")
         shape = [rows[0][c] for c in SHAPE_COLUMNS]
         table = sorted(
             [int(r["num_tokens"]), int(r["num_tensor_parallel_workers"]),
@@ -61,7 +66,7 @@ def build(source: Path, out: Path = DATA) -> list[Path]:
                   [[*t, *shape] for t in table])
         written.append(path)
     for gpu, cluster in NETWORK.items():
-        rows = list(csv.DictReader(open(source / "network" / cluster / "all_reduce.csv")))
+        rows = _read_csv(source / "network" / cluster / "all_reduce.csv")
         # One node: every worker on the same NVLink/NVSwitch fabric.
         table = sorted((int(r["num_workers"]), int(r["size"]),
                         f"{float(r['time_stats.all_reduce.median']):.5g}")
