@@ -7,8 +7,10 @@ step run prefills only. `vllm_ext.scheduling` applies the answers inside vLLM's
 scheduler, which `vllm_ext.driver` runs without a model for testing.
 """
 
+from vllm_ext.schedulers.mnemosyne import MnemosyneConfig, MnemosynePolicy
 from vllm_ext.schedulers.prefill_first import PrefillFirstPolicy
 from vllm_ext.schedulers.request import ReqState
 from vllm_ext.schedulers.sarathi import KV_ADMISSION, SarathiConfig, SarathiPolicy
 
-__all__ = ["KV_ADMISSION", "PrefillFirstPolicy", "ReqState", "SarathiConfig", "SarathiPolicy"]
+__all__ = ["KV_ADMISSION", "MnemosyneConfig", "MnemosynePolicy", "PrefillFirstPolicy", "ReqState",
+           "SarathiConfig", "SarathiPolicy"]

@@ -17,7 +17,7 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 _MAGIC = 0x5645_5854_5354_4550  # "VEXTSTEP"
-_VERSION = 3
+_VERSION = 4
 _HEADER = struct.Struct("<QQQQ")  # magic, version, ring capacity, steps written
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -42,12 +42,18 @@ class StepRecord:
     # Prefill chunks scheduled while an earlier chunk of the same prompt was still in
     # the pipeline (sequence pipeline parallelism; only with pipeline parallelism).
     pipelined_chunks: int = 0
+    # Deadline-aware scheduling (Mnemosyne): the least slack of the step's prefills when
+    # it was scheduled (seconds; 0 without prefills or deadlines), and the first tokens
+    # the step delivered, with those past their request's first-token deadline.
+    min_slack_s: float = 0.0
+    first_tokens: int = 0
+    deadline_misses: int = 0
 
 
 _FIELDS = tuple(f.name for f in fields(StepRecord))
 _NF = len(_FIELDS)
 _TOTALS = ("decode_tokens", "prefill_tokens", "prefill_reqs", "partial_prefills", "preempted",
-           "wall_s", "predicted_s", "pipelined_chunks")
+           "wall_s", "predicted_s", "pipelined_chunks", "first_tokens", "deadline_misses")
 
 
 def _layout(capacity: int) -> tuple[int, int, int, int]:
@@ -134,7 +140,7 @@ def _read_file(path: Path) -> tuple[int, Sequence[float], Sequence[float], list[
     return count, doubles[:nt], doubles[nt:nt + nb], records
 
 
-_FLOAT = {"t_start", "wall_s", "prefill_attention", "predicted_s"}
+_FLOAT = {"t_start", "wall_s", "prefill_attention", "predicted_s", "min_slack_s"}
 
 
 def _record(ring: memoryview, at: int) -> StepRecord:

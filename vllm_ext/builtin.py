@@ -38,12 +38,14 @@ def _configure_prefill_first(settings: dict, ctx: ConfigureContext) -> tuple[dic
     return {}, {"scheduler_cls": f"{_GLUE}.PrefillFirstScheduler", **overrides}
 
 
-def _configure_sarathi(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
+def _configure_sarathi(settings: dict, ctx: ConfigureContext, name: str = "sarathi",
+                       cls: str = "SarathiScheduler") -> tuple[dict, dict]:
+    """Sarathi's stall-free steps, and any scheduler built on them (`name`'s flags)."""
     budget = settings.get("token_budget")
     engine_budget = ctx.user_engine_args.get("max_num_batched_tokens")
     if budget is not None and engine_budget is not None and budget != engine_budget:
         raise SelectionError(
-            f"--sarathi-token-budget {budget} contradicts --max-num-batched-tokens "
+            f"--{name}-token-budget {budget} contradicts --max-num-batched-tokens "
             f"{engine_budget}: the token budget is the batch size; give one of them")
     model_path = settings.get("latency_model")
     try:
@@ -66,18 +68,18 @@ def _configure_sarathi(settings: dict, ctx: ConfigureContext) -> tuple[dict, dic
             with open(cfg.latency_model) as f:
                 LatencyModel.from_json(f.read())
     except OSError as e:
-        raise SelectionError(f"--sarathi-latency-model: cannot read {model_path}: "
+        raise SelectionError(f"--{name}-latency-model: cannot read {model_path}: "
                              f"{e.strerror}") from None
     except ValueError as e:
-        raise SelectionError(str(e)) from None
-    overrides = _require(ctx, "--scheduler sarathi", {
+        raise SelectionError(str(e).replace("--sarathi-", f"--{name}-")) from None
+    overrides = _require(ctx, f"--scheduler {name}", {
         "enable_chunked_prefill": True,
         # The stock cap on one prefill's share would split chunks below the
         # budget left; Sarathi gives a partial prefill everything that is left.
         "long_prefill_token_threshold": 0,
         **_SYNC,
     })
-    overrides.update(scheduler_cls=f"{_GLUE}.SarathiScheduler",
+    overrides.update(scheduler_cls=f"{_GLUE}.{cls}",
                      max_num_batched_tokens=cfg.token_budget)
     resolved = {"token_budget": cfg.token_budget, "kv_admission": cfg.kv_admission}
     if not cfg.sequence_pipeline:
@@ -85,6 +87,24 @@ def _configure_sarathi(settings: dict, ctx: ConfigureContext) -> tuple[dict, dic
     if cfg.tbt_slo_ms is not None:
         resolved.update(tbt_slo_ms=cfg.tbt_slo_ms, latency_model=cfg.latency_model)
     return resolved, overrides
+
+
+def _configure_mnemosyne(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
+    from vllm_ext.schedulers.mnemosyne import (DEFAULT_PREFILL_MS_PER_TOKEN, DEFAULT_TTFT_SLO_S,
+                                               MnemosyneConfig)
+
+    ttft, allowance = settings.get("ttft_slo_s"), settings.get("prefill_ms_per_token")
+    deadlines = {"ttft_slo_s": DEFAULT_TTFT_SLO_S if ttft is None else ttft,
+                 "prefill_ms_per_token": DEFAULT_PREFILL_MS_PER_TOKEN if allowance is None
+                 else allowance}
+    resolved, overrides = _configure_sarathi(settings, ctx, "mnemosyne", "MnemosyneScheduler")
+    try:
+        MnemosyneConfig(SarathiConfig(resolved["token_budget"]), **deadlines)
+    except ValueError as e:
+        raise SelectionError(str(e)) from None
+    # Deadlines are the order; a client-given priority order would fight it.
+    overrides.update(_require(ctx, "--scheduler mnemosyne", {"scheduling_policy": "fcfs"}))
+    return {**resolved, **deadlines}, overrides
 
 
 @hookimpl
@@ -98,27 +118,43 @@ def vllm_ext_schedulers() -> list[Component]:
         Component(
             "scheduler", "sarathi", "Sarathi-Serve stall-free chunked-prefill batching",
             _configure_sarathi,
+            options=_SARATHI_OPTIONS,
+        ),
+        Component(
+            "scheduler", "mnemosyne",
+            "Mnemosyne: Sarathi's stall-free steps, prefills by least slack to their "
+            "first-token deadlines",
+            _configure_mnemosyne,
             options=(
-                Option("token-budget", int,
-                       "tokens per step (default: 512 on GPUs, 256 on CPUs; the same as "
-                       "--max-num-batched-tokens)"),
-                Option("kv-admission", str,
-                       "full: admit a prompt only if KV for all of it is free (the paper); "
-                       "chunk: grow KV per chunk", choices=KV_ADMISSION),
-                Option("tbt-slo-ms", float,
-                       "adaptive chunking (Mnemosyne): each step's prefill chunks are the "
-                       "largest predicted to keep the step within this many ms; the token "
-                       "budget becomes the most a step may take"),
-                Option("latency-model", str,
-                       "the step-time model for --sarathi-tbt-slo-ms (from `vllm-ext profile`)"),
-                Option("spp", str,
-                       "with --pipeline-parallel-size > 1: on (default, as vLLM does): a "
-                       "prompt's next chunk enters the pipeline before its previous chunk has "
-                       "left the last stage (sequence pipeline parallelism); off: it waits "
-                       "(plain pipeline parallelism, the baseline)", choices=("on", "off")),
+                Option("ttft-slo-s", float, "first-token deadline after arrival, before the "
+                       "per-token allowance (default 2)"),
+                Option("prefill-ms-per-token", float, "deadline allowance per prompt token, "
+                       "also the predicted prefill time without a latency model (default 1)"),
+                *_SARATHI_OPTIONS,
             ),
         ),
     ]
+
+
+_SARATHI_OPTIONS = (
+    Option("token-budget", int,
+           "tokens per step (default: 512 on GPUs, 256 on CPUs; the same as "
+           "--max-num-batched-tokens)"),
+    Option("kv-admission", str,
+           "full: admit a prompt only if KV for all of it is free (the paper); "
+           "chunk: grow KV per chunk", choices=KV_ADMISSION),
+    Option("tbt-slo-ms", float,
+           "adaptive chunking (Mnemosyne): each step's prefill chunks are the "
+           "largest predicted to keep the step within this many ms; the token "
+           "budget becomes the most a step may take"),
+    Option("latency-model", str,
+           "the step-time model for the TBT target (from `vllm-ext profile`)"),
+    Option("spp", str,
+           "with --pipeline-parallel-size > 1: on (default, as vLLM does): a "
+           "prompt's next chunk enters the pipeline before its previous chunk has "
+           "left the last stage (sequence pipeline parallelism); off: it waits "
+           "(plain pipeline parallelism, the baseline)", choices=("on", "off")),
+)
 
 
 def _configure_stock_attn(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:

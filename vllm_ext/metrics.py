@@ -25,6 +25,9 @@ _COUNTERS = {
     "preempted": "Requests preempted to free KV memory",
     "pipelined_chunks": "Prefill chunks scheduled while an earlier chunk of the same prompt "
                         "was still in the pipeline (sequence pipeline parallelism)",
+    "first_tokens": "First tokens delivered (deadline-aware schedulers)",
+    "deadline_misses": "First tokens delivered after their request's deadline (--scheduler "
+                       "mnemosyne: arrival + TTFT SLO + allowance per prompt token)",
 }
 _collector_registered = False
 
@@ -80,7 +83,7 @@ class _StepCollector:
             value=stats.totals["predicted_s"])
         last = stats.recent[-1] if stats.recent else None
         for name in ("decode_tokens", "prefill_tokens", "partial_prefills", "wall_s",
-                     "predicted_s"):
+                     "predicted_s", "min_slack_s"):
             yield GaugeMetricFamily(f"{PREFIX}last_step_{name}", f"{name} of the latest step",
                                     value=getattr(last, name) if last else 0)
         yield from _kv_pool_metrics(envs.stats_dir())

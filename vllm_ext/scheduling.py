@@ -21,7 +21,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from vllm_ext import envs
-from vllm_ext.schedulers import PrefillFirstPolicy, ReqState, SarathiConfig, SarathiPolicy
+from vllm_ext.schedulers import (MnemosyneConfig, MnemosynePolicy, PrefillFirstPolicy, ReqState,
+                                 SarathiConfig, SarathiPolicy)
 from vllm_ext.schedulers.adaptive import AdaptiveChunking, OnlineCorrection
 from vllm_ext.schedulers.latency import LatencyModel, StepShape
 from vllm_ext.schedulers.request import blocks_for
@@ -107,7 +108,8 @@ class StockScheduler(Scheduler):
         if scheduler_output.total_num_scheduled_tokens:
             self._prefills_in_flight.popleft()
             rec = self._in_flight.popleft()
-            rec = dataclasses.replace(rec, wall_s=self.clock() - rec.t_start)
+            rec = dataclasses.replace(rec, wall_s=self.clock() - rec.t_start,
+                                      **self.step_outcome(scheduler_output))
             self.step_done(rec)
             if self._steplog is not None:
                 self._steplog.append(rec)
@@ -115,6 +117,10 @@ class StockScheduler(Scheduler):
 
     def step_done(self, rec: StepRecord) -> None:
         """A step's record once it has finished, measured time included."""
+
+    def step_outcome(self, scheduler_output: SchedulerOutput) -> dict:
+        """Record fields known only once a step's output has been processed."""
+        return {}
 
     def _record(self, out: SchedulerOutput, t0: float,
                 running_decodes: int) -> tuple[StepRecord, frozenset[str]]:
@@ -151,7 +157,7 @@ class SarathiScheduler(StockScheduler):
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
-        self.policy = SarathiPolicy(SarathiConfig(**self.ext_settings))
+        self.policy = SarathiPolicy(self.sarathi_config())
         config = self.policy.config
         if config.token_budget != self.max_num_scheduled_tokens:
             raise ValueError(
@@ -167,16 +173,33 @@ class SarathiScheduler(StockScheduler):
                                              config.token_budget)
             self.correction = OnlineCorrection()
 
+    def sarathi_config(self) -> SarathiConfig:
+        return SarathiConfig(**self.ext_settings)
+
     def predict(self, shape: StepShape) -> float:
         factor = self.correction.factor if self.adaptive is not None else 1.0
         return factor * self.latency_model.predict(shape)
+
+    def order_running(self) -> None:
+        """Put the running list in the policy's order (vLLM's loop hands out the budget
+        in list order and preempts from its end)."""
+        self.running.sort(key=lambda r: self.policy.order_key(req_state(r)))
+
+    def prefills_in_order(self) -> list[ReqState]:
+        """The prefills this step may serve, in the order the engine will serve them
+        (partial ones in the running list, then the head of the waiting queue); what
+        adaptive chunking plans for. A waiting prompt starts after its prefix-cache hit:
+        that is where its chunk will run, and what its attention costs."""
+        states = [req_state(r) for r in self.running]
+        return ([s for s in states if not s.is_decode]
+                + [req_state(r, self.cached_tokens(r)) for _, r in zip(range(8), self.waiting)])
 
     def step_done(self, rec: StepRecord) -> None:
         if self.adaptive is not None and rec.predicted_s > 0:
             self.correction.observe(rec.predicted_s / self.correction.factor, rec.wall_s)
 
     def before_schedule(self) -> None:
-        self.running.sort(key=lambda r: self.policy.order_key(req_state(r)))
+        self.order_running()
         if not self.policy.config.sequence_pipeline:
             # Plain pipeline parallelism: a prompt's next chunk waits until its previous
             # one has left the last stage (vLLM's loop skips a request for a step whose
@@ -189,14 +212,109 @@ class SarathiScheduler(StockScheduler):
                                                         self.current_step + 2)
         if self.adaptive is not None:
             # vLLM reads this budget afresh every step; it stays within the engine's maximum.
-            # A waiting prompt starts after its prefix-cache hit: that is where its chunk
-            # will run, and what its attention costs.
-            states = [req_state(r) for r in self.running]
-            waiting = [req_state(r, self.cached_tokens(r)) for _, r in zip(range(8), self.waiting)]
-            plan = self.adaptive.plan([s for s in states if s.is_decode],
-                                      [s for s in states if not s.is_decode] + waiting,
-                                      self.correction.factor)
+            decodes = [s for s in map(req_state, self.running) if s.is_decode]
+            plan = self.adaptive.plan(decodes, self.prefills_in_order(), self.correction.factor)
             self.max_num_scheduled_tokens = plan.tokens
+
+
+class MnemosyneScheduler(SarathiScheduler):
+    """Mnemosyne's least-slack prefill order on Sarathi's stall-free steps (see
+    `vllm_ext.schedulers.mnemosyne`).
+
+    Decodes still come first. The partial prefills in the running list and the waiting
+    queue are each put in least-slack order; because vLLM's loop serves the whole
+    running list before it admits anyone, a partial prefill that ranks behind the head
+    of the waiting queue sits the step out when that head can be admitted (a free
+    running slot and the KV blocks for its prompt). The budget it leaves is then the
+    head's.
+    """
+
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        s = self.ext_settings
+        remaining = self._predicted_prefill_s if self.adaptive is not None else None
+        self.deadlines = MnemosynePolicy(
+            MnemosyneConfig(self.policy.config, s["ttft_slo_s"], s["prefill_ms_per_token"]),
+            remaining)
+        self._held: set[str] = set()
+        self._held_head: str | None = None
+        self._head_refused = False
+        self._first_due: list[ReqState] = []
+
+    def sarathi_config(self) -> SarathiConfig:
+        return SarathiConfig(**{k: v for k, v in self.ext_settings.items()
+                                if k not in MNEMOSYNE_SETTINGS})
+
+    def _predicted_prefill_s(self, req: ReqState) -> float:
+        """The model's time for the prompt tokens still to compute, as one chunk after
+        those computed, less the fixed cost a step pays anyway."""
+        left = req.num_prompt_tokens - req.num_computed
+        shape = StepShape(((left, req.num_computed),), ())
+        return max(0.0, self.predict(shape) - self.predict(StepShape()))
+
+    def _key(self, now: float):
+        return lambda r: self.deadlines.order_key(req_state(r), now)
+
+    def order_running(self) -> None:
+        now = self.clock()
+        key = self._key(now)
+        self.running.sort(key=key)
+        if isinstance(self.waiting, collections.deque) and len(self.waiting) > 1:
+            ordered = sorted(self.waiting, key=key)
+            self.waiting.clear()
+            self.waiting.extend(ordered)
+        self._held = self._hold_outranked(now, key)
+
+    def _hold_outranked(self, now: float, key) -> set[str]:
+        head = self.waiting.peek_request() if self.waiting else None
+        if head is None or self._head_refused or len(self.running) >= self.max_num_active_reqs:
+            self._head_refused = False
+            return set()
+        # Every block of the prompt from the free pool, its prefix-cache hits included
+        # (free cached blocks are counted free): never more optimistic than vLLM's check.
+        if blocks_for(head.num_tokens, self.block_size) > \
+                self.kv_cache_manager.block_pool.get_num_free_blocks():
+            return set()
+        head_key, held = key(head), set()
+        hold = self.current_step + 2  # schedule() is about to advance current_step by one
+        for req in self.running:
+            if not req_state(req).is_decode and key(req) > head_key:
+                req.next_decode_eligible_step = max(req.next_decode_eligible_step, hold)
+                held.add(req.request_id)
+        self._held_head = head.request_id
+        return held
+
+    def after_schedule(self, out: SchedulerOutput) -> None:
+        # A hold whose head vLLM still did not admit (its own checks are the last word)
+        # is not repeated next step: held prefills never wait on a head that cannot come.
+        self._head_refused = bool(self._held) and self._held_head not in out.num_scheduled_tokens
+
+    def prefills_in_order(self) -> list[ReqState]:
+        return [s for s in super().prefills_in_order() if s.req_id not in self._held]
+
+    def _record(self, out: SchedulerOutput, t0: float, running_decodes: int):
+        rec, prefilling = super()._record(out, t0, running_decodes)
+        slacks = [self.deadlines.slack(req_state(self.requests[r], self.requests[r].num_computed_tokens
+                                                 - out.num_scheduled_tokens[r]), t0)
+                  for r in prefilling]
+        return (dataclasses.replace(rec, min_slack_s=min(slacks)) if slacks else rec), prefilling
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        # The requests whose first token this step samples (a request may finish on it
+        # and leave `self.requests` during the update).
+        self._first_due = [
+            req_state(req) for r in scheduler_output.num_scheduled_tokens
+            if (req := self.requests.get(r)) is not None and req.num_output_tokens == 0
+            and req.num_computed_tokens >= req.num_prompt_tokens]
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def step_outcome(self, scheduler_output: SchedulerOutput) -> dict:
+        now = self.clock()
+        missed = sum(self.deadlines.missed_first_token(s, now) for s in self._first_due)
+        return {"first_tokens": len(self._first_due), "deadline_misses": missed}
+
+
+MNEMOSYNE_SETTINGS = ("ttft_slo_s", "prefill_ms_per_token")
 
 
 class PrefillFirstScheduler(StockScheduler):
