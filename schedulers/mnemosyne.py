@@ -1,23 +1,28 @@
-"""Mnemosyne's deadline-aware prefill order: least remaining slack first, stall-free.
+"""Deadline-aware prefill order on Sarathi's stall-free steps (Mnemosyne's scheduler).
 
 Every request has a first-token deadline, Metron's: arrival + TTFT SLO + an allowance
-per prompt token. Every step still serves every running decode first (Sarathi's
-stall-free rule); the rest of the token budget goes to prefills, partial and new alike,
-in order of least remaining slack:
+per prompt token (so a long document is owed its first token later than a chat turn).
+Every step still serves every running decode first (Sarathi's stall-free rule); the
+rest of the token budget goes to prefills, partial and new alike, earliest deadline
+first, ties in arrival order. Under first come first served a short prompt queued
+behind long documents waits for all of them; here it goes first whenever its deadline
+is nearer than theirs.
 
-    slack = deadline - now - predicted time of the prompt tokens still to compute
+Why deadlines and not least slack. Slack is the deadline less now less the predicted
+time of the prompt tokens still to compute. On one stream of steps both orders meet
+every deadline whenever any order can, but a prompt's slack grows as its chunks are
+computed, so two prompts of equal slack take turns chunk by chunk and both first
+tokens come late; a deadline never moves, so the earliest one is served to its end.
+EDF needs no prediction either. Slack is still what the operator watches: the step
+records and /metrics carry the least slack among each step's prefills (negative:
+already too late), predicted by the step-time model when one is given, else by the
+allowance per token.
 
-with the prediction from the step-time model when there is one, else the allowance per
-token. Under first come first served a short prompt queued behind long documents
-waits for all of them; here it goes first when its deadline is nearer than theirs
-allows.
-
-No request starves: slack falls at the same rate for every waiting request, so a later
-arrival overtakes an earlier one only within a bounded window, and a request already
-past its deadline by more than `overdue_s` is served before every request that is not,
-overdue ones in arrival order. With equal deadline offsets and predictions equal to the
-allowance, the order is first come first served. Preemption takes victims from the end
-of the same order: most slack first.
+No request starves, by construction: a request is overtaken only by requests with an
+earlier deadline, that is, ones that arrive before its own deadline less the TTFT SLO,
+so at most a bounded window of arrivals ever goes ahead of it. With equal deadline
+offsets (no allowance) the order is first come first served. Preemption takes victims
+from the end of the same order: the latest-deadline partial prefill first.
 """
 
 from __future__ import annotations
@@ -33,9 +38,6 @@ from vllm_ext.schedulers.sarathi import SarathiConfig
 # GPU, so that long documents get proportionally later deadlines.
 DEFAULT_TTFT_SLO_S = 2.0
 DEFAULT_PREFILL_MS_PER_TOKEN = 1.0
-# Past its deadline by this much (in units of its own TTFT SLO), a request stops
-# competing on slack and is served in arrival order before all that have not.
-OVERDUE_SLOS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +53,10 @@ class MnemosyneConfig:
             raise ValueError(f"--mnemosyne-prefill-ms-per-token must be >= 0, got "
                              f"{self.prefill_ms_per_token}")
 
-    @property
-    def overdue_s(self) -> float:
-        return OVERDUE_SLOS * self.ttft_slo_s
-
 
 class MnemosynePolicy:
     """`remaining_s(req)`: predicted seconds to compute the prompt tokens `req` still
-    needs (a step-time model's); None uses the allowance per token."""
+    needs (a step-time model's); None predicts the allowance per token."""
 
     def __init__(self, config: MnemosyneConfig,
                  remaining_s: Callable[[ReqState], float] | None = None) -> None:
@@ -80,17 +78,20 @@ class MnemosynePolicy:
     def slack(self, req: ReqState, now: float) -> float:
         return self.deadline(req) - now - self.remaining_s(req)
 
-    def order_key(self, req: ReqState, now: float) -> tuple:
-        """Decodes first (arrival order); then overdue prefills in arrival order; then
-        the rest by least slack, ties by arrival."""
+    def order_key(self, req: ReqState) -> tuple:
+        """Decodes first, in arrival order; then prefills, earliest deadline first,
+        ties in arrival order. The key never changes while a request waits."""
         if req.is_decode:
-            return (0, req.arrival, 0.0, req.req_id)
-        if now - self.deadline(req) > self.config.overdue_s:
-            return (1, req.arrival, 0.0, req.req_id)
-        return (2, self.slack(req, now), req.arrival, req.req_id)
+            return (0, req.arrival, req.req_id)
+        return (1, self.deadline(req), req.arrival, req.req_id)
 
-    def order(self, reqs: Iterable[ReqState], now: float) -> list[ReqState]:
-        return sorted(reqs, key=lambda r: self.order_key(r, now))
+    def order(self, reqs: Iterable[ReqState]) -> list[ReqState]:
+        return sorted(reqs, key=self.order_key)
+
+    def overtaken_by(self, req: ReqState) -> float:
+        """The latest arrival time that can still go ahead of `req` (the starvation
+        bound): an arrival after it has a later deadline."""
+        return self.deadline(req) - self.config.ttft_slo_s
 
     def missed_first_token(self, req: ReqState, first_token_at: float) -> bool:
         return first_token_at > self.deadline(req)

@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--kvp", type=int, default=None)
     ap.add_argument("--pipeline-parallel-size", type=int, default=None)
     ap.add_argument("--spp", default=None, help="[--scheduler sarathi] on|off")
+    ap.add_argument("--ttft-slo-s", type=float, default=None, help="[--scheduler mnemosyne]")
+    ap.add_argument("--prefill-ms-per-token", type=float, default=None,
+                    help="[--scheduler mnemosyne]")
     ap.add_argument("--kvp-interleave", type=int, default=None,
                     help="vLLM's cp_kv_cache_interleave_size: tokens per run dealt to a rank")
     for opt in ("layout", "page-size", "premap", "watermark", "physical-limit"):
@@ -107,13 +110,17 @@ def run(model: str, argv: list[str]) -> dict:
     ranks = (args.kvp or 1) * (args.pipeline_parallel_size or 1)
     if args.pipeline_parallel_size is not None:
         kwargs.update(pipeline_parallel_size=args.pipeline_parallel_size)
+    # Mnemosyne takes Sarathi's options under its own name.
+    steps = "mnemosyne" if args.scheduler == "mnemosyne" else "sarathi"
     chosen = {k: v for k, v in (("scheduler", args.scheduler), ("attn", args.attn),
-                                ("sarathi_token_budget", args.budget),
-                                ("sarathi_kv_admission", args.kv_admission),
-                                ("sarathi_tbt_slo_ms", args.tbt_slo_ms),
-                                ("sarathi_latency_model", args.latency_model),
+                                (f"{steps}_token_budget", args.budget),
+                                (f"{steps}_kv_admission", args.kv_admission),
+                                (f"{steps}_tbt_slo_ms", args.tbt_slo_ms),
+                                (f"{steps}_latency_model", args.latency_model),
+                                ("mnemosyne_ttft_slo_s", args.ttft_slo_s),
+                                ("mnemosyne_prefill_ms_per_token", args.prefill_ms_per_token),
                                 ("pod_impl", args.pod_impl), ("kv_allocator", args.kv_allocator),
-                                ("kvp", args.kvp), ("sarathi_spp", args.spp),
+                                ("kvp", args.kvp), (f"{steps}_spp", args.spp),
                                 *((f"vattention_{o}", getattr(args, f"vattention_{o}"))
                                   for o in ("layout", "page_size", "premap", "watermark",
                                             "physical_limit"))) if v}
@@ -191,6 +198,7 @@ def _workload(engine, args, ranks: int) -> dict:
         "config": {
             "max_num_batched_tokens": engine.vllm_config.scheduler_config.max_num_batched_tokens,
             "scheduler_cls": str(engine.vllm_config.scheduler_config.scheduler_cls),
+            "scheduling_policy": str(engine.vllm_config.scheduler_config.policy),
             "additional_config": engine.vllm_config.additional_config,
         },
         "steps_recorded": stats.steps - before,

@@ -42,6 +42,30 @@ def test_sarathi_out_of_kv_preempts_and_loses_nothing(run_engine, stock, admissi
     assert result["tokens"] == stock["tokens"], "recomputed requests must match stock vLLM"
 
 
+def test_mnemosyne_out_of_kv_is_exact_stall_free_and_counts_first_tokens(run_engine, stock):
+    """Deadline order on the real engine, short of KV so that it preempts: the tokens are
+    stock vLLM's, every step serves every running decode within the budget, and the
+    step records count one first token per request (a recomputed one is not counted
+    again), the late ones among them as misses."""
+    # An SLO no first token can meet (1 ms + 1 us per prompt token): every one is late.
+    result = run_engine("--scheduler", "mnemosyne", "--budget", str(BUDGET), "--num-blocks", "20",
+                        "--ttft-slo-s", "0.001", "--prefill-ms-per-token", "0.001")
+    assert result["config"]["additional_config"]["vllm_ext"]["scheduler"] == {
+        "name": "mnemosyne", "token_budget": BUDGET, "kv_admission": "full",
+        "ttft_slo_s": 0.001, "prefill_ms_per_token": 0.001}
+    assert result["config"]["scheduling_policy"] == "fcfs"
+    assert result["tokens"] == stock["tokens"]
+    steps = result["steps"]
+    assert sum(s["preempted"] for s in steps) > 0, "the workload must run out of KV"
+    for s in steps:
+        assert s["decode_tokens"] + s["prefill_tokens"] <= BUDGET
+        if not s["preempted"]:
+            assert s["decode_tokens"] == s["running_decodes"], s
+    assert sum(s["first_tokens"] for s in steps) == len(stock["tokens"])
+    assert sum(s["deadline_misses"] for s in steps) == len(stock["tokens"])
+    assert min(s["min_slack_s"] for s in steps if s["prefill_tokens"]) < 0
+
+
 def test_stock_run_without_flags_is_untouched(stock):
     assert stock["config"]["scheduler_cls"] in ("None", "vllm.v1.core.sched.scheduler.Scheduler")
     assert "vllm_ext" not in stock["config"]["additional_config"]

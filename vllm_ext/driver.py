@@ -203,7 +203,7 @@ class Driver:
                 structured_output_manager=StructuredOutputManager(config),
                 block_size=block_size, hash_block_size=hash_block_size)
         if isinstance(self.scheduler, StockScheduler):
-            self.scheduler.clock = lambda: self.now
+            self.scheduler.clock = self.scheduler.arrival_clock = lambda: self.now
         self._block_hasher = None
         if config.cache_config.enable_prefix_caching:
             hash_fn = get_hash_fn_by_name(config.cache_config.prefix_caching_hash_algo)

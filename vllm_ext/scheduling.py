@@ -69,6 +69,9 @@ class StockScheduler(Scheduler):
     # What times a step (and so feeds OnlineCorrection): a driver without a model
     # (vllm_ext.driver) puts its virtual clock here.
     clock = staticmethod(time.monotonic)
+    # The clock of requests' arrival times (vLLM stamps them with the wall clock), so of
+    # their deadlines; the driver puts its virtual clock here too.
+    arrival_clock = staticmethod(time.time)
 
     def predict(self, shape: StepShape) -> float:
         return self.latency_model.predict(shape)
@@ -218,15 +221,15 @@ class SarathiScheduler(StockScheduler):
 
 
 class MnemosyneScheduler(SarathiScheduler):
-    """Mnemosyne's least-slack prefill order on Sarathi's stall-free steps (see
+    """Mnemosyne's deadline order on Sarathi's stall-free steps (see
     `vllm_ext.schedulers.mnemosyne`).
 
     Decodes still come first. The partial prefills in the running list and the waiting
-    queue are each put in least-slack order; because vLLM's loop serves the whole
-    running list before it admits anyone, a partial prefill that ranks behind the head
-    of the waiting queue sits the step out when that head can be admitted (a free
-    running slot and the KV blocks for its prompt). The budget it leaves is then the
-    head's.
+    queue are each put in deadline order; because vLLM's loop serves the whole running
+    list before it admits anyone, a partial prefill whose deadline is later than the
+    head of the waiting queue's sits the step out when that head can be admitted (a
+    free running slot and the KV blocks for its prompt). The budget it leaves is then
+    the head's.
     """
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
@@ -252,20 +255,18 @@ class MnemosyneScheduler(SarathiScheduler):
         shape = StepShape(((left, req.num_computed),), ())
         return max(0.0, self.predict(shape) - self.predict(StepShape()))
 
-    def _key(self, now: float):
-        return lambda r: self.deadlines.order_key(req_state(r), now)
+    def _key(self, req: Request) -> tuple:
+        return self.deadlines.order_key(req_state(req))
 
     def order_running(self) -> None:
-        now = self.clock()
-        key = self._key(now)
-        self.running.sort(key=key)
+        self.running.sort(key=self._key)
         if isinstance(self.waiting, collections.deque) and len(self.waiting) > 1:
-            ordered = sorted(self.waiting, key=key)
+            ordered = sorted(self.waiting, key=self._key)
             self.waiting.clear()
             self.waiting.extend(ordered)
-        self._held = self._hold_outranked(now, key)
+        self._held = self._hold_outranked()
 
-    def _hold_outranked(self, now: float, key) -> set[str]:
+    def _hold_outranked(self) -> set[str]:
         head = self.waiting.peek_request() if self.waiting else None
         if head is None or self._head_refused or len(self.running) >= self.max_num_active_reqs:
             self._head_refused = False
@@ -275,10 +276,10 @@ class MnemosyneScheduler(SarathiScheduler):
         if blocks_for(head.num_tokens, self.block_size) > \
                 self.kv_cache_manager.block_pool.get_num_free_blocks():
             return set()
-        head_key, held = key(head), set()
+        head_key, held = self._key(head), set()
         hold = self.current_step + 2  # schedule() is about to advance current_step by one
         for req in self.running:
-            if not req_state(req).is_decode and key(req) > head_key:
+            if not req_state(req).is_decode and self._key(req) > head_key:
                 req.next_decode_eligible_step = max(req.next_decode_eligible_step, hold)
                 held.add(req.request_id)
         self._held_head = head.request_id
@@ -294,9 +295,10 @@ class MnemosyneScheduler(SarathiScheduler):
 
     def _record(self, out: SchedulerOutput, t0: float, running_decodes: int):
         rec, prefilling = super()._record(out, t0, running_decodes)
-        slacks = [self.deadlines.slack(req_state(self.requests[r], self.requests[r].num_computed_tokens
-                                                 - out.num_scheduled_tokens[r]), t0)
-                  for r in prefilling]
+        now = self.arrival_clock()  # deadlines are on the arrival clock, not the step timer
+        slacks = [self.deadlines.slack(req_state(req, req.num_computed_tokens
+                                                 - out.num_scheduled_tokens[r]), now)
+                  for r in prefilling if (req := self.requests[r])]
         return (dataclasses.replace(rec, min_slack_s=min(slacks)) if slacks else rec), prefilling
 
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -309,7 +311,7 @@ class MnemosyneScheduler(SarathiScheduler):
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def step_outcome(self, scheduler_output: SchedulerOutput) -> dict:
-        now = self.clock()
+        now = self.arrival_clock()
         missed = sum(self.deadlines.missed_first_token(s, now) for s in self._first_due)
         return {"first_tokens": len(self._first_due), "deadline_misses": missed}
 
