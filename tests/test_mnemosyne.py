@@ -55,6 +55,17 @@ def test_stall_free_within_budget_and_everything_finishes(config, workload, budg
         check_all_finish(driver, reqs)
         check_blocks_free(driver)
     check_stall_free(steps)
+    check_victims_last(steps, MnemosynePolicy(MnemosyneConfig(SarathiConfig(budget), ttft,
+                                                              allowance_ms)))
+
+
+def check_victims_last(steps, policy: MnemosynePolicy) -> None:
+    """Preemption takes victims from the end of the deadline order: the requests a step
+    preempted are the last of its running requests in that order."""
+    for s in steps:
+        if s.preempted:
+            order = [r.req_id for r in policy.order(s.running)]
+            assert set(order[len(order) - len(s.preempted):]) == s.preempted, (order, s)
 
 
 @EXAMPLES
