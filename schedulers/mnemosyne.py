@@ -1,28 +1,32 @@
 """Deadline-aware prefill order on Sarathi's stall-free steps (Mnemosyne's scheduler).
 
 Every request has a first-token deadline, Metron's: arrival + TTFT SLO + an allowance
-per prompt token (so a long document is owed its first token later than a chat turn).
+per prompt token (so a long document is owed its first token later than a chat turn),
+and a slack: the deadline less now less the predicted time of the prompt tokens still
+to compute (from the step-time model when one is given, else the allowance per token).
 Every step still serves every running decode first (Sarathi's stall-free rule); the
-rest of the token budget goes to prefills, partial and new alike, earliest deadline
-first, ties in arrival order. Under first come first served a short prompt queued
-behind long documents waits for all of them; here it goes first whenever its deadline
-is nearer than theirs.
+rest of the token budget goes to prefills, partial and new alike, in this order:
 
-Why deadlines and not least slack. Slack is the deadline less now less the predicted
-time of the prompt tokens still to compute. On one stream of steps both orders meet
-every deadline whenever any order can, but a prompt's slack grows as its chunks are
-computed, so two prompts of equal slack take turns chunk by chunk and both first
-tokens come late; a deadline never moves, so the earliest one is served to its end.
-EDF needs no prediction either. Slack is still what the operator watches: the step
-records and /metrics carry the least slack among each step's prefills (negative:
-already too late), predicted by the step-time model when one is given, else by the
-allowance per token.
+1. requests past their deadline by more than one TTFT SLO, in arrival order;
+2. requests that can still meet their deadline (slack >= 0), earliest deadline first;
+3. requests that cannot (slack < 0), earliest deadline first.
 
-No request starves, by construction: a request is overtaken only by requests with an
-earlier deadline, that is, ones that arrive before its own deadline less the TTFT SLO,
-so at most a bounded window of arrivals ever goes ahead of it. With equal deadline
-offsets (no allowance) the order is first come first served. Preemption takes victims
-from the end of the same order: the latest-deadline partial prefill first.
+Under first come first served a short prompt queued behind long documents waits for
+all of them and misses its deadline; here it goes first whenever its deadline is nearer,
+and a document already too late to be on time yields to requests that still can be.
+
+Why deadlines within a group, not least slack: on one stream of steps both meet every
+deadline whenever any order can, but a prompt's slack grows as its chunks are computed,
+so two prompts of equal slack take turns chunk by chunk and both first tokens come
+late; a deadline never moves, so the earliest is served to its end. Slack decides only
+which group a request is in; a request leaves group 2 for 3 when it falls behind, and 3
+for 1 when it is overdue, never back, so the order does not flap.
+
+No request starves: a late request is passed over only until it is overdue by one TTFT
+SLO; from then on only overdue requests that arrived before it go first. When every
+deadline can still be met and all deadlines are arrival + the same offset (no
+allowance), the order is first come first served. Preemption takes victims from the end
+of the same order.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from vllm_ext.schedulers.sarathi import SarathiConfig
 # GPU, so that long documents get proportionally later deadlines.
 DEFAULT_TTFT_SLO_S = 2.0
 DEFAULT_PREFILL_MS_PER_TOKEN = 1.0
+# Past its deadline by this many TTFT SLOs, a request is served before all that are not.
+OVERDUE_SLOS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,20 +84,21 @@ class MnemosynePolicy:
     def slack(self, req: ReqState, now: float) -> float:
         return self.deadline(req) - now - self.remaining_s(req)
 
-    def order_key(self, req: ReqState) -> tuple:
-        """Decodes first, in arrival order; then prefills, earliest deadline first,
-        ties in arrival order. The key never changes while a request waits."""
+    def overdue(self, req: ReqState, now: float) -> bool:
+        return now - self.deadline(req) > OVERDUE_SLOS * self.config.ttft_slo_s
+
+    def order_key(self, req: ReqState, now: float) -> tuple:
+        """Decodes first, in arrival order; then prefills by group (module docstring),
+        overdue ones in arrival order, the others earliest deadline first."""
         if req.is_decode:
-            return (0, req.arrival, req.req_id)
-        return (1, self.deadline(req), req.arrival, req.req_id)
+            return (0, req.arrival, 0.0, req.req_id)
+        if self.overdue(req, now):
+            return (1, req.arrival, 0.0, req.req_id)
+        group = 2 if self.slack(req, now) >= 0 else 3
+        return (group, self.deadline(req), req.arrival, req.req_id)
 
-    def order(self, reqs: Iterable[ReqState]) -> list[ReqState]:
-        return sorted(reqs, key=self.order_key)
-
-    def overtaken_by(self, req: ReqState) -> float:
-        """The latest arrival time that can still go ahead of `req` (the starvation
-        bound): an arrival after it has a later deadline."""
-        return self.deadline(req) - self.config.ttft_slo_s
+    def order(self, reqs: Iterable[ReqState], now: float) -> list[ReqState]:
+        return sorted(reqs, key=lambda r: self.order_key(r, now))
 
     def missed_first_token(self, req: ReqState, first_token_at: float) -> bool:
         return first_token_at > self.deadline(req)

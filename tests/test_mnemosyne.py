@@ -64,7 +64,7 @@ def check_victims_last(steps, policy: MnemosynePolicy) -> None:
     preempted are the last of its running requests in that order."""
     for s in steps:
         if s.preempted:
-            order = [r.req_id for r in policy.order(s.running)]
+            order = [r.req_id for r in policy.order(s.running, s.start)]
             assert set(order[len(order) - len(s.preempted):]) == s.preempted, (order, s)
 
 
@@ -73,11 +73,13 @@ def check_victims_last(steps, policy: MnemosynePolicy) -> None:
        admission=st.sampled_from(KV_ADMISSION))
 def test_equal_deadline_offsets_schedule_first_come_first_served(config, workload, budget,
                                                                  admission):
-    """With no per-token allowance every deadline is arrival + the same SLO and nothing
-    is left to predict: the order is arrival order, so the steps are Sarathi's."""
+    """With no per-token allowance every deadline is arrival + the same SLO, and with an
+    SLO no request misses none is late: the order is arrival order, so the steps are
+    Sarathi's."""
     reqs, blocks = workload
     common = dict(token_budget=budget, kv_admission=admission)
     mnemo = config(scheduler="mnemosyne", mnemosyne_prefill_ms_per_token=0.0,
+                   mnemosyne_ttft_slo_s=1e6,
                    **{f"mnemosyne_{k}": v for k, v in common.items()})
     sarathi = config(scheduler="sarathi", **{f"sarathi_{k}": v for k, v in common.items()})
     with Driver(mnemo, blocks) as a, Driver(sarathi, blocks) as b:
@@ -112,11 +114,10 @@ def test_a_short_prompt_goes_ahead_of_long_documents(config):
 
 def test_a_long_prompt_is_not_starved_by_a_stream_of_short_ones(config):
     """One 480-token prompt, then an 8-token request every step (one time unit) for 300
-    steps. The short ones' deadlines are nearer, but only those arriving before the long
-    prompt's deadline less the TTFT SLO can go ahead of it: its first token comes within
-    its own prefill time of that bound, long before the stream ends; under a stream
-    that never stops, first come first served is the only other order that promises
-    this. Every request finishes."""
+    steps. The short ones' deadlines are nearer, and once the long prompt cannot make
+    its own deadline it yields to every short one that still can; but one TTFT SLO past
+    its deadline it is overdue and goes first: its first token comes within its own
+    prefill time of that, long before the stream ends. Every request finishes."""
     reqs = [Req.of("long", 0.0, 480, 2)]
     reqs += [Req.of(f"s{i}", 0.5 + i, 8, 2) for i in range(300)]
     cfg = config(scheduler="mnemosyne", mnemosyne_token_budget=32,
@@ -126,12 +127,12 @@ def test_a_long_prompt_is_not_starved_by_a_stream_of_short_ones(config):
         check_all_finish(driver, reqs)
     policy = MnemosynePolicy(MnemosyneConfig(SarathiConfig(32), 4.0, 100.0))
     long = ReqState("long", 0.0, 480, 480, 0)
-    assert policy.overtaken_by(long) == pytest.approx(48.0)  # 0 + 4 + 48 - 4
-    # After the bound only decodes (at most 2 running short ones) share its steps.
-    bound = policy.overtaken_by(long) + 480 / (32 - 3) + 1
+    assert policy.deadline(long) == pytest.approx(52.0)  # 0 + 4 + 480 * 0.1
+    overdue_at = next(t for t in range(1000) if policy.overdue(long, t))
+    # From then on only decodes (at most 2 running short ones) share its steps.
     first = _first_token_step(steps, "long")
-    assert first <= bound < 300
-    # ...and it does yield to the short ones before the bound: they are not made to wait.
+    assert first <= overdue_at + 480 / (32 - 3) + 1 < 300
+    # ...and before that it yields to the short ones: they are not made to wait.
     assert first > 480 / 32 + 1
 
 
@@ -168,3 +169,22 @@ def test_step_records_carry_slack_first_tokens_and_misses(config):
     assert [(r.first_tokens, r.deadline_misses) for r in records[:3]] == [(1, 0), (0, 0), (1, 1)]
     assert sum(r.first_tokens for r in records) == 2
     assert sum(r.deadline_misses for r in records) == 1
+
+
+def test_a_prompt_too_late_to_be_on_time_yields_to_one_that_can_be(config):
+    """A 400-token document (deadline 2 + 400 x 10 ms = 6, predicted to need 4 units
+    of its 13 steps) falls behind within three steps. A question arriving at 4.5 has
+    a later deadline (6.66), so earliest-deadline-first alone would make it wait for
+    the document; but the document can no longer be on time and the question still
+    can: the question goes first, in the first step after it arrives."""
+    reqs = [Req.of("doc", 0.0, 400, 2), Req.of("q", 4.5, 16, 2)]
+    cfg = config(scheduler="mnemosyne", mnemosyne_token_budget=32,
+                 mnemosyne_ttft_slo_s=2.0, mnemosyne_prefill_ms_per_token=10.0)
+    with Driver(cfg, 200) as driver:
+        steps = driver.run(reqs)
+    policy = MnemosynePolicy(MnemosyneConfig(SarathiConfig(32), 2.0, 10.0))
+    q = ReqState("q", 4.5, 16, 16, 0)
+    doc = steps[5].states.get("doc") or next(s for s in steps[5].running if s.req_id == "doc")
+    assert policy.deadline(q) > policy.deadline(doc)
+    assert policy.slack(doc, 5.0) < 0 <= policy.slack(q, 5.0)
+    assert _first_token_step(steps, "q") == 5 < _first_token_step(steps, "doc")

@@ -225,11 +225,11 @@ class MnemosyneScheduler(SarathiScheduler):
     `vllm_ext.schedulers.mnemosyne`).
 
     Decodes still come first. The partial prefills in the running list and the waiting
-    queue are each put in deadline order; because vLLM's loop serves the whole running
-    list before it admits anyone, a partial prefill whose deadline is later than the
-    head of the waiting queue's sits the step out when that head can be admitted (a
-    free running slot and the KV blocks for its prompt). The budget it leaves is then
-    the head's.
+    queue are each put in the policy's order; because vLLM's loop serves the whole
+    running list before it admits anyone, a partial prefill that ranks behind the head
+    of the waiting queue sits the step out when that head can be admitted (a free
+    running slot and the KV blocks for its prompt). The budget it leaves is then the
+    head's.
     """
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
@@ -243,6 +243,7 @@ class MnemosyneScheduler(SarathiScheduler):
         self._held_head: str | None = None
         self._head_refused = False
         self._first_due: list[ReqState] = []
+        self._now = 0.0  # when this step's order was made, on the arrival clock
 
     def sarathi_config(self) -> SarathiConfig:
         return SarathiConfig(**{k: v for k, v in self.ext_settings.items()
@@ -256,9 +257,10 @@ class MnemosyneScheduler(SarathiScheduler):
         return max(0.0, self.predict(shape) - self.predict(StepShape()))
 
     def _key(self, req: Request) -> tuple:
-        return self.deadlines.order_key(req_state(req))
+        return self.deadlines.order_key(req_state(req), self._now)
 
     def order_running(self) -> None:
+        self._now = self.arrival_clock()
         self.running.sort(key=self._key)
         if isinstance(self.waiting, collections.deque) and len(self.waiting) > 1:
             ordered = sorted(self.waiting, key=self._key)

@@ -9,6 +9,7 @@ be drawn, not a mismatch of traffic between arms.
 from __future__ import annotations
 
 import math
+import operator
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from vllm_ext.ab.metron import Timeline
 
 @dataclass(frozen=True, slots=True)
 class Interval:
-    estimate: float  # metric(arm) - metric(base) on the data as run
+    estimate: float  # compare(metric(arm), metric(base)) on the data as run: the difference
     low: float
     high: float
     level: float = 0.95
@@ -33,15 +34,19 @@ class Interval:
 
 def paired_bootstrap(base: Sequence[Sequence[Timeline]], arm: Sequence[Sequence[Timeline]],
                      metric: Callable[[Sequence[Timeline]], float], iterations: int = 1000,
-                     level: float = 0.95, seed: int = 0) -> Interval:
-    """Percentile-bootstrap interval of metric(arm) - metric(base); `base[s][i]` and
-    `arm[s][i]` are request i of seed s in each arm."""
+                     level: float = 0.95, seed: int = 0,
+                     compare: Callable[[float, float], float] = operator.sub) -> Interval:
+    """Percentile-bootstrap interval of compare(metric(arm), metric(base)), by default
+    their difference (`operator.truediv`: their ratio); `base[s][i]` and `arm[s][i]` are
+    request i of seed s in each arm (timelines, or any per-request records `metric`
+    takes)."""
     if len(base) != len(arm) or any(len(b) != len(a) for b, a in zip(base, arm)):
         raise ValueError("paired bootstrap needs the same seeds and requests in both arms")
 
     def diff(picks: Sequence[Sequence[int]]) -> float:
         pick = lambda runs: [runs[s][i] for s, idx in enumerate(picks) for i in idx]
-        return metric(pick(arm)) - metric(pick(base))
+        a, b = metric(pick(arm)), metric(pick(base))
+        return compare(a, b) if b or compare is operator.sub else math.nan
 
     rng = random.Random(seed)
     estimate = diff([range(len(run)) for run in base])
