@@ -7,26 +7,30 @@ to compute (from the step-time model when one is given, else the allowance per t
 Every step still serves every running decode first (Sarathi's stall-free rule); the
 rest of the token budget goes to prefills, partial and new alike, in this order:
 
-1. requests past their deadline by more than one TTFT SLO, in arrival order;
+1. overdue requests: past their deadline by more than the starvation bound
+   (`--mnemosyne-starvation-s`, default 8 TTFT SLOs), in arrival order;
 2. requests that can still meet their deadline (slack >= 0), earliest deadline first;
-3. requests that cannot (slack < 0), earliest deadline first.
+3. requests that cannot (slack < 0), least predicted remaining prefill first.
 
 Under first come first served a short prompt queued behind long documents waits for
 all of them and misses its deadline; here it goes first whenever its deadline is nearer,
 and a document already too late to be on time yields to requests that still can be.
 
-Why deadlines within a group, not least slack: on one stream of steps both meet every
-deadline whenever any order can, but a prompt's slack grows as its chunks are computed,
-so two prompts of equal slack take turns chunk by chunk and both first tokens come
-late; a deadline never moves, so the earliest is served to its end. Slack decides only
-which group a request is in; a request leaves group 2 for 3 when it falls behind, and 3
-for 1 when it is overdue, never back, so the order does not flap.
+Why earliest deadline among those that can be on time, not least slack: on one stream
+of steps both meet every deadline whenever any order can, but a prompt's slack grows
+as its chunks are computed, so two prompts of equal slack take turns chunk by chunk and
+both first tokens come late; a deadline never moves, so the earliest is served to its
+end. Why shortest first among the late: each is late already, and Metron counts a late
+first token's misses by how late it is; serving the shortest first adds the least
+lateness to the others (it minimises their summed lateness, as shortest-processing-time
+minimises summed completion time). Slack decides only which group a request is in; a
+request leaves group 2 for 3 when it falls behind, and 3 for 1 when it is overdue, and
+does not come back, so the order does not flap.
 
-No request starves: a late request is passed over only until it is overdue by one TTFT
-SLO; from then on only overdue requests that arrived before it go first. When every
-deadline can still be met and all deadlines are arrival + the same offset (no
-allowance), the order is first come first served. Preemption takes victims from the end
-of the same order.
+No request starves: a late request is passed over only until it is overdue; from then on
+only overdue requests that arrived before it go first. When every deadline can still be
+met and all deadlines are arrival + the same offset (no allowance), the order is first
+come first served. Preemption takes victims from the end of the same order.
 """
 
 from __future__ import annotations
@@ -42,8 +46,11 @@ from vllm_ext.schedulers.sarathi import SarathiConfig
 # GPU, so that long documents get proportionally later deadlines.
 DEFAULT_TTFT_SLO_S = 2.0
 DEFAULT_PREFILL_MS_PER_TOKEN = 1.0
-# Past its deadline by this many TTFT SLOs, a request is served before all that are not.
-OVERDUE_SLOS = 1.0
+# Past its deadline by this many TTFT SLOs (unless --mnemosyne-starvation-s says), a
+# request is served before all that are not: long enough for the shortest-first order
+# among late requests to work through a burst, short enough that a document passed
+# over waits a bounded, stated time.
+OVERDUE_SLOS = 8.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +58,21 @@ class MnemosyneConfig:
     sarathi: SarathiConfig  # budget, KV admission, adaptive chunking: as Sarathi's
     ttft_slo_s: float = DEFAULT_TTFT_SLO_S
     prefill_ms_per_token: float = DEFAULT_PREFILL_MS_PER_TOKEN
+    starvation_s: float | None = None  # None: OVERDUE_SLOS x ttft_slo_s
 
     def __post_init__(self) -> None:
+        if self.starvation_s is not None and not self.starvation_s >= 0:
+            raise ValueError(f"--mnemosyne-starvation-s must be >= 0, got {self.starvation_s}")
         if not self.ttft_slo_s > 0:
             raise ValueError(f"--mnemosyne-ttft-slo-s must be > 0, got {self.ttft_slo_s}")
         if not self.prefill_ms_per_token >= 0:
             raise ValueError(f"--mnemosyne-prefill-ms-per-token must be >= 0, got "
                              f"{self.prefill_ms_per_token}")
+
+    @property
+    def overdue_s(self) -> float:
+        """How far past its deadline a request may be passed over (the starvation bound)."""
+        return OVERDUE_SLOS * self.ttft_slo_s if self.starvation_s is None else self.starvation_s
 
 
 class MnemosynePolicy:
@@ -85,7 +100,7 @@ class MnemosynePolicy:
         return self.deadline(req) - now - self.remaining_s(req)
 
     def overdue(self, req: ReqState, now: float) -> bool:
-        return now - self.deadline(req) > OVERDUE_SLOS * self.config.ttft_slo_s
+        return now - self.deadline(req) > self.config.overdue_s
 
     def order_key(self, req: ReqState, now: float) -> tuple:
         """Decodes first, in arrival order; then prefills by group (module docstring),
@@ -94,8 +109,9 @@ class MnemosynePolicy:
             return (0, req.arrival, 0.0, req.req_id)
         if self.overdue(req, now):
             return (1, req.arrival, 0.0, req.req_id)
-        group = 2 if self.slack(req, now) >= 0 else 3
-        return (group, self.deadline(req), req.arrival, req.req_id)
+        if self.slack(req, now) >= 0:
+            return (2, self.deadline(req), req.arrival, req.req_id)
+        return (3, self.remaining_s(req), req.arrival, req.req_id)
 
     def order(self, reqs: Iterable[ReqState], now: float) -> list[ReqState]:
         return sorted(reqs, key=lambda r: self.order_key(r, now))

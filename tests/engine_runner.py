@@ -195,6 +195,7 @@ def _workload(engine, args, ranks: int) -> dict:
             "cp_kv_cache_interleave_size")},
         "tokens": tokens,
         "ttft_s": {r: first_token[r] - added[r] for r in first_token},
+        "first_token_order": sorted(first_token, key=first_token.get),
         "config": {
             "max_num_batched_tokens": engine.vllm_config.scheduler_config.max_num_batched_tokens,
             "scheduler_cls": str(engine.vllm_config.scheduler_config.scheduler_cls),

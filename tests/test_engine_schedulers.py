@@ -66,6 +66,20 @@ def test_mnemosyne_out_of_kv_is_exact_stall_free_and_counts_first_tokens(run_eng
     assert min(s["min_slack_s"] for s in steps if s["prefill_tokens"]) < 0
 
 
+def test_mnemosyne_gives_a_later_but_shorter_prompt_its_first_token_first(run_engine, stock):
+    """The 520-token prompt arrives at step 6, the 410-token one at step 9. First come
+    first served (stock vLLM) gives the earlier one its first token first; with 100 ms
+    of deadline allowance per prompt token the later one is due 11 s sooner, and comes
+    first. No deadline is near (a TTFT SLO of 1000 s), so this is the order alone."""
+    result = run_engine("--scheduler", "mnemosyne", "--budget", str(BUDGET),
+                        "--ttft-slo-s", "1000", "--prefill-ms-per-token", "100")
+    order = lambda r: r["first_token_order"].index
+    assert order(stock)("req-5") < order(stock)("req-6")
+    assert order(result)("req-6") < order(result)("req-5")
+    assert result["tokens"] == stock["tokens"]
+    assert sum(s["deadline_misses"] for s in result["steps"]) == 0
+
+
 def test_stock_run_without_flags_is_untouched(stock):
     assert stock["config"]["scheduler_cls"] in ("None", "vllm.v1.core.sched.scheduler.Scheduler")
     assert "vllm_ext" not in stock["config"]["additional_config"]

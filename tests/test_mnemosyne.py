@@ -11,44 +11,33 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_scheduler_properties import (BUDGETS, BLOCK, MAX_MODEL_LEN, check_all_finish,
-                                       check_blocks_free, check_budget, check_stall_free,
-                                       workloads)
-from vllm_ext.driver import Driver, Req, engine_config
-from vllm_ext.models import make_shape
+from test_scheduler_properties import (BUDGETS, check_all_finish, check_blocks_free,
+                                       check_budget, check_stall_free, workloads)
+from test_scheduler_properties import STEP_MODEL
+from test_scheduler_properties import config, step_model_path  # noqa: F401  (fixtures)
+from vllm_ext.driver import Driver, Req
+from vllm_ext.schedulers.latency import StepShape
 from vllm_ext.schedulers.mnemosyne import MnemosyneConfig, MnemosynePolicy
 from vllm_ext.schedulers.request import ReqState
 from vllm_ext.schedulers.sarathi import KV_ADMISSION, SarathiConfig
+
+pytestmark = pytest.mark.release
 
 EXAMPLES = settings(max_examples=int(os.environ.get("VLLMEXT_PROPERTY_EXAMPLES", 300)) // 4,
                     derandomize=True, database=None, deadline=None)
 
 
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    model = make_shape(tmp_path_factory.mktemp("model"), "tiny")
-    cache = {}
-
-    def get(**selection):
-        key = tuple(sorted(selection.items()))
-        if key not in cache:
-            cache[key] = engine_config(model, block_size=BLOCK, max_model_len=MAX_MODEL_LEN,
-                                       enable_prefix_caching=True, **selection)
-        return cache[key]
-
-    return get
-
-
 @EXAMPLES
 @given(workload=workloads(), budget=st.sampled_from(BUDGETS),
        admission=st.sampled_from(KV_ADMISSION), ttft=st.sampled_from((0.5, 2.0, 8.0)),
-       allowance_ms=st.sampled_from((0.0, 10.0, 100.0)))
+       allowance_ms=st.sampled_from((0.0, 10.0, 100.0)),
+       starvation=st.sampled_from((None, 0.0, 3.0)))
 def test_stall_free_within_budget_and_everything_finishes(config, workload, budget, admission,
-                                                          ttft, allowance_ms):
+                                                          ttft, allowance_ms, starvation):
     reqs, blocks = workload
     cfg = config(scheduler="mnemosyne", mnemosyne_token_budget=budget,
                  mnemosyne_kv_admission=admission, mnemosyne_ttft_slo_s=ttft,
-                 mnemosyne_prefill_ms_per_token=allowance_ms)
+                 mnemosyne_prefill_ms_per_token=allowance_ms, mnemosyne_starvation_s=starvation)
     with Driver(cfg, blocks) as driver:
         steps = driver.run(reqs, max_steps=5000)
         check_budget(steps, budget)
@@ -56,7 +45,7 @@ def test_stall_free_within_budget_and_everything_finishes(config, workload, budg
         check_blocks_free(driver)
     check_stall_free(steps)
     check_victims_last(steps, MnemosynePolicy(MnemosyneConfig(SarathiConfig(budget), ttft,
-                                                              allowance_ms)))
+                                                              allowance_ms, starvation)))
 
 
 def check_victims_last(steps, policy: MnemosynePolicy) -> None:
@@ -141,8 +130,11 @@ def test_mnemosyne_refusals_name_the_flag(config):
 
     with pytest.raises(SelectionError, match="--mnemosyne-ttft-slo-s must be > 0"):
         config(scheduler="mnemosyne", mnemosyne_ttft_slo_s=-1.0)
-    with pytest.raises(SelectionError, match="--mnemosyne-latency-model is used only with "
-                                             "--mnemosyne-tbt-slo-ms"):
+    with pytest.raises(SelectionError, match="--mnemosyne-starvation-s must be >= 0"):
+        config(scheduler="mnemosyne", mnemosyne_starvation_s=-1.0)
+    with pytest.raises(SelectionError, match="--mnemosyne-prefill-ms-per-token must be >= 0"):
+        config(scheduler="mnemosyne", mnemosyne_prefill_ms_per_token=-0.5)
+    with pytest.raises(SelectionError, match="--mnemosyne-latency-model: cannot read x.json"):
         config(scheduler="mnemosyne", mnemosyne_latency_model="x.json")
     with pytest.raises(SelectionError, match="applies to --scheduler sarathi"):
         config(scheduler="mnemosyne", sarathi_token_budget=64)
@@ -188,3 +180,47 @@ def test_a_prompt_too_late_to_be_on_time_yields_to_one_that_can_be(config):
     assert policy.deadline(q) > policy.deadline(doc)
     assert policy.slack(doc, 5.0) < 0 <= policy.slack(q, 5.0)
     assert _first_token_step(steps, "q") == 5 < _first_token_step(steps, "doc")
+
+
+def test_a_step_time_model_predicts_the_prefill_time_in_each_slack(config, step_model_path):
+    """Given a step-time model (without adaptive chunking), a prompt's predicted
+    remaining prefill time is the model's for one chunk of what is left, less the fixed
+    cost every step pays; step records carry the model's step time too."""
+    cfg = config(scheduler="mnemosyne", mnemosyne_token_budget=128, mnemosyne_ttft_slo_s=1.0,
+                 mnemosyne_prefill_ms_per_token=1.0, mnemosyne_latency_model=step_model_path)
+    assert cfg.additional_config["vllm_ext"]["scheduler"]["latency_model"] == step_model_path
+    reqs = [Req.of("doc", 0.0, 300, 2), Req.of("q", 0.0, 16, 2)]
+    records = []
+    with Driver(cfg, 200) as driver:
+        done = driver.scheduler.step_done
+        driver.scheduler.step_done = lambda rec: (records.append(rec), done(rec))
+        driver.run(reqs)
+    assert driver.scheduler.adaptive is None
+
+    def predicted(left: int, computed: int) -> float:
+        return (STEP_MODEL.predict(StepShape(((left, computed),), ()))
+                - STEP_MODEL.predict(StepShape()))
+
+    assert records[0].min_slack_s == pytest.approx(
+        min(1.016 - predicted(16, 0), 1.3 - predicted(300, 0)))
+    assert records[1].min_slack_s == pytest.approx(1.3 - 1 - predicted(188, 112))
+    assert all(r.predicted_s > 0 for r in records)
+
+
+def test_among_late_prompts_the_shortest_goes_first(config):
+    """Both late (TTFT SLO 0.5, 1 ms per token): a 400-token document (deadline 0.9) and
+    a 16-token question arriving at 1.4 (deadline 1.916). Earliest deadline would keep
+    serving the document; the question, with far less left to compute, adds less
+    lateness to the other, and goes first, in the first step after it arrives."""
+    reqs = [Req.of("doc", 0.0, 400, 2), Req.of("q", 1.4, 16, 2)]
+    cfg = config(scheduler="mnemosyne", mnemosyne_token_budget=32,
+                 mnemosyne_ttft_slo_s=0.5, mnemosyne_prefill_ms_per_token=1.0)
+    with Driver(cfg, 200) as driver:
+        steps = driver.run(reqs)
+    policy = MnemosynePolicy(MnemosyneConfig(SarathiConfig(32), 0.5, 1.0))
+    doc = next(s for s in steps[2].running if s.req_id == "doc")  # held: not scheduled
+    q = steps[2].states["q"]
+    assert policy.deadline(q) > policy.deadline(doc)
+    assert policy.slack(doc, 2.0) < 0 and policy.slack(q, 2.0) < 0
+    assert not policy.overdue(doc, 2.0)
+    assert _first_token_step(steps, "q") == 2 < _first_token_step(steps, "doc")

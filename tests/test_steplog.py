@@ -11,7 +11,8 @@ from vllm_ext.schedulers.steplog import StepLogWriter, StepRecord, read_dir
 def _rec(i: int, wall: float = 0.02, predicted: float = 0.0) -> StepRecord:
     return StepRecord(float(i), wall, decode_tokens=3, prefill_tokens=10 * i, prefill_reqs=1,
                       partial_prefills=i % 2, running_decodes=3, preempted=0, waiting=1,
-                      predicted_s=predicted, pipelined_chunks=i)
+                      predicted_s=predicted, pipelined_chunks=i, min_slack_s=0.5 - i,
+                      first_tokens=i, deadline_misses=i - 1)
 
 
 _WRITER = """
@@ -72,6 +73,10 @@ def test_prometheus_export(monkeypatch, tmp_path):
     assert 'vllm_ext_step_seconds_bucket{le="0.5"} 1.0' in text
     assert 'vllm_ext_step_seconds_bucket{le="+Inf"} 2.0' in text
     assert "vllm_ext_last_step_prefill_tokens 20.0" in text
+    # deadline-aware scheduling: first tokens and misses summed, the latest step's slack
+    assert "vllm_ext_first_tokens_total 3.0" in text
+    assert "vllm_ext_deadline_misses_total 1.0" in text
+    assert "vllm_ext_last_step_min_slack_s -1.5" in text
     w.close()
 
 

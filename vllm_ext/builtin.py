@@ -97,6 +97,13 @@ def _configure_mnemosyne(settings: dict, ctx: ConfigureContext) -> tuple[dict, d
     deadlines = {"ttft_slo_s": DEFAULT_TTFT_SLO_S if ttft is None else ttft,
                  "prefill_ms_per_token": DEFAULT_PREFILL_MS_PER_TOKEN if allowance is None
                  else allowance}
+    if settings.get("starvation_s") is not None:
+        deadlines["starvation_s"] = settings["starvation_s"]
+    settings, predictor = dict(settings), {}
+    if settings.get("tbt_slo_ms") is None and settings.get("latency_model") is not None:
+        # Without adaptive chunking a step-time model only predicts prefill times.
+        path = settings.pop("latency_model")
+        predictor["latency_model"] = _read_latency_model(path, "--mnemosyne-latency-model")
     resolved, overrides = _configure_sarathi(settings, ctx, "mnemosyne", "MnemosyneScheduler")
     try:
         MnemosyneConfig(SarathiConfig(resolved["token_budget"]), **deadlines)
@@ -104,7 +111,21 @@ def _configure_mnemosyne(settings: dict, ctx: ConfigureContext) -> tuple[dict, d
         raise SelectionError(str(e)) from None
     # Deadlines are the order; a client-given priority order would fight it.
     overrides.update(_require(ctx, "--scheduler mnemosyne", {"scheduling_policy": "fcfs"}))
-    return {**resolved, **deadlines}, overrides
+    return {**resolved, **predictor, **deadlines}, overrides
+
+
+def _read_latency_model(path: str, flag: str) -> str:
+    """The absolute path of a readable, valid step-time model file."""
+    from vllm_ext.schedulers.latency import LatencyModel
+
+    try:
+        with open(path) as f:
+            LatencyModel.from_json(f.read())
+    except OSError as e:
+        raise SelectionError(f"{flag}: cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise SelectionError(f"{flag}: {e}") from None
+    return os.path.abspath(path)
 
 
 @hookimpl
@@ -122,15 +143,22 @@ def vllm_ext_schedulers() -> list[Component]:
         ),
         Component(
             "scheduler", "mnemosyne",
-            "Mnemosyne: Sarathi's stall-free steps, prefills by least slack to their "
-            "first-token deadlines",
+            "Mnemosyne: Sarathi's stall-free steps, prefills ordered by their first-token "
+            "deadlines",
             _configure_mnemosyne,
             options=(
                 Option("ttft-slo-s", float, "first-token deadline after arrival, before the "
                        "per-token allowance (default 2)"),
                 Option("prefill-ms-per-token", float, "deadline allowance per prompt token, "
                        "also the predicted prefill time without a latency model (default 1)"),
-                *_SARATHI_OPTIONS,
+                Option("starvation-s", float, "the starvation bound: a request this many "
+                       "seconds past its deadline is served in arrival order before every "
+                       "request that is not (default 8 x --mnemosyne-ttft-slo-s)"),
+                *(o for o in _SARATHI_OPTIONS if o.name != "latency-model"),
+                Option("latency-model", str,
+                       "a step-time model (from `vllm-ext profile`): predicts the prefill "
+                       "time in each request's slack, and with --mnemosyne-tbt-slo-ms sizes "
+                       "the chunks"),
             ),
         ),
     ]

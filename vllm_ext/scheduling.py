@@ -235,9 +235,13 @@ class MnemosyneScheduler(SarathiScheduler):
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
         s = self.ext_settings
-        remaining = self._predicted_prefill_s if self.adaptive is not None else None
+        if self.latency_model is None and s.get("latency_model"):
+            with open(s["latency_model"]) as f:
+                self.latency_model = LatencyModel.from_json(f.read())
+        remaining = self._predicted_prefill_s if self.latency_model is not None else None
         self.deadlines = MnemosynePolicy(
-            MnemosyneConfig(self.policy.config, s["ttft_slo_s"], s["prefill_ms_per_token"]),
+            MnemosyneConfig(self.policy.config, s["ttft_slo_s"], s["prefill_ms_per_token"],
+                            s.get("starvation_s")),
             remaining)
         self._held: set[str] = set()
         self._held_head: str | None = None
@@ -246,8 +250,10 @@ class MnemosyneScheduler(SarathiScheduler):
         self._now = 0.0  # when this step's order was made, on the arrival clock
 
     def sarathi_config(self) -> SarathiConfig:
-        return SarathiConfig(**{k: v for k, v in self.ext_settings.items()
-                                if k not in MNEMOSYNE_SETTINGS})
+        settings = {k: v for k, v in self.ext_settings.items() if k not in MNEMOSYNE_SETTINGS}
+        if settings.get("tbt_slo_ms") is None:
+            settings.pop("latency_model", None)  # here it only predicts prefill times
+        return SarathiConfig(**settings)
 
     def _predicted_prefill_s(self, req: ReqState) -> float:
         """The model's time for the prompt tokens still to compute, as one chunk after
@@ -318,7 +324,7 @@ class MnemosyneScheduler(SarathiScheduler):
         return {"first_tokens": len(self._first_due), "deadline_misses": missed}
 
 
-MNEMOSYNE_SETTINGS = ("ttft_slo_s", "prefill_ms_per_token")
+MNEMOSYNE_SETTINGS = ("ttft_slo_s", "prefill_ms_per_token", "starvation_s")
 
 
 class PrefillFirstScheduler(StockScheduler):

@@ -101,7 +101,8 @@ async def _one(client, model: str, trace: Trace, i: int, vocab_size: int, t0: fl
         if not record.completed:
             record.error = "stream ended without a finish reason"
     except Exception as e:  # one failed request must not stop the run: it is recorded
-        record.error = f"{type(e).__name__}: {e}"
+        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+        record.error = f"{type(e).__name__}: {e}{cause}"
 
 
 async def _replay(base_url: str, model: str, trace: Trace, vocab_size: int,
@@ -111,10 +112,14 @@ async def _replay(base_url: str, model: str, trace: Trace, vocab_size: int,
     from openai import AsyncOpenAI
 
     # No retries (a retry would hide a failure and distort timings); no read timeout,
-    # since a long prefill under load may legitimately keep a stream silent.
+    # since a long prefill under load may legitimately keep a stream silent. Idle
+    # connections are dropped before a server's keep-alive ends (uvicorn's: 5 s): a
+    # request sent on one the server is closing fails with "Connection error" (seen
+    # once in 600 requests).
     client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0,
                          timeout=httpx.Timeout(None, connect=30.0),
-                         http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=None)))
+                         http_client=httpx.AsyncClient(limits=httpx.Limits(
+                             max_connections=None, keepalive_expiry=2.0)))
     records = [RequestRecord(i, r.arrival, float("nan"), r.prompt_tokens, r.output_tokens)
                for i, r in enumerate(trace.requests)]
     t0 = time.perf_counter()
