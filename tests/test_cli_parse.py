@@ -61,6 +61,18 @@ def test_sarathi_budget_from_max_num_batched_tokens(serve_parser):
     assert engine_args.additional_config["vllm_ext"]["scheduler"]["kv_admission"] == "chunk"
 
 
+def test_mnemosyne_folds_deadlines_and_sarathi_options_into_engine_arguments(serve_parser):
+    _, engine_args = serve_parser("--scheduler", "mnemosyne", "--mnemosyne-ttft-slo-s", "0.5",
+                                  "--mnemosyne-token-budget", "128",
+                                  "--mnemosyne-starvation-s", "3")
+    assert engine_args.scheduler_cls == "vllm_ext.scheduling.MnemosyneScheduler"
+    assert engine_args.max_num_batched_tokens == 128
+    assert engine_args.scheduling_policy == "fcfs"
+    assert engine_args.additional_config == {"vllm_ext": {"scheduler": {
+        "name": "mnemosyne", "token_budget": 128, "kv_admission": "full", "ttft_slo_s": 0.5,
+        "prefill_ms_per_token": 1.0, "starvation_s": 3.0}}}
+
+
 def test_prefill_first_turns_chunking_off(serve_parser):
     _, engine_args = serve_parser("--scheduler", "prefill-first")
     assert engine_args.scheduler_cls == "vllm_ext.scheduling.PrefillFirstScheduler"
@@ -125,8 +137,16 @@ def test_vattention_sizes_are_checked_by_the_parser(serve_parser, capsys):
      "--vattention-premap is a number of pages >= 0, got -1"),
     (["--attn", "pod", "--attention-backend", "FLEX_ATTENTION"],
      "--attn pod needs attention_backend='CUSTOM'"),
+    (["--scheduler", "mnemosyne", "--scheduling-policy", "priority"],
+     "--scheduler mnemosyne needs scheduling_policy='fcfs'"),
+    (["--scheduler", "mnemosyne", "--mnemosyne-ttft-slo-s", "0"],
+     "--mnemosyne-ttft-slo-s must be > 0, got 0.0"),
+    (["--scheduler", "mnemosyne", "--mnemosyne-token-budget", "64",
+      "--max-num-batched-tokens", "128"],
+     "--mnemosyne-token-budget 64 contradicts --max-num-batched-tokens 128"),
 ], ids=["with-scheduler-cls", "option-without-scheduler", "budget-conflict", "bad-admission",
-        "prefill-first-chunked", "vattention-premap", "attn-conflict"])
+        "prefill-first-chunked", "vattention-premap", "attn-conflict", "mnemosyne-priority",
+        "mnemosyne-slo", "mnemosyne-budget-conflict"])
 def test_bad_flags_exit_2_with_one_error_line(serve_parser, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         serve_parser(*args)

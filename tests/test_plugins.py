@@ -48,7 +48,8 @@ def third_party_plugin():
 
 
 def test_builtin_components():
-    assert sorted(registry.components("scheduler")) == ["prefill-first", "sarathi", "vllm"]
+    assert sorted(registry.components("scheduler")) == ["mnemosyne", "prefill-first", "sarathi",
+                                                        "vllm"]
     assert sorted(registry.components("attn")) == ["pod", "vllm"]
     assert sorted(registry.components("kv_allocator")) == ["vattention", "vllm"]
 
@@ -92,7 +93,7 @@ def test_duplicate_component_names_are_refused():
 
 @pytest.mark.parametrize("selected,options,user,message", [
     ({"scheduler": "fifo"}, {}, {}, "--scheduler: unknown scheduler 'fifo'; choose from: "
-                                    "prefill-first, sarathi, vllm"),
+                                    "mnemosyne, prefill-first, sarathi, vllm"),
     ({"scheduler": "sarathi"}, {}, {"scheduler_cls": "x.Y"}, "--scheduler-cls both"),
     ({"scheduler": "vllm"}, {"sarathi_token_budget": 8}, {}, "which is not selected"),
     ({"scheduler": "sarathi"}, {"sarathi_token_budget": 0}, {}, "token budget must be >= 1"),

@@ -92,7 +92,7 @@ def test_a_bad_flag_fails_before_the_engine_starts(tiny_model):
     assert proc.returncode == 2, proc.stderr[-2000:]
     error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1, proc.stderr[-2000:]
-    assert ("argument --scheduler: invalid choice: 'fcfs' (choose from 'prefill-first', "
-            "'sarathi', 'vllm')") in error_lines[0]
+    assert ("argument --scheduler: invalid choice: 'fcfs' (choose from 'mnemosyne', "
+            "'prefill-first', 'sarathi', 'vllm')") in error_lines[0]
     assert "EngineCore" not in proc.stderr
     assert time.monotonic() - started < 120
