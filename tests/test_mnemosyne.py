@@ -140,6 +140,26 @@ def test_mnemosyne_refusals_name_the_flag(config):
         config(scheduler="mnemosyne", sarathi_token_budget=64)
 
 
+def _drive(config, reqs, budget: int, ttft: float, allowance_ms: float, **options):
+    """`reqs` through mnemosyne on the driver (one time unit a step): its steps, their
+    records, and the policy the scheduler applied."""
+    cfg = config(scheduler="mnemosyne", mnemosyne_token_budget=budget,
+                 mnemosyne_ttft_slo_s=ttft, mnemosyne_prefill_ms_per_token=allowance_ms,
+                 **options)
+    records = []
+    with Driver(cfg, 200) as driver:
+        done = driver.scheduler.step_done
+        driver.scheduler.step_done = lambda rec: (records.append(rec), done(rec))
+        steps = driver.run(reqs)
+    return steps, records, MnemosynePolicy(MnemosyneConfig(SarathiConfig(budget), ttft,
+                                                           allowance_ms))
+
+
+def _state(step, req_id: str) -> ReqState:
+    """A request as a step saw it, scheduled or held."""
+    return step.states.get(req_id) or next(s for s in step.running if s.req_id == req_id)
+
+
 def test_step_records_carry_slack_first_tokens_and_misses(config):
     """A hand-timed case (one time unit a step, 1 s TTFT SLO + 1 ms per prompt token):
     the 16-token question's deadline is 1.016, the 300-token document's 1.3. The
@@ -147,13 +167,7 @@ def test_step_records_carry_slack_first_tokens_and_misses(config):
     the document's, at t = 3, is not. Slack is the deadline less the step's start less
     the allowance for the prompt tokens still to compute."""
     reqs = [Req.of("doc", 0.0, 300, 2), Req.of("q", 0.0, 16, 2)]
-    cfg = config(scheduler="mnemosyne", mnemosyne_token_budget=128,
-                 mnemosyne_ttft_slo_s=1.0, mnemosyne_prefill_ms_per_token=1.0)
-    records = []
-    with Driver(cfg, 200) as driver:
-        done = driver.scheduler.step_done
-        driver.scheduler.step_done = lambda rec: (records.append(rec), done(rec))
-        steps = driver.run(reqs)
+    steps, records, _ = _drive(config, reqs, 128, 1.0, 1.0)
     assert [dict(s.scheduled) for s in steps[:3]] == [
         {"q": 16, "doc": 112}, {"q": 1, "doc": 127}, {"doc": 61}]
     assert [r.min_slack_s for r in records[:3]] == pytest.approx(
@@ -170,13 +184,8 @@ def test_a_prompt_too_late_to_be_on_time_yields_to_one_that_can_be(config):
     the document; but the document can no longer be on time and the question still
     can: the question goes first, in the first step after it arrives."""
     reqs = [Req.of("doc", 0.0, 400, 2), Req.of("q", 4.5, 16, 2)]
-    cfg = config(scheduler="mnemosyne", mnemosyne_token_budget=32,
-                 mnemosyne_ttft_slo_s=2.0, mnemosyne_prefill_ms_per_token=10.0)
-    with Driver(cfg, 200) as driver:
-        steps = driver.run(reqs)
-    policy = MnemosynePolicy(MnemosyneConfig(SarathiConfig(32), 2.0, 10.0))
-    q = ReqState("q", 4.5, 16, 16, 0)
-    doc = steps[5].states.get("doc") or next(s for s in steps[5].running if s.req_id == "doc")
+    steps, _, policy = _drive(config, reqs, 32, 2.0, 10.0)
+    q, doc = _state(steps[5], "q"), _state(steps[5], "doc")
     assert policy.deadline(q) > policy.deadline(doc)
     assert policy.slack(doc, 5.0) < 0 <= policy.slack(q, 5.0)
     assert _first_token_step(steps, "q") == 5 < _first_token_step(steps, "doc")
@@ -186,16 +195,12 @@ def test_a_step_time_model_predicts_the_prefill_time_in_each_slack(config, step_
     """Given a step-time model (without adaptive chunking), a prompt's predicted
     remaining prefill time is the model's for one chunk of what is left, less the fixed
     cost every step pays; step records carry the model's step time too."""
-    cfg = config(scheduler="mnemosyne", mnemosyne_token_budget=128, mnemosyne_ttft_slo_s=1.0,
-                 mnemosyne_prefill_ms_per_token=1.0, mnemosyne_latency_model=step_model_path)
-    assert cfg.additional_config["vllm_ext"]["scheduler"]["latency_model"] == step_model_path
+    settings = config(scheduler="mnemosyne", mnemosyne_token_budget=128,
+                      mnemosyne_latency_model=step_model_path).additional_config["vllm_ext"]
+    assert settings["scheduler"]["latency_model"] == step_model_path
+    assert "tbt_slo_ms" not in settings["scheduler"]  # no adaptive chunking
     reqs = [Req.of("doc", 0.0, 300, 2), Req.of("q", 0.0, 16, 2)]
-    records = []
-    with Driver(cfg, 200) as driver:
-        done = driver.scheduler.step_done
-        driver.scheduler.step_done = lambda rec: (records.append(rec), done(rec))
-        driver.run(reqs)
-    assert driver.scheduler.adaptive is None
+    _, records, _ = _drive(config, reqs, 128, 1.0, 1.0, mnemosyne_latency_model=step_model_path)
 
     def predicted(left: int, computed: int) -> float:
         return (STEP_MODEL.predict(StepShape(((left, computed),), ()))
@@ -213,13 +218,8 @@ def test_among_late_prompts_the_shortest_goes_first(config):
     serving the document; the question, with far less left to compute, adds less
     lateness to the other, and goes first, in the first step after it arrives."""
     reqs = [Req.of("doc", 0.0, 400, 2), Req.of("q", 1.4, 16, 2)]
-    cfg = config(scheduler="mnemosyne", mnemosyne_token_budget=32,
-                 mnemosyne_ttft_slo_s=0.5, mnemosyne_prefill_ms_per_token=1.0)
-    with Driver(cfg, 200) as driver:
-        steps = driver.run(reqs)
-    policy = MnemosynePolicy(MnemosyneConfig(SarathiConfig(32), 0.5, 1.0))
-    doc = next(s for s in steps[2].running if s.req_id == "doc")  # held: not scheduled
-    q = steps[2].states["q"]
+    steps, _, policy = _drive(config, reqs, 32, 0.5, 1.0)
+    q, doc = _state(steps[2], "q"), _state(steps[2], "doc")
     assert policy.deadline(q) > policy.deadline(doc)
     assert policy.slack(doc, 2.0) < 0 and policy.slack(q, 2.0) < 0
     assert not policy.overdue(doc, 2.0)
