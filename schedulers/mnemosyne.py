@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from vllm_ext.schedulers.request import ReqState
-from vllm_ext.schedulers.sarathi import SarathiConfig
 
 # Defaults, stated: a chat first token within 2 s of arrival (Metron's interactive
 # SLO scale), plus 1 ms per prompt token, roughly a 7B model's prefill rate on one
@@ -55,7 +54,8 @@ OVERDUE_SLOS = 8.0
 
 @dataclass(frozen=True, slots=True)
 class MnemosyneConfig:
-    sarathi: SarathiConfig  # budget, KV admission, adaptive chunking: as Sarathi's
+    """The deadlines; the steps' budget, KV admission and chunking are Sarathi's config."""
+
     ttft_slo_s: float = DEFAULT_TTFT_SLO_S
     prefill_ms_per_token: float = DEFAULT_PREFILL_MS_PER_TOKEN
     starvation_s: float | None = None  # None: OVERDUE_SLOS x ttft_slo_s

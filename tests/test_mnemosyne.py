@@ -19,7 +19,7 @@ from vllm_ext.driver import Driver, Req
 from vllm_ext.schedulers.latency import StepShape
 from vllm_ext.schedulers.mnemosyne import MnemosyneConfig, MnemosynePolicy
 from vllm_ext.schedulers.request import ReqState
-from vllm_ext.schedulers.sarathi import KV_ADMISSION, SarathiConfig
+from vllm_ext.schedulers.sarathi import KV_ADMISSION
 
 pytestmark = pytest.mark.release
 
@@ -44,8 +44,7 @@ def test_stall_free_within_budget_and_everything_finishes(config, workload, budg
         check_all_finish(driver, reqs)
         check_blocks_free(driver)
     check_stall_free(steps)
-    check_victims_last(steps, MnemosynePolicy(MnemosyneConfig(SarathiConfig(budget), ttft,
-                                                              allowance_ms, starvation)))
+    check_victims_last(steps, MnemosynePolicy(MnemosyneConfig(ttft, allowance_ms, starvation)))
 
 
 def check_victims_last(steps, policy: MnemosynePolicy) -> None:
@@ -114,7 +113,7 @@ def test_a_long_prompt_is_not_starved_by_a_stream_of_short_ones(config):
     with Driver(cfg, 400) as driver:
         steps = driver.run(reqs, max_steps=5000)
         check_all_finish(driver, reqs)
-    policy = MnemosynePolicy(MnemosyneConfig(SarathiConfig(32), 4.0, 100.0))
+    policy = MnemosynePolicy(MnemosyneConfig(4.0, 100.0))
     long = ReqState("long", 0.0, 480, 480, 0)
     assert policy.deadline(long) == pytest.approx(52.0)  # 0 + 4 + 480 * 0.1
     overdue_at = next(t for t in range(1000) if policy.overdue(long, t))
@@ -151,8 +150,7 @@ def _drive(config, reqs, budget: int, ttft: float, allowance_ms: float, **option
         done = driver.scheduler.step_done
         driver.scheduler.step_done = lambda rec: (records.append(rec), done(rec))
         steps = driver.run(reqs)
-    return steps, records, MnemosynePolicy(MnemosyneConfig(SarathiConfig(budget), ttft,
-                                                           allowance_ms))
+    return steps, records, MnemosynePolicy(MnemosyneConfig(ttft, allowance_ms))
 
 
 def _state(step, req_id: str) -> ReqState:

@@ -106,7 +106,7 @@ def _configure_mnemosyne(settings: dict, ctx: ConfigureContext) -> tuple[dict, d
         predictor["latency_model"] = _read_latency_model(path, "--mnemosyne-latency-model")
     resolved, overrides = _configure_sarathi(settings, ctx, "mnemosyne", "MnemosyneScheduler")
     try:
-        MnemosyneConfig(SarathiConfig(resolved["token_budget"]), **deadlines)
+        MnemosyneConfig(**deadlines)
     except ValueError as e:
         raise SelectionError(str(e)) from None
     # Deadlines are the order; a client-given priority order would fight it.

@@ -240,8 +240,7 @@ class MnemosyneScheduler(SarathiScheduler):
                 self.latency_model = LatencyModel.from_json(f.read())
         remaining = self._predicted_prefill_s if self.latency_model is not None else None
         self.deadlines = MnemosynePolicy(
-            MnemosyneConfig(self.policy.config, s["ttft_slo_s"], s["prefill_ms_per_token"],
-                            s.get("starvation_s")),
+            MnemosyneConfig(s["ttft_slo_s"], s["prefill_ms_per_token"], s.get("starvation_s")),
             remaining)
         self._held: set[str] = set()
         self._held_head: str | None = None
