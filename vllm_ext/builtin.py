@@ -62,16 +62,13 @@ def _configure_sarathi(settings: dict, ctx: ConfigureContext, name: str = "sarat
             target = ProfileTarget.of(ctx.user_engine_args, cfg.token_budget,
                                       ctx.selected.get("attn"), ctx.options.get("pod_kvp"))
             cfg = replace(cfg, latency_model=profile_for(target))
-        if cfg.latency_model is not None:
-            from vllm_ext.schedulers.latency import LatencyModel
-
-            with open(cfg.latency_model) as f:
-                LatencyModel.from_json(f.read())
     except OSError as e:
         raise SelectionError(f"--{name}-latency-model: cannot read {model_path}: "
                              f"{e.strerror}") from None
     except ValueError as e:
         raise SelectionError(str(e).replace("--sarathi-", f"--{name}-")) from None
+    if cfg.latency_model is not None:
+        _read_latency_model(model_path or cfg.latency_model, f"--{name}-latency-model")
     overrides = _require(ctx, f"--scheduler {name}", {
         "enable_chunked_prefill": True,
         # The stock cap on one prefill's share would split chunks below the

@@ -169,9 +169,11 @@ class SarathiScheduler(StockScheduler):
                 f"scheduler through vllm_ext (flags or vllm_ext.engine_kwargs)")
         self.scheduler_reserve_full_isl = self.policy.reserve_full_prompt
         self.adaptive = None
-        if config.tbt_slo_ms is not None:
-            with open(config.latency_model) as f:
+        if self.ext_settings.get("latency_model"):
+            # Adaptive chunking's model; Mnemosyne's slack predicts prefill times with it.
+            with open(self.ext_settings["latency_model"]) as f:
                 self.latency_model = LatencyModel.from_json(f.read())
+        if config.tbt_slo_ms is not None:
             self.adaptive = AdaptiveChunking(self.latency_model, config.tbt_slo_ms / 1000,
                                              config.token_budget)
             self.correction = OnlineCorrection()
@@ -235,9 +237,6 @@ class MnemosyneScheduler(SarathiScheduler):
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
         s = self.ext_settings
-        if self.latency_model is None and s.get("latency_model"):
-            with open(s["latency_model"]) as f:
-                self.latency_model = LatencyModel.from_json(f.read())
         remaining = self._predicted_prefill_s if self.latency_model is not None else None
         self.deadlines = MnemosynePolicy(
             MnemosyneConfig(s["ttft_slo_s"], s["prefill_ms_per_token"], s.get("starvation_s")),
