@@ -27,6 +27,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
+
+from vllm_ext.ab.metron import Timeline
 
 HERE = Path(__file__).resolve().parent
 
@@ -72,11 +75,20 @@ def write_trace(path: Path, qps: float, n: int, seed: int) -> Path:
     return path
 
 
-# Figures of one arm's request records (vllm_ext.ab.client.RequestRecord), as functions
+class Request(NamedTuple):
+    """What the figures read of one request record; its timeline built once, not on
+    every bootstrap resample."""
+
+    prompt_tokens: int
+    timeline: Timeline
+    completed: bool
+
+
+# Figures of one arm's requests (`Request`s), as functions
 # of any resample of them: key -> (label, function).
 def _ttfts(records, keep: Callable[[int], bool]) -> list[float]:
-    return [tl.ttft for r in records if keep(r.prompt_tokens)
-            and (tl := r.timeline()).ttft is not None]
+    return [r.timeline.ttft for r in records
+            if keep(r.prompt_tokens) and r.timeline.ttft is not None]
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -92,7 +104,7 @@ def _misses(records, keep: Callable[[int], bool] = lambda p: True) -> tuple[int,
     missed = total = 0
     for r in records:
         if keep(r.prompt_tokens):
-            m, t = deadline_misses(r.timeline(), _first_deadline(r.prompt_tokens),
+            m, t = deadline_misses(r.timeline, _first_deadline(r.prompt_tokens),
                                    TBT_SLO_MS / 1e3)
             missed, total = missed + m, total + t
     return missed, total
@@ -108,8 +120,8 @@ def _first_deadline(prompt_tokens: int) -> float:
 
 
 def _late_first(records) -> float:
-    late = [tl.ttft is None or tl.ttft > _first_deadline(r.prompt_tokens)
-            for r in records if (tl := r.timeline())]
+    late = [r.timeline.ttft is None or r.timeline.ttft > _first_deadline(r.prompt_tokens)
+            for r in records]
     return sum(late) / len(late) if late else math.nan
 
 
@@ -125,10 +137,10 @@ def figures(span_s: float) -> dict[str, tuple[str, Callable]]:
         "long_ttft_p50_s": ("long-prompt TTFT P50 (s)", lambda rs: _pct(_ttfts(rs, long), 50)),
         "long_ttft_p99_s": ("long-prompt TTFT P99 (s)", lambda rs: _pct(_ttfts(rs, long), 99)),
         "tbt_p99_ms": ("TBT P99 (ms)", lambda rs: 1e3 * _pct(
-            [g for r in rs for g in r.timeline().gaps], 99)),
+            [g for r in rs for g in r.timeline.gaps], 99)),
         # Over the arm's own span: a resample changes the tokens, not the clock.
         "out_tok_per_s": ("output tokens/s", lambda rs: sum(
-            r.timeline().num_tokens for r in rs) / span_s),
+            r.timeline.num_tokens for r in rs) / span_s),
     }
 
 
@@ -141,8 +153,9 @@ def analyse(report_dir: Path, bootstrap: int) -> dict:
     records, spans = {}, {}
     for arm in report["arms"]:
         runs = [json.loads((report_dir / path).read_text()) for path in arm["raw"]]
-        records[arm["name"]] = [[RequestRecord.from_dict(d) for d in run["requests"]]
-                                for run in runs]
+        records[arm["name"]] = [
+            [Request(r.prompt_tokens, r.timeline(), r.completed)
+             for r in map(RequestRecord.from_dict, run["requests"])] for run in runs]
         spans[arm["name"]] = arm["summary"]["duration_s"]
     out = {"machine": report["machine"], "traces": report["traces"], "arms": {}}
     for name, runs in records.items():
@@ -157,7 +170,7 @@ def analyse(report_dir: Path, bootstrap: int) -> dict:
                 scale = spans[BASE] / spans[name] if key == "out_tok_per_s" else 1.0
                 arm["ratio"][key] = paired_bootstrap(
                     records[BASE], runs, fn, iterations=bootstrap,
-                    compare=lambda a, b, s=scale: s * a / b).to_dict()
+                    compare=lambda a, b, s=scale: s * a / b if b else math.nan).to_dict()
         out["arms"][name] = arm
     return out
 

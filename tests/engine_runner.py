@@ -111,16 +111,16 @@ def run(model: str, argv: list[str]) -> dict:
     if args.pipeline_parallel_size is not None:
         kwargs.update(pipeline_parallel_size=args.pipeline_parallel_size)
     # Mnemosyne takes Sarathi's options under its own name.
-    steps = "mnemosyne" if args.scheduler == "mnemosyne" else "sarathi"
+    prefix = "mnemosyne" if args.scheduler == "mnemosyne" else "sarathi"
     chosen = {k: v for k, v in (("scheduler", args.scheduler), ("attn", args.attn),
-                                (f"{steps}_token_budget", args.budget),
-                                (f"{steps}_kv_admission", args.kv_admission),
-                                (f"{steps}_tbt_slo_ms", args.tbt_slo_ms),
-                                (f"{steps}_latency_model", args.latency_model),
+                                (f"{prefix}_token_budget", args.budget),
+                                (f"{prefix}_kv_admission", args.kv_admission),
+                                (f"{prefix}_tbt_slo_ms", args.tbt_slo_ms),
+                                (f"{prefix}_latency_model", args.latency_model),
                                 ("mnemosyne_ttft_slo_s", args.ttft_slo_s),
                                 ("mnemosyne_prefill_ms_per_token", args.prefill_ms_per_token),
                                 ("pod_impl", args.pod_impl), ("kv_allocator", args.kv_allocator),
-                                ("kvp", args.kvp), (f"{steps}_spp", args.spp),
+                                ("kvp", args.kvp), (f"{prefix}_spp", args.spp),
                                 *((f"vattention_{o}", getattr(args, f"vattention_{o}"))
                                   for o in ("layout", "page_size", "premap", "watermark",
                                             "physical_limit"))) if v}

@@ -37,7 +37,7 @@ def paired_bootstrap(base: Sequence[Sequence[Timeline]], arm: Sequence[Sequence[
                      level: float = 0.95, seed: int = 0,
                      compare: Callable[[float, float], float] = operator.sub) -> Interval:
     """Percentile-bootstrap interval of compare(metric(arm), metric(base)), by default
-    their difference (`operator.truediv`: their ratio); `base[s][i]` and `arm[s][i]` are
+    their difference (a ratio must say what a zero base gives); `base[s][i]` and `arm[s][i]` are
     request i of seed s in each arm (timelines, or any per-request records `metric`
     takes)."""
     if len(base) != len(arm) or any(len(b) != len(a) for b, a in zip(base, arm)):
@@ -45,8 +45,7 @@ def paired_bootstrap(base: Sequence[Sequence[Timeline]], arm: Sequence[Sequence[
 
     def diff(picks: Sequence[Sequence[int]]) -> float:
         pick = lambda runs: [runs[s][i] for s, idx in enumerate(picks) for i in idx]
-        a, b = metric(pick(arm)), metric(pick(base))
-        return compare(a, b) if b or compare is operator.sub else math.nan
+        return compare(metric(pick(arm)), metric(pick(base)))
 
     rng = random.Random(seed)
     estimate = diff([range(len(run)) for run in base])
