@@ -9,7 +9,7 @@
   block to hand out next so memory stays compact, and the map/unmap orders that
   follow, with look-ahead mapping, deferred reclamation and a physical cap.
 
-Nothing here imports vLLM; the engine glue is `vllm_ext.vattention`.
+Nothing here imports vLLM; the engine glue is `vllm_ext.engine.vattention`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from vllm_ext.ab.report import machine, md_table
-from vllm_ext.serve import CPU_SERVE_ARGS, VllmServer, vllm_command
+from vllm_ext.tools.serve import CPU_SERVE_ARGS, VllmServer, vllm_command
 
 PROMPT, OUTPUT, REQUESTS, CONCURRENCY, ROUNDS = 256, 32, 16, 1, 2
 # (label, vllm bench serve key, harness summary key, harness unit -> ms)
@@ -50,7 +50,7 @@ def bench_serve(url: str, model: str, workdir: Path, seed: int, logprobs: bool) 
 
 
 def harness(url: str, model: str, workdir: Path, seed: int) -> dict:
-    from vllm_ext.cli import main
+    from vllm_ext.tools.cli import main
 
     out = workdir / f"ab{seed}"
     main(["bench", "ab", "--model", model, "--endpoint", f"sarathi={url}", "--num-requests",
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--model", help="model directory (default: build the small preset)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     opts = ap.parse_args()
-    from vllm_ext.models import make_model
+    from vllm_ext.tools.models import make_model
 
     work = Path(tempfile.mkdtemp(prefix="crosscheck-"))
     model = str(opts.model or make_model(work / "small", preset="small"))

@@ -263,9 +263,9 @@ def main() -> int:
                     "directory, running nothing")
     args = ap.parse_args()
 
-    from vllm_ext.cli import main as cli
-    from vllm_ext.models import make_model
-    from vllm_ext.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV
+    from vllm_ext.tools.cli import main as cli
+    from vllm_ext.tools.models import make_model
+    from vllm_ext.tools.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -210,7 +210,7 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from vllm_ext.models import make_model
+    from vllm_ext.tools.models import make_model
 
     small = str(make_model(Path("models") / "small", preset="small"))
     tiny = str(make_model(Path("models") / "tiny", preset="tiny"))
@@ -227,7 +227,7 @@ def main() -> None:
         if part == "adaptive":
             latency = str(logs / "latency-small.json")
             if not Path(latency).exists():
-                subprocess.run([sys.executable, "-m", "vllm_ext.cli", "profile", small, "--out",
+                subprocess.run([sys.executable, "-m", "vllm_ext", "profile", small, "--out",
                                 latency, "--dtype", "float32", "--max-model-len", "4096"],
                                check=True, stdout=subprocess.DEVNULL,
                                stderr=open(logs / "profile.log", "w"))

@@ -169,7 +169,7 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from vllm_ext.models import make_model
+    from vllm_ext.tools.models import make_model
 
     model = args.model or str(make_model(Path("models") / "small", preset="small"))
     out = Path(args.out)

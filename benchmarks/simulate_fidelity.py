@@ -45,10 +45,10 @@ def main() -> int:
     args = ap.parse_args()
 
     from vllm_ext.ab.report import machine
-    from vllm_ext.cli import main as cli
-    from vllm_ext.demo import ARMS, TRAFFIC
-    from vllm_ext.models import make_model
-    from vllm_ext.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV
+    from vllm_ext.tools.cli import main as cli
+    from vllm_ext.tools.demo import ARMS, TRAFFIC
+    from vllm_ext.tools.models import make_model
+    from vllm_ext.tools.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV
     from vllm_ext.simulate.fidelity import compare, markdown, where_time_goes
 
     work = Path(args.work)

@@ -62,7 +62,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from vllm_ext.ab.report import machine
-    from vllm_ext.cli import main as cli
+    from vllm_ext.tools.cli import main as cli
 
     started = time.monotonic()
     rows, commands, notes = [], [], []

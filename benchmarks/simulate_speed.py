@@ -24,9 +24,9 @@ HERE = Path(__file__).resolve().parent
 PARTS = (("vLLM's scheduler (schedule, update_from_output, KV cache manager)", ("vllm/v1/core",)),
          ("vLLM request/output objects", ("vllm/v1/request", "vllm/v1/engine", "vllm/v1/outputs",
                                           "vllm/sampling_params")),
-         ("vllm-ext scheduler glue and step records", ("vllm_ext/scheduling", "vllm_ext/schedulers",
+         ("vllm-ext scheduler glue and step records", ("vllm_ext/engine/scheduling", "vllm_ext/schedulers",
                                                        "vllm_ext/patches")),
-         ("driver and simulation loop", ("vllm_ext/driver", "vllm_ext/simulate/engine")),
+         ("driver and simulation loop", ("vllm_ext/tools/driver", "vllm_ext/simulate/engine")),
          ("step-time model", ("vllm_ext/simulate/gpu",)))
 
 

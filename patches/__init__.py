@@ -1,16 +1,32 @@
 """Every change vllm-ext makes to vLLM outside a supported hook, listed in one place.
 
-| patch | what is patched | vLLM | needed by | why, and how | removed when |
+Grouped by the process each runs in: a reader who knows which process misbehaves knows
+which patches to suspect. "Retired by" names the upstream change that would let the
+patch go (state as last checked), or, where none exists yet, the change to propose.
+
+Front end (the process that parses `vllm serve`'s flags):
+
+| patch | what is patched | vLLM | needed by | why, and how | retired by |
 |---|---|---|---|---|---|
-| cli_flags | `EngineArgs.add_cli_args`; the parser it returns folds after parsing | 0.32-0.34 | the CLI | flags on every engine command line; no hook adds engine flags | vLLM gives plugins a CLI-argument hook |
-| cpu_custom_attn | `CpuPlatform.get_attn_backend_cls` | 0.32-0.34 | `--attn pod` (CPU) | the CPU platform honours `attention_backend=CUSTOM`, so the backend is chosen per engine as on CUDA, not by re-registering CPU_ATTN for the whole process | the CPU platform honours a selected backend |
-| kvp_slot_mapping | `ComputeSlotMappingKernel.kernel`, through vLLM's `register_kernels` | 0.32-0.33 (0.34 does it itself) | `--kvp N` (CPU) | the CPU platform's slot-mapping op asserts one rank; a rank-aware one is registered in KVP workers (one rank still goes to the platform's op) | the CPU op supports context parallelism |
-| kv_pool_alloc | `allocate_kv_cache` as the V1 (`gpu_model_runner`, up to 0.33) and V2 (`gpu/attn_utils`; with the `allocate` hook from 0.34) runners import it | 0.32-0.34 | vattention | the worker's KV memory in a VirtualKVPool; no hook supplies KV memory | a KV-memory allocation hook (0.34's `allocate(size)`) |
-| paged_block_pool | `Scheduler.__init__`; `BlockPool.get_num_free_blocks` and the free-block queue's methods, overridden | 0.32-0.34 | vattention | page-aware choice of free blocks and the physical cap; no hook supplies the block pool | a block-pool hook in the KV cache manager |
-| page_ops_schedule | `Scheduler.schedule` | 0.32-0.34 | vattention | each step's page orders attached to the SchedulerOutput | an extension field on the step |
-| page_ops_worker | `Worker.execute_model` | 0.32-0.34 | vattention | the worker carries out those orders before the step | a pre-step worker hook |
-| slot_owner | `KVCacheManager.allocate_slots` | 0.32-0.34 | vattention | the block pool knows which request it allocates for (slots layout) | a request-aware block pool |
-| pp_eager_buffers | `GPUModelRunner.sync_and_gather_intermediate_tensors` | 0.32-0.33 (0.34's V2 runner makes the buffer at load) | any selection, CPU | pipeline parallelism on CPU with --enforce-eager: the later stages' activation buffer, which vLLM allocates only when compiling | vLLM's CPU worker allocates it in eager mode |
+| cli_flags | `EngineArgs.add_cli_args`; the parser it returns folds after parsing | 0.32-0.34 | the CLI | flags on every engine command line; no hook adds engine flags | none yet: a general-plugin hook that adds parser arguments (only platform plugins get a pre-CLI hook, vllm-project/vllm#12432) |
+
+Engine core (the scheduler's process):
+
+| patch | what is patched | vLLM | needed by | why, and how | retired by |
+|---|---|---|---|---|---|
+| paged_block_pool | `Scheduler.__init__`; `BlockPool.get_num_free_blocks` and the free-block queue's methods, overridden | 0.32-0.34 | vattention | page-aware choice of free blocks and the physical cap; no hook supplies the block pool | a pluggable free-block policy (vllm-project/vllm#40270, open) |
+| slot_owner | `KVCacheManager.allocate_slots` | 0.32-0.34 | vattention | the block pool knows which request it allocates for (slots layout) | none yet: the request passed from `allocate_slots` to the block pool (closest: vllm-project/vllm#18433, open) |
+| page_ops_schedule | `Scheduler.schedule` | 0.32-0.34 | vattention | each step's page orders attached to the SchedulerOutput | plugin-built per-step metadata on the SchedulerOutput (vllm-project/vllm#37336, for KV connectors; to check whether it serves a non-connector plugin) |
+
+Workers (the model runner's processes):
+
+| patch | what is patched | vLLM | needed by | why, and how | retired by |
+|---|---|---|---|---|---|
+| cpu_custom_attn | `CpuPlatform.get_attn_backend_cls` | 0.32-0.34 | `--attn pod` (CPU) | the CPU platform honours `attention_backend=CUSTOM`, so the backend is chosen per engine as on CUDA, not by re-registering CPU_ATTN for the whole process | none yet: the CPU platform honouring a selected backend (related: vllm-project/vllm#41091, open) |
+| kvp_slot_mapping | `ComputeSlotMappingKernel.kernel`, through vLLM's `register_kernels` | 0.32-0.33 (0.34 does it itself) | `--kvp N` (CPU) | the CPU platform's slot-mapping op asserts one rank; a rank-aware one is registered in KVP workers (one rank still goes to the platform's op) | vLLM 0.34 (`obsolete_from`) |
+| kv_pool_alloc | `allocate_kv_cache` as the V1 (`gpu_model_runner`, up to 0.33) and V2 (`gpu/attn_utils`; with the `allocate` hook from 0.34) runners import it | 0.32-0.34 | vattention | the worker's KV memory in a VirtualKVPool; no hook supplies KV memory | a KV-memory allocation hook: 0.34's `allocate(size)` and the extensible KV cache (vllm-project/vllm#47363) |
+| page_ops_worker | `Worker.execute_model` | 0.32-0.34 | vattention | the worker carries out those orders before the step | a pre-step worker hook (proposed in vllm-project/vllm#51212, open) |
+| pp_eager_buffers | `GPUModelRunner.sync_and_gather_intermediate_tensors` | 0.32-0.33 (0.34's V2 runner makes the buffer at load) | any selection, CPU | pipeline parallelism on CPU with --enforce-eager: the later stages' activation buffer, which vLLM allocates only when compiling | vLLM 0.34 (`obsolete_from`) |
 
 Not patches: scheduler classes (`scheduler_cls`, a supported hook), the attention backend
 (`register_backend`, a supported hook; the CPU platform needs `cpu_custom_attn` to honour
@@ -41,8 +57,10 @@ from vllm_ext.patches.paged_block_pool import PagedBlockPool
 from vllm_ext.patches.pp_eager_buffers import PPEagerBuffers
 from vllm_ext.patches.slot_owner import SlotOwner
 
-PATCHES: tuple[Patch, ...] = (CliFlags(), CpuCustomAttention(), KVPSlotMapping(), KVPoolAlloc(),
-                              PagedBlockPool(), PageOpsSchedule(), PageOpsWorker(), SlotOwner(),
+# In the table's order: front end, engine core, workers.
+PATCHES: tuple[Patch, ...] = (CliFlags(),
+                              PagedBlockPool(), SlotOwner(), PageOpsSchedule(),
+                              CpuCustomAttention(), KVPSlotMapping(), KVPoolAlloc(), PageOpsWorker(),
                               PPEagerBuffers())
 _BY_NAME = {p.name: p for p in PATCHES}
 # Patches that did not fit this process's vLLM, with the reason.

@@ -28,7 +28,13 @@ from typing import Any
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-REACHED_FILE = "patches-reached.log"  # in the stats directory: "name pid" per first reach
+REACHED_FILE = "patches-reached.log"
+
+# The vLLM process a patch runs in (patches/__init__.py lists them so grouped).
+FRONT_END = "front end"  # the process that parses flags (vllm serve's API server)
+ENGINE_CORE = "engine core"  # the scheduler's process
+WORKER = "worker"  # the model runner's processes
+PROCESSES = (FRONT_END, ENGINE_CORE, WORKER)  # in the stats directory: "name pid" per first reach
 
 
 class PatchError(RuntimeError):
@@ -84,13 +90,14 @@ class Target:
 
 
 class Patch:
-    """Subclasses set `name`, `targets`, `vllm_versions`, `components`, optionally
+    """Subclasses set `name`, `process`, `targets`, `vllm_versions`, `components`, optionally
     `platforms`, and either `wrap(original)` (the replacement for the first `replaces`
     targets, applied once per process) or nothing, when their code runs from another
     hook. Their
     docstring says which engine invariant they bend and why that is safe."""
 
     name: str
+    process: str  # one of PROCESSES
     targets: tuple[Target, ...]
     vllm_versions: SpecifierSet
     components: tuple[str, ...]

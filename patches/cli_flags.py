@@ -20,13 +20,14 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext.patches.base import Patch, Target
+from vllm_ext.patches.base import FRONT_END, Patch, Target
 
 
 class CliFlags(Patch):
     """vllm-ext's flags on every engine command line, folded into engine arguments"""
 
     name = "cli_flags"
+    process = FRONT_END
     targets = (Target("vllm.engine.arg_utils:EngineArgs.add_cli_args", ("parser",)),)
     vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("cli",)
@@ -38,7 +39,7 @@ class CliFlags(Patch):
         def add_cli_args(parser):
             parser = build(parser)
             if not getattr(parser, "_vllm_ext_flags", False):
-                from vllm_ext.flags import add_flags
+                from vllm_ext.frontend.flags import add_flags
 
                 add_flags(parser)
                 self._fold_after_parsing(parser)
@@ -48,8 +49,8 @@ class CliFlags(Patch):
         return staticmethod(add_cli_args)
 
     def _fold_after_parsing(self, parser: argparse.ArgumentParser) -> None:
-        from vllm_ext.components import SelectionError
-        from vllm_ext.flags import fold
+        from vllm_ext.frontend.components import SelectionError
+        from vllm_ext.frontend.flags import fold
 
         parse = parser.parse_known_args
 

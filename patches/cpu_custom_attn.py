@@ -19,13 +19,14 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext.patches.base import Patch, Target
+from vllm_ext.patches.base import WORKER, Patch, Target
 
 
 class CpuCustomAttention(Patch):
     """the CPU platform honours attention_backend=CUSTOM (how --attn pod is chosen per engine)"""
 
     name = "cpu_custom_attn"
+    process = WORKER
     targets = (Target("vllm.platforms.cpu:CpuPlatform.get_attn_backend_cls",
                       ("selected_backend", "attn_selector_config", "num_heads")),
                Target("vllm.v1.attention.backends.registry:AttentionBackendEnum.CUSTOM"))

@@ -8,13 +8,13 @@ names are wrapped. 0.34 removed V1 and gave the function an `allocate(size)` hoo
 only its own extensible KV cache uses; its views are laid out over one buffer, while
 the pool gives each layer its own page-aligned region, so the function is still
 wrapped (V2's name) and vattention engines run with the extensible KV cache off (see
-README, "vAttention and vLLM 0.34's extensible KV cache"). The engine is told apart by
-the config vLLM sets around the allocation.
+docs/vattention.md, "vAttention and vLLM 0.34's extensible KV cache"). The engine is told
+apart by the config vLLM sets around the allocation.
 
 Invariant bent: the KV buffer is one physical allocation, zeroed up front. Safe
 because the views keep vLLM's shapes and per-block strides (only each layer's start
 moves, to a page boundary); every block the scheduler hands out is in a page mapped
-before the step that uses it runs (see `vllm_ext.vattention`); and memory a page gets
+before the step that uses it runs (see `vllm_ext.engine.vattention`); and memory a page gets
 fresh from the device is zeroed when mapped, as vLLM's buffer is (vLLM zeroes blocks
 it hands out only for Mamba and mixed-precision caches, which vattention refuses), so
 no attention kernel reads memory stock vLLM would not have given it. For other engines
@@ -28,7 +28,7 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext.patches.base import Patch, Target
+from vllm_ext.patches.base import WORKER, Patch, Target
 
 _PARAMS = ("kv_cache_config", "device", "layout", "kernel_block_sizes")
 _V1 = SpecifierSet("<0.34")  # V1 runner, no allocation hook
@@ -38,6 +38,7 @@ class KVPoolAlloc(Patch):
     """vattention: the worker's KV memory in a VirtualKVPool (every model runner)"""
 
     name = "kv_pool_alloc"
+    process = WORKER
     targets = (Target("vllm.v1.worker.gpu_model_runner:allocate_kv_cache", _PARAMS, _V1),
                Target("vllm.v1.worker.gpu.attn_utils:allocate_kv_cache", _PARAMS, _V1),
                Target("vllm.v1.worker.gpu.attn_utils:allocate_kv_cache", (*_PARAMS, "allocate"),
@@ -55,7 +56,7 @@ class KVPoolAlloc(Patch):
                               *hook, **hook_by_name):
             from vllm.config import get_current_vllm_config_or_none
 
-            from vllm_ext import vattention
+            from vllm_ext.engine import vattention
 
             config = get_current_vllm_config_or_none()
             settings = vattention.settings_for(config)

@@ -19,7 +19,7 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext.patches.base import Patch, Target
+from vllm_ext.patches.base import WORKER, Patch, Target
 
 KERNEL = "vllm.v1.worker.block_table.ComputeSlotMappingKernel.kernel"
 
@@ -28,6 +28,7 @@ class KVPSlotMapping(Patch):
     """--kvp on CPU: slot mapping that places each token on its rank"""
 
     name = "kvp_slot_mapping"
+    process = WORKER
     targets = (Target("vllm.v1.worker.block_table:ComputeSlotMappingKernel.kernel",
                       ("num_tokens", "max_num_tokens", "query_start_loc_ptr", "positions_ptr",
                        "block_table_ptr", "block_table_stride", "slot_mapping_ptr",

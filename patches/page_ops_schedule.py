@@ -18,13 +18,14 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext.patches.base import Patch, Target
+from vllm_ext.patches.base import ENGINE_CORE, Patch, Target
 
 
 class PageOpsSchedule(Patch):
     """vattention: each step's page orders attached to the SchedulerOutput"""
 
     name = "page_ops_schedule"
+    process = ENGINE_CORE
     targets = (Target("vllm.v1.core.sched.scheduler:Scheduler.schedule",
                       ("self", "throttle_prefills")),)
     vllm_versions = SpecifierSet(">=0.32,<0.35")
@@ -37,7 +38,7 @@ class PageOpsSchedule(Patch):
             pool = sched.kv_cache_manager.block_pool
             take = getattr(pool, "take_page_ops", None)
             if take is not None:
-                from vllm_ext.vattention import OPS_ATTR
+                from vllm_ext.engine.vattention import OPS_ATTR
 
                 setattr(out, OPS_ATTR, take())
                 self.reached()

@@ -17,13 +17,14 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext.patches.base import Patch, Target
+from vllm_ext.patches.base import WORKER, Patch, Target
 
 
 class PageOpsWorker(Patch):
     """vattention: the worker carries out each step's page orders before the step"""
 
     name = "page_ops_worker"
+    process = WORKER
     targets = (Target("vllm.v1.worker.gpu_worker:Worker.execute_model",
                       ("self", "scheduler_output")),)
     vllm_versions = SpecifierSet(">=0.32,<0.35")
@@ -32,7 +33,7 @@ class PageOpsWorker(Patch):
     def wrap(self, original: Any) -> Any:
         @functools.wraps(original)
         def execute_model(worker, scheduler_output, *args, **kwargs):
-            from vllm_ext.vattention import runtime_for
+            from vllm_ext.engine.vattention import runtime_for
 
             rt = runtime_for(worker.vllm_config)
             if rt is not None:

@@ -13,7 +13,7 @@ stays compact) and how many blocks count as free (only those under the physical
 cap). Safe because vLLM never relied on block identity, only on a free block
 being free; cached blocks are still evicted through vLLM's own path before reuse,
 and a page is only unmapped after its cached blocks were evicted. Prefix-cache
-eviction order changes from LRU to page order (noted in the README).
+eviction order changes from LRU to page order (noted in docs/vattention.md).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext.patches.base import Patch, Target
+from vllm_ext.patches.base import ENGINE_CORE, Patch, Target
 
 _QUEUE = "vllm.v1.core.kv_cache_utils:FreeKVCacheBlockQueue"
 
@@ -32,6 +32,7 @@ class PagedBlockPool(Patch):
     """vattention: page-aware choice of free blocks, physical cap"""
 
     name = "paged_block_pool"
+    process = ENGINE_CORE
     targets = (
         Target("vllm.v1.core.sched.scheduler:Scheduler.__init__",
                ("self", "vllm_config", "kv_cache_config", "...")),
@@ -53,7 +54,7 @@ class PagedBlockPool(Patch):
         @functools.wraps(original)
         def __init__(sched, vllm_config, kv_cache_config, *args, **kwargs):
             original(sched, vllm_config, kv_cache_config, *args, **kwargs)
-            from vllm_ext import vattention
+            from vllm_ext.engine import vattention
 
             settings = vattention.settings_for(vllm_config)
             if settings is not None:
@@ -66,7 +67,7 @@ class PagedBlockPool(Patch):
 
 def make_paged(block_pool, kv_cache_config, max_model_len: int, settings):
     """Turn a freshly built BlockPool (only the null block taken) into a PagedBlockPool."""
-    from vllm_ext.vattention import plan_pages
+    from vllm_ext.engine.vattention import plan_pages
 
     planner = plan_pages(kv_cache_config, max_model_len, settings, block_pool.enable_caching,
                          block_pool.null_block.block_id)

@@ -19,13 +19,14 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext.patches.base import Patch, Target
+from vllm_ext.patches.base import WORKER, Patch, Target
 
 
 class PPEagerBuffers(Patch):
     """pipeline parallelism on CPU with --enforce-eager: the later stages' activation buffer"""
 
     name = "pp_eager_buffers"
+    process = WORKER
     targets = (Target("vllm.v1.worker.gpu_model_runner:GPUModelRunner."
                       "sync_and_gather_intermediate_tensors",
                       ("self", "num_tokens", "intermediate_tensors", "sync_self")),)
@@ -36,12 +37,12 @@ class PPEagerBuffers(Patch):
     platforms = ("cpu",)
 
     def wrap(self, original: Any) -> Any:
-        from vllm_ext.selection import selection_from_config
+        from vllm_ext.config import ExtConfig
 
         @functools.wraps(original)
         def sync_and_gather_intermediate_tensors(runner, *args, **kwargs):
             if runner.intermediate_tensors is None and \
-                    selection_from_config(runner.vllm_config.additional_config):
+                    not ExtConfig.of(runner.vllm_config).is_empty():
                 self.reached()
                 runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
                     batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype,

@@ -18,13 +18,14 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext.patches.base import Patch, Target
+from vllm_ext.patches.base import ENGINE_CORE, Patch, Target
 
 
 class SlotOwner(Patch):
     """vattention: the block pool knows which request it allocates for"""
 
     name = "slot_owner"
+    process = ENGINE_CORE
     targets = (Target("vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots",
                       ("self", "request", "...")),)
     vllm_versions = SpecifierSet(">=0.32,<0.35")

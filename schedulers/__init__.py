@@ -3,8 +3,8 @@
 A policy sees requests as `ReqState` values and answers the few questions an
 iteration-level scheduler asks: in what order do running requests take the token
 budget, how large is the budget, may a waiting prompt be admitted, and should this
-step run prefills only. `vllm_ext.scheduling` applies the answers inside vLLM's
-scheduler, which `vllm_ext.driver` runs without a model for testing.
+step run prefills only. `vllm_ext.engine.scheduling` applies the answers inside vLLM's
+scheduler, which `vllm_ext.tools.driver` runs without a model for testing.
 """
 
 from vllm_ext.schedulers.mnemosyne import MnemosyneConfig, MnemosynePolicy

@@ -39,14 +39,14 @@ if _RELEASE:
                            f"{vllm.__version__} from {vllm.__file__}")
     _vllm_sees_triton()
 
-from vllm_ext.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV, VllmServer
+from vllm_ext.tools.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV, VllmServer
 
 HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from vllm_ext.models import make_model
+    from vllm_ext.tools.models import make_model
 
     cache = os.environ.get("VLLMEXT_TEST_MODEL_DIR")
     root = Path(cache) if cache else tmp_path_factory.mktemp("models")
@@ -105,7 +105,7 @@ def engine_host(tiny_model, tmp_path_factory):
 def small_model(tmp_path_factory) -> Path:
     """The `small` preset (98.6M parameters): steps of tens of milliseconds, long enough
     that a step-time model can be judged against measured times on a shared CPU."""
-    from vllm_ext.models import make_model
+    from vllm_ext.tools.models import make_model
 
     cache = os.environ.get("VLLMEXT_TEST_MODEL_DIR")
     root = Path(cache) if cache else tmp_path_factory.mktemp("models")

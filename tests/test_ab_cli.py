@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_ext.cli import main
+from vllm_ext.tools.cli import main
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from vllm_ext.serve import CPU_SERVE_ARGS, free_port
+from vllm_ext.tools.serve import CPU_SERVE_ARGS, free_port
 
 pytestmark = pytest.mark.engine
 
@@ -25,7 +25,7 @@ def ab_run(tiny_model, tmp_path_factory, shared_server):
     serve = " ".join([*CPU_SERVE_ARGS, "--max-model-len", "1024"])
     # The sarathi arm is the session's running server (Sarathi, budget 64, over vattention):
     # the harness measures an endpoint the same way as a server it starts.
-    cmd = [sys.executable, "-m", "vllm_ext.cli", "bench", "ab", "--model", str(tiny_model),
+    cmd = [sys.executable, "-m", "vllm_ext", "bench", "ab", "--model", str(tiny_model),
            "--serve-args", serve,
            "--arm", "base=--scheduler vllm",
            "--arm", "broken=--max-num-seqs not-a-number",

@@ -13,7 +13,7 @@ import pytest
 from vllm_ext.ab import plots, report, runner
 from vllm_ext.ab.cli import print_headline
 from vllm_ext.ab.progress import Progress
-from vllm_ext.ab.runner import ABConfig, Arm, ArmResult
+from vllm_ext.ab.config import ABConfig, Arm, ArmResult
 from vllm_ext.ab.traces import LengthDist, synthesize
 
 

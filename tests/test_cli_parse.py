@@ -46,7 +46,7 @@ def test_scheduler_cls_keeps_working(serve_parser):
 
 def test_sarathi_folds_into_engine_arguments(serve_parser):
     _, engine_args = serve_parser("--scheduler", "sarathi", "--additional-config", '{"x": 1}')
-    assert engine_args.scheduler_cls == "vllm_ext.scheduling.SarathiScheduler"
+    assert engine_args.scheduler_cls == "vllm_ext.engine.scheduling.SarathiScheduler"
     assert engine_args.max_num_batched_tokens == 256  # the CPU default budget
     assert engine_args.enable_chunked_prefill is True
     assert engine_args.long_prefill_token_threshold == 0
@@ -65,7 +65,7 @@ def test_mnemosyne_folds_deadlines_and_sarathi_options_into_engine_arguments(ser
     _, engine_args = serve_parser("--scheduler", "mnemosyne", "--mnemosyne-ttft-slo-s", "0.5",
                                   "--mnemosyne-token-budget", "128",
                                   "--mnemosyne-starvation-s", "3")
-    assert engine_args.scheduler_cls == "vllm_ext.scheduling.MnemosyneScheduler"
+    assert engine_args.scheduler_cls == "vllm_ext.engine.scheduling.MnemosyneScheduler"
     assert engine_args.max_num_batched_tokens == 128
     assert engine_args.scheduling_policy == "fcfs"
     assert engine_args.additional_config == {"vllm_ext": {"scheduler": {
@@ -75,7 +75,7 @@ def test_mnemosyne_folds_deadlines_and_sarathi_options_into_engine_arguments(ser
 
 def test_prefill_first_turns_chunking_off(serve_parser):
     _, engine_args = serve_parser("--scheduler", "prefill-first")
-    assert engine_args.scheduler_cls == "vllm_ext.scheduling.PrefillFirstScheduler"
+    assert engine_args.scheduler_cls == "vllm_ext.engine.scheduling.PrefillFirstScheduler"
     assert engine_args.enable_chunked_prefill is False
 
 

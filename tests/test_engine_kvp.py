@@ -20,7 +20,7 @@ def test_kvp_two_ranks_equal_one_worker(run_engine, interleave, impl):
     assert kvp["parallel"] == {"tensor_parallel_size": 2, "pipeline_parallel_size": 1,
                                "decode_context_parallel_size": 2,
                                "cp_kv_cache_interleave_size": interleave}
-    assert kvp["attention_backends"] == ["vllm_ext.pod_backend.PodAttentionBackend"]
+    assert kvp["attention_backends"] == ["vllm_ext.engine.pod.cpu.PodAttentionBackend"]
     assert kvp["tokens"] == stock["tokens"] and len(stock["tokens"]) == len(SHORT + LONG)
     # Every token's KV is written once, on the rank its position falls to: the two
     # ranks hold about half of all the rows written each.

@@ -8,7 +8,7 @@ import pytest
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
 
-POD = "vllm_ext.pod_backend.PodAttentionBackend"
+POD = "vllm_ext.engine.pod.cpu.PodAttentionBackend"
 
 
 @pytest.fixture(scope="module")

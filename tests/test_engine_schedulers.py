@@ -116,5 +116,5 @@ def test_prefill_first_stalls_decodes_for_whole_prompts(run_engine):
 
 def test_stock_scheduler_is_recorded_unchanged(run_engine):
     result = run_engine("--scheduler", "vllm")
-    assert result["config"]["scheduler_cls"] == "vllm_ext.scheduling.StockScheduler"
+    assert result["config"]["scheduler_cls"] == "vllm_ext.engine.scheduling.StockScheduler"
     assert result["steps"] and sum(s["decode_tokens"] for s in result["steps"]) > 0

@@ -10,7 +10,7 @@ from engine_runner import needed_patches
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
-POD = "vllm_ext.pod_backend.PodAttentionBackend"
+POD = "vllm_ext.engine.pod.cpu.PodAttentionBackend"
 CPU_ATTN = "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend"
 
 

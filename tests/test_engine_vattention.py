@@ -106,6 +106,6 @@ def test_prefix_caching_keeps_working(run_engine):
 
 def test_together_with_pod_attention_and_sarathi(run_engine, stock):
     result = run_engine(*VATT, "--attn", "pod", "--scheduler", "sarathi", "--budget", "64")
-    assert result["attention_backends"] == ["vllm_ext.pod_backend.PodAttentionBackend"]
+    assert result["attention_backends"] == ["vllm_ext.engine.pod.cpu.PodAttentionBackend"]
     assert result["tokens"] == stock["tokens"]
     assert result["kv_pool"]["totals"]["maps"] > 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vllm_ext import metrics
+from vllm_ext.frontend import metrics
 from vllm_ext.allocators.poolstats import PoolStatsWriter, read_pool_dir
 from vllm_ext.allocators.pool import PoolStats
 

@@ -26,8 +26,8 @@ def engine(tmp_path, monkeypatch):
     from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
                                             KVCacheTensor)
 
-    from vllm_ext.driver import engine_config
-    from vllm_ext.models import make_shape
+    from vllm_ext.tools.driver import engine_config
+    from vllm_ext.tools.models import make_shape
 
     monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
     config = engine_config(make_shape(tmp_path / "model", "tiny"), kv_allocator="vattention",
@@ -43,7 +43,7 @@ def engine(tmp_path, monkeypatch):
     kv_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[tensor],
                               kv_cache_groups=[KVCacheGroupSpec(layers, spec)])
     yield config, kv_config, tmp_path
-    from vllm_ext import vattention
+    from vllm_ext.engine import vattention
 
     vattention._drop(id(config))
 
@@ -56,7 +56,7 @@ def _layout(config) -> None:
 
 
 def _check_in_pool(config, caches, kv_config, stats_dir, calls_before):
-    from vllm_ext import vattention
+    from vllm_ext.engine import vattention
     from vllm_ext.patches import patch, reached_in
 
     runtime = vattention.runtime_for(config)
@@ -93,7 +93,7 @@ def test_v2_runner_refuses_an_allocation_hook_beside_the_pool(engine):
     from vllm.config import set_current_vllm_config
     from vllm.v1.worker.gpu.attn_utils import init_kv_cache
 
-    from vllm_ext.vattention import VAttentionError
+    from vllm_ext.engine.vattention import VAttentionError
 
     if "allocate" not in inspect.signature(init_kv_cache).parameters:
         pytest.skip("no allocation hook before vLLM 0.34")
@@ -136,9 +136,9 @@ def test_the_unselected_engine_keeps_vllms_allocation(engine, tmp_path):
     from vllm.config import set_current_vllm_config
     from vllm.v1.worker.gpu.attn_utils import init_kv_cache
 
-    from vllm_ext import vattention
-    from vllm_ext.driver import engine_config
-    from vllm_ext.models import make_shape
+    from vllm_ext.engine import vattention
+    from vllm_ext.tools.driver import engine_config
+    from vllm_ext.tools.models import make_shape
 
     _, kv_config, _ = engine
     stock = engine_config(make_shape(tmp_path / "stock", "tiny"), block_size=BLOCK,

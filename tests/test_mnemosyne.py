@@ -1,4 +1,4 @@
-"""`--scheduler mnemosyne` on vLLM's real scheduler (vllm_ext.driver): stall-free steps
+"""`--scheduler mnemosyne` on vLLM's real scheduler (vllm_ext.tools.driver): stall-free steps
 within the budget, every request finishing, first come first served when deadlines say
 nothing else, a short prompt ahead of long ones when its deadline is nearer, and no
 starvation under a stream of short requests."""
@@ -15,7 +15,7 @@ from test_scheduler_properties import (BUDGETS, check_all_finish, check_blocks_f
                                        check_budget, check_stall_free, workloads)
 from test_scheduler_properties import STEP_MODEL
 from test_scheduler_properties import config, step_model_path  # noqa: F401  (fixtures)
-from vllm_ext.driver import Driver, Req
+from vllm_ext.tools.driver import Driver, Req
 from vllm_ext.schedulers.latency import StepShape
 from vllm_ext.schedulers.mnemosyne import MnemosyneConfig, MnemosynePolicy
 from vllm_ext.schedulers.request import ReqState
@@ -125,7 +125,7 @@ def test_a_long_prompt_is_not_starved_by_a_stream_of_short_ones(config):
 
 
 def test_mnemosyne_refusals_name_the_flag(config):
-    from vllm_ext.components import SelectionError
+    from vllm_ext.frontend.components import SelectionError
 
     with pytest.raises(SelectionError, match="--mnemosyne-ttft-slo-s must be > 0"):
         config(scheduler="mnemosyne", mnemosyne_ttft_slo_s=-1.0)

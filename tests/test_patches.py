@@ -12,9 +12,10 @@ import textwrap
 import pytest
 
 from vllm_ext import patches
-from vllm_ext.components import SelectionError
+from vllm_ext.frontend.components import SelectionError
+from vllm_ext.frontend.selection import resolve
 from vllm_ext.patches import PATCHES, PatchError, Target
-from vllm_ext.selection import resolve
+from vllm_ext.patches.base import PROCESSES
 from vllm_ext.versions import installed_vllm_version
 
 
@@ -29,6 +30,20 @@ def test_every_target_is_present_as_written(patch):
     patch.check(version)
     assert patch.targets and patch.components and patch.summary
     assert "Invariant bent" in sys.modules[type(patch).__module__].__doc__
+
+
+def test_the_table_lists_every_patch_under_the_process_it_runs_in():
+    tables: dict[str, list[str]] = {}
+    process = None
+    for line in patches.__doc__.splitlines():
+        heading = line.rstrip(":").split(" (")[0].lower()
+        if heading.rstrip("s") in PROCESSES:
+            process = heading.rstrip("s")
+        elif line.startswith("| ") and not line.startswith("| patch "):
+            tables.setdefault(process, []).append(line.split(" | ")[0].removeprefix("| "))
+    assert tables == {p: [x.name for x in PATCHES if x.process == p] for p in PROCESSES}
+    assert [p.process for p in PATCHES] == sorted((p.process for p in PATCHES),
+                                                  key=PROCESSES.index)
 
 
 def test_a_changed_signature_is_named():
@@ -66,7 +81,7 @@ def test_kvp_slot_mapping_is_needed_only_with_kvp():
 
 
 def test_doctor_reports_every_patch_and_exits_0():
-    proc = subprocess.run([sys.executable, "-m", "vllm_ext.cli", "doctor"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "vllm_ext", "doctor"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     version = installed_vllm_version()
@@ -134,17 +149,17 @@ def test_override_applies_what_fits_and_refuses_the_rest_by_name():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused ['slot_owner']" in proc.stdout
     assert "'cli_flags'" in proc.stdout and "'kv_pool_alloc'" in proc.stdout
-    assert "sarathi vllm_ext.scheduling.SarathiScheduler" in proc.stdout
+    assert "sarathi vllm_ext.engine.scheduling.SarathiScheduler" in proc.stdout
     assert ("vattention: --kv-allocator vattention is unavailable with the installed vLLM "
             "(patch slot_owner: vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots "
             "does not exist in this vLLM)") in proc.stdout
     assert "patch slot_owner refused" in proc.stderr
 
 
-def test_readme_holds_the_compatibility_table_doctor_prints():
+def test_the_docs_hold_the_compatibility_table_doctor_prints():
     from pathlib import Path
 
-    from vllm_ext import support
+    from vllm_ext.tools import compat
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert support.markdown() in readme
+    page = (Path(__file__).parent.parent / "docs" / "compatibility.md").read_text()
+    assert compat.markdown() in page

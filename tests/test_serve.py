@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from vllm_ext.serve import (CPU_SERVE_ENV, free_port,
+from vllm_ext.tools.serve import (CPU_SERVE_ENV, free_port,
                             stream_completion, vllm_command)
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from vllm_ext.serve import stream_completion
+from vllm_ext.tools.serve import stream_completion
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 

@@ -9,7 +9,7 @@ import pytest
 
 from vllm_ext.ab.summary import SLO, summarize
 from vllm_ext.ab.traces import Trace, TraceRequest
-from vllm_ext.models import make_shape
+from vllm_ext.tools.models import make_shape
 from vllm_ext.simulate.arms import ArmError, Target, arm_config
 from vllm_ext.simulate.engine import SimulationError, simulate_trace
 
@@ -88,7 +88,7 @@ def test_a_request_beyond_the_context_fails_as_a_server_refuses_it(shape_dir):
 
 @pytest.mark.release
 def test_gpu_target_resolves_as_vllm_serve_would_there(shape_dir):
-    from vllm_ext.selection import current_platform_name
+    from vllm_ext.frontend.selection import current_platform_name
 
     gpu = Target("cuda", 2048, 256, 16)
     sarathi = arm_config(shape_dir, ["--scheduler", "sarathi"], gpu)
@@ -114,7 +114,7 @@ def test_bad_arm_flags_name_the_problem(shape_dir):
 
 
 def _cli(*args: str) -> int:
-    from vllm_ext.cli import main
+    from vllm_ext.tools.cli import main
 
     return main(["simulate", "--no-progress", "--bootstrap", "50", *args])
 

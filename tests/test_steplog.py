@@ -55,7 +55,7 @@ def test_missing_directory_reads_as_zero(tmp_path):
 def test_prometheus_export(monkeypatch, tmp_path):
     from prometheus_client import generate_latest
 
-    from vllm_ext import metrics
+    from vllm_ext.frontend import metrics
 
     monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
     metrics.prepare_front_end()
@@ -83,7 +83,7 @@ def test_prometheus_export(monkeypatch, tmp_path):
 def test_front_end_keeps_an_operator_dir_but_not_an_inherited_one(monkeypatch, tmp_path):
     import os
 
-    from vllm_ext import metrics
+    from vllm_ext.frontend import metrics
 
     monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
     monkeypatch.delenv("VLLMEXT_STATS_OWNER", raising=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from vllm_ext._version import __version__
 
 __all__ = ["__version__", "engine_kwargs", "step_stats"]
 
@@ -22,15 +22,15 @@ def engine_kwargs(**kwargs: Any) -> dict[str, Any]:
     Takes `scheduler=`, `attn=`, `kv_allocator=`, each component's options by their
     flag name in snake case (`sarathi_token_budget=256`), and any other engine
     argument, which passes through and is checked against the selection. Raises
-    `vllm_ext.selection.SelectionError` naming the allowed choices.
+    `vllm_ext.frontend.selection.SelectionError` naming the allowed choices.
     """
-    from vllm_ext.selection import engine_kwargs as _engine_kwargs
+    from vllm_ext.frontend.selection import engine_kwargs as _engine_kwargs
 
     return _engine_kwargs(**kwargs)
 
 
 def step_stats():
-    """Per-step scheduler statistics of the engines this process started (see `vllm_ext.metrics`)."""
-    from vllm_ext.metrics import step_stats as _step_stats
+    """Per-step scheduler statistics of the engines this process started (see `vllm_ext.frontend.metrics`)."""
+    from vllm_ext.frontend.metrics import step_stats as _step_stats
 
     return _step_stats()

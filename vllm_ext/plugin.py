@@ -34,14 +34,14 @@ def register() -> None:
     try:
         from vllm.platforms import current_platform
 
-        from vllm_ext import attn_select
+        from vllm_ext.engine.pod import backends as pod_backends
         from vllm_ext.patches import apply_all
 
         for name, why in apply_all(version, current_platform.device_type,
                                    envs.allow_any_vllm()).items():
             logger.warning("vllm-ext: patch %s refused (%s); the components that need it "
                            "are unavailable", name, why)
-        owner = attn_select.register()
+        owner = pod_backends.register()
         if owner is not None:
             logger.warning("vllm-ext: the CUSTOM attention backend is %s's; --attn pod is "
                            "unavailable", owner)

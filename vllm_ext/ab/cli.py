@@ -54,6 +54,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def main(argv: list[str]) -> int:
+    """`vllm-ext bench ARGV`, on its own parser (the demo runs it in process)."""
+    parser = argparse.ArgumentParser(prog="vllm-ext bench")
+    add_parser(parser.add_subparsers(dest="bench", required=True))
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
 def add_output_args(p: argparse.ArgumentParser, name: str) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", help=f"report directory (default {name}-<UTC time>)")
@@ -127,7 +135,7 @@ def vocab_size_of(model: str | None, given: int | None) -> int:
 
 def build_config(a: argparse.Namespace):
     from vllm_ext.ab.progress import Progress
-    from vllm_ext.ab.runner import ABConfig, Arm
+    from vllm_ext.ab.config import ABConfig, Arm
 
     arms = [Arm.parse(s) for s in a.arm] + [Arm.parse(s, endpoint=True) for s in a.endpoint]
     traces, prompt, output = traces_from(a)
@@ -169,7 +177,7 @@ def traces_from(a: argparse.Namespace):
 
 def capacity_from(a: argparse.Namespace):
     """The capacity search the flags ask for, or None."""
-    from vllm_ext.ab.runner import CapacitySearch
+    from vllm_ext.ab.config import CapacitySearch
 
     if not a.capacity:
         return None

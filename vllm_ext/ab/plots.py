@@ -4,12 +4,9 @@ token timelines, and the capacity curve."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from vllm_ext.ab.config import ABConfig, ArmResult
 from vllm_ext.ab.metron import pooled_gaps
-
-if TYPE_CHECKING:
-    from vllm_ext.ab.runner import ABConfig, ArmResult
 
 MISSING = ("Plots left out: matplotlib is not installed. "
            "`pip install 'vllm-ext[bench]'` brings it.")

@@ -15,15 +15,12 @@ import shutil
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from vllm_ext.ab import plots
+from vllm_ext.ab.config import ABConfig, ArmResult
 from vllm_ext.ab.client import TOKEN_COUNTING
 from vllm_ext.ab.equivalence import KL_METHOD
 from vllm_ext.ab.summary import HEADLINE
-
-if TYPE_CHECKING:
-    from vllm_ext.ab.runner import ABConfig, ArmResult
 
 # The headline table: (summary key, column title, format).
 COLUMNS = (

@@ -1,1 +1,1 @@
-"""`vllm-ext simulate`: vLLM's own scheduler on a virtual clock (see README, "Simulate")."""
+"""`vllm-ext simulate`: vLLM's own scheduler on a virtual clock (see docs/simulate.md)."""

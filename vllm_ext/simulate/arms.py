@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from unittest import mock
 
-from vllm_ext.components import SelectionError
+from vllm_ext.frontend.components import SelectionError
 
 
 class ArmError(ValueError):
@@ -79,7 +79,7 @@ def arm_config(model: str, args: Sequence[str], target: Target = Target()):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
 
-    from vllm_ext.selection import resolving_for
+    from vllm_ext.frontend.selection import resolving_for
 
     try:
         with resolving_for(target.platform), contextlib.redirect_stderr(io.StringIO()):

@@ -138,7 +138,7 @@ def _shape_dir(name: str, shape) -> str:
     """A config.json of the profiled model's shape, written once per user."""
     import os
 
-    from vllm_ext.models import ModelPreset, make_shape
+    from vllm_ext.tools.models import ModelPreset, make_shape
 
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vllm-ext" / "shapes"
     out = root / name
@@ -152,7 +152,7 @@ def _shape_dir(name: str, shape) -> str:
 def build(a: argparse.Namespace):
     """(ABConfig, Simulation) from the flags; every refusal before anything runs."""
     from vllm_ext.ab.progress import Progress
-    from vllm_ext.ab.runner import ABConfig, Arm
+    from vllm_ext.ab.config import ABConfig, Arm
     from vllm_ext.simulate.run import Simulation, Sweep
     from vllm_ext.simulate.sources import fitted_for_adaptive, write_fitted
 
@@ -189,7 +189,7 @@ def build(a: argparse.Namespace):
 
 
 def run(a: argparse.Namespace) -> int:
-    from vllm_ext.ab.runner import ABError
+    from vllm_ext.ab.config import ABError
     from vllm_ext.simulate.arms import ArmError
     from vllm_ext.simulate.gpu import GpuError
     from vllm_ext.simulate.sources import SourceError

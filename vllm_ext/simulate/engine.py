@@ -1,6 +1,6 @@
 """One trace through one arm's scheduler on a virtual clock.
 
-The scheduler is the class the arm's flags select, built by `vllm_ext.driver.Driver`
+The scheduler is the class the arm's flags select, built by `vllm_ext.tools.driver.Driver`
 from the arm's engine config over a KV cache of a given number of blocks. Each step
 is vLLM's `schedule()`, a duration from the step-time source for the step's batch,
 then the made-up model output (one token for every request whose prompt is complete,
@@ -52,7 +52,7 @@ def simulate_trace(config, num_blocks: int, trace: Trace, step_time: Callable[[S
                    on_done: Callable[[], None] | None = None) -> SimRun:
     """Every request of `trace` through a fresh scheduler of `config`: open-loop traces
     at their arrival times, closed loops (`trace.concurrency`) one in as one finishes."""
-    from vllm_ext.driver import Driver, Req
+    from vllm_ext.tools.driver import Driver, Req
 
     started = time.perf_counter()
     reqs = [Req.of(f"{trace.seed}-{i}", r.arrival, r.prompt_tokens, r.output_tokens)

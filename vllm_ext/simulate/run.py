@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from vllm_ext.ab import capacity as cap
 from vllm_ext.ab import report
-from vllm_ext.ab.runner import ABConfig, Arm, ArmResult, probe_trace, compare_arms
+from vllm_ext.ab.config import ABConfig, Arm, ArmResult
+from vllm_ext.ab.runner import compare_arms, probe_trace
 from vllm_ext.ab.summary import summarize
 from vllm_ext.ab.traces import Trace
 from vllm_ext.simulate.arms import ArmError, Target, arm_config

@@ -22,8 +22,8 @@ from vllm_ext.kernels import reference
 from vllm_ext.kernels.kvp import shard_attention
 from vllm_ext.kernels.merge import merge_attention
 from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS, leading_decodes
-from vllm_ext.pod_support import check_layer
-from vllm_ext.pod_support import settings as pod_settings
+from vllm_ext.engine.pod.support import check_layer
+from vllm_ext.engine.pod.support import impl as pod_impl
 
 
 def _triton_kernels():
@@ -83,7 +83,7 @@ class PodMetadataBuilder(CPUAttentionMetadataBuilder):
 
             patch("cpu_custom_attn").reached()
         self._plan = None
-        if pod_settings(vllm_config).get("impl") == "triton":
+        if pod_impl(vllm_config) == "triton":
             import functools
 
             pod = _triton_kernels()
@@ -116,7 +116,7 @@ class PodAttentionImpl(CPUAttentionBackendImpl):
         from vllm.config import get_current_vllm_config
 
         config = get_current_vllm_config()
-        triton = pod_settings(config).get("impl") == "triton"
+        triton = pod_impl(config) == "triton"
         self.kernel = _triton_kernels().pod_attention if triton else reference.pod_attention
         if self.dcp_world_size > 1:
             from vllm_ext.patches import patch

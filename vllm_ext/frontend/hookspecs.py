@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pluggy
 
-from vllm_ext.components import Component
+from vllm_ext.frontend.components import Component
 
 PROJECT = "vllm_ext"
 hookspec = pluggy.HookspecMarker(PROJECT)

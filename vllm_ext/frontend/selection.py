@@ -2,7 +2,8 @@
 
 The result travels to the engine and worker processes inside vLLM's own config:
 classes by dotted name (`scheduler_cls`), our settings under
-`additional_config["vllm_ext"]`. Nothing else crosses the process boundary.
+`additional_config["vllm_ext"]`, checked here the way every process will read them
+(`vllm_ext.config.ExtConfig`). Nothing else crosses the process boundary.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import contextvars
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from vllm_ext.components import KINDS, Component, ConfigureContext, SelectionError
-from vllm_ext.registry import components
+from vllm_ext.config import CONFIG_KEY, ConfigError, ExtConfig
+from vllm_ext.frontend.components import KINDS, Component, ConfigureContext, SelectionError
+from vllm_ext.frontend.registry import components
 
-CONFIG_KEY = "vllm_ext"
-
-__all__ = ["CONFIG_KEY", "SelectionError", "engine_kwargs", "resolve", "selection_from_config"]
+__all__ = ["SelectionError", "engine_kwargs", "resolve"]
 
 
 def _choose(kind: str, name: str) -> Component:
@@ -105,10 +105,14 @@ def resolve(selected: Mapping[str, str | None], options: Mapping[str, Any],
         overrides.update(engine)
         record[kind] = {"name": comp.name, **resolved}
 
+    try:
+        ExtConfig.from_record(record)  # what every engine process will read back
+    except ConfigError as e:
+        raise SelectionError(f"{e} (from {_named(chosen)})") from None
     additional = dict(user_engine_args.get("additional_config") or {})
     additional[CONFIG_KEY] = record
     overrides["additional_config"] = additional
-    from vllm_ext import metrics
+    from vllm_ext.frontend import metrics
 
     metrics.prepare_front_end()
     return overrides
@@ -126,9 +130,8 @@ def _refuse_if_unpatched(kind: str, name: str, settings: dict, platform: str) ->
                              f"({reasons}); `vllm-ext doctor` shows every patch")
 
 
-def selection_from_config(additional_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The resolved selection recorded in an engine's `additional_config`."""
-    return dict((additional_config or {}).get(CONFIG_KEY) or {})
+def _named(chosen: Mapping[str, Component]) -> str:
+    return ", ".join(f"{KINDS[kind][0]} {comp.name}" for kind, comp in chosen.items())
 
 
 # Selections resolve for this machine's platform, except while a simulation configures

@@ -64,6 +64,16 @@ class ConfigureContext:
     selected: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    def require(self, who: str, needed: Mapping[str, Any]) -> dict[str, Any]:
+        """Engine arguments a component needs: returned as overrides, and an error naming
+        both when the operator explicitly gave a contradicting value (never a silent
+        override)."""
+        for key, value in needed.items():
+            given = self.user_engine_args.get(key)
+            if given is not None and given != value:
+                raise SelectionError(f"{who} needs {key}={value!r}, but {key}={given!r} was given")
+        return dict(needed)
+
 
 @dataclass(frozen=True, slots=True)
 class Component:

@@ -52,7 +52,7 @@ from vllm_ext import envs
 _INDEXED_OUTPUT = "req_id_to_index" in {f.name for f in fields(ModelRunnerOutput)}
 from vllm_ext.schedulers.latency import StepShape
 from vllm_ext.schedulers.request import ReqState
-from vllm_ext.scheduling import StockScheduler, req_state
+from vllm_ext.engine.scheduling import StockScheduler, req_state
 
 __all__ = ["Driver", "Livelock", "Req", "Step", "Tick", "engine_config", "kv_cache_config"]
 
@@ -63,7 +63,7 @@ SAMPLED_TOKEN = 3
 
 def engine_config(model: str | Path, **kwargs: Any) -> VllmConfig:
     """The engine's config for `model` (a directory; its config.json alone is enough,
-    see `vllm_ext.models.make_shape`) with `vllm_ext.engine_kwargs`'s components and
+    see `vllm_ext.tools.models.make_shape`) with `vllm_ext.engine_kwargs`'s components and
     options (`scheduler="sarathi"`, `sarathi_token_budget=64`, any engine argument).
     The driver never tokenizes and runs vLLM's synchronous loop: both are set unless
     given."""

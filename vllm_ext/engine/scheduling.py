@@ -6,7 +6,7 @@ cache, preemption, outputs) and changes only what the policy decides. vLLM's loo
 hands out the token budget to running requests in list order, each taking
 min(tokens wanted, budget left), then admits waiting requests FCFS while budget and
 KV remain, and preempts from the end of the running list when KV runs out. Every
-class also writes one step record per step (see `vllm_ext.metrics`).
+class also writes one step record per step (see `vllm_ext.frontend.metrics`).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from vllm_ext import envs
-from vllm_ext.schedulers import (MnemosyneConfig, MnemosynePolicy, PrefillFirstPolicy, ReqState,
-                                 SarathiConfig, SarathiPolicy)
+from vllm_ext.config import ExtConfig
+from vllm_ext.schedulers import (MnemosynePolicy, PrefillFirstPolicy, ReqState, SarathiConfig,
+                                 SarathiPolicy)
 from vllm_ext.schedulers.adaptive import AdaptiveChunking, OnlineCorrection
 from vllm_ext.schedulers.latency import LatencyModel, StepShape
 from vllm_ext.schedulers.request import blocks_for
 from vllm_ext.schedulers.steplog import StepLogWriter, StepRecord
-from vllm_ext.selection import selection_from_config
 
 logger = logging.getLogger("vllm_ext")
 
@@ -37,24 +37,13 @@ def req_state(req: Request, num_computed: int | None = None) -> ReqState:
                     req.num_computed_tokens if num_computed is None else num_computed)
 
 
-def describe(selection: dict) -> str:
-    """`scheduler=sarathi(token_budget=256, kv_admission=full)`, for the start-up line."""
-    parts = []
-    for kind, settings in selection.items():
-        args = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "name")
-        parts.append(f"{kind}={settings['name']}" + (f"({args})" if args else ""))
-    return "; ".join(parts)
-
-
 class StockScheduler(Scheduler):
     """vLLM's scheduler unchanged, with step records: the baseline of every A/B run."""
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
-        self.ext_selection = selection_from_config(vllm_config.additional_config)
-        self.ext_settings = {k: v for k, v in self.ext_selection.get("scheduler", {}).items()
-                             if k != "name"}
-        logger.info("vllm-ext active: %s", describe(self.ext_selection) or "scheduler=vllm")
+        self.ext = ExtConfig.of(vllm_config)
+        logger.info("vllm-ext active: %s", self.ext.describe() or "scheduler=vllm")
         directory = envs.stats_dir()
         self._steplog = StepLogWriter(directory) if directory else None
         self._in_flight: collections.deque[StepRecord] = collections.deque()
@@ -67,7 +56,7 @@ class StockScheduler(Scheduler):
     latency_model: LatencyModel | None = None
 
     # What times a step (and so feeds OnlineCorrection): a driver without a model
-    # (vllm_ext.driver) puts its virtual clock here.
+    # (vllm_ext.tools.driver) puts its virtual clock here.
     clock = staticmethod(time.monotonic)
     # The clock of requests' arrival times (vLLM stamps them with the wall clock), so of
     # their deadlines; the driver puts its virtual clock here too.
@@ -160,6 +149,7 @@ class SarathiScheduler(StockScheduler):
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
+        settings = self.ext.scheduler.settings
         self.policy = SarathiPolicy(self.sarathi_config())
         config = self.policy.config
         if config.token_budget != self.max_num_scheduled_tokens:
@@ -169,9 +159,9 @@ class SarathiScheduler(StockScheduler):
                 f"scheduler through vllm_ext (flags or vllm_ext.engine_kwargs)")
         self.scheduler_reserve_full_isl = self.policy.reserve_full_prompt
         self.adaptive = None
-        if self.ext_settings.get("latency_model"):
+        if settings.latency_model:
             # Adaptive chunking's model; Mnemosyne's slack predicts prefill times with it.
-            with open(self.ext_settings["latency_model"]) as f:
+            with open(settings.latency_model) as f:
                 self.latency_model = LatencyModel.from_json(f.read())
         if config.tbt_slo_ms is not None:
             self.adaptive = AdaptiveChunking(self.latency_model, config.tbt_slo_ms / 1000,
@@ -179,7 +169,7 @@ class SarathiScheduler(StockScheduler):
             self.correction = OnlineCorrection()
 
     def sarathi_config(self) -> SarathiConfig:
-        return SarathiConfig(**self.ext_settings)
+        return self.ext.scheduler.settings
 
     def predict(self, shape: StepShape) -> float:
         factor = self.correction.factor if self.adaptive is not None else 1.0
@@ -236,11 +226,8 @@ class MnemosyneScheduler(SarathiScheduler):
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
-        s = self.ext_settings
         remaining = self._predicted_prefill_s if self.latency_model is not None else None
-        self.deadlines = MnemosynePolicy(
-            MnemosyneConfig(s["ttft_slo_s"], s["prefill_ms_per_token"], s.get("starvation_s")),
-            remaining)
+        self.deadlines = MnemosynePolicy(self.ext.scheduler.settings.deadlines, remaining)
         self._held: set[str] = set()
         self._held_head: str | None = None
         self._head_refused = False
@@ -248,10 +235,8 @@ class MnemosyneScheduler(SarathiScheduler):
         self._now = 0.0  # when this step's order was made, on the arrival clock
 
     def sarathi_config(self) -> SarathiConfig:
-        settings = {k: v for k, v in self.ext_settings.items() if k not in MNEMOSYNE_SETTINGS}
-        if settings.get("tbt_slo_ms") is None:
-            settings.pop("latency_model", None)  # here it only predicts prefill times
-        return SarathiConfig(**settings)
+        # Without a TBT target its step-time model only predicts prefill times.
+        return self.ext.scheduler.settings.sarathi
 
     def _predicted_prefill_s(self, req: ReqState) -> float:
         """The model's time for the prompt tokens still to compute, as one chunk after
@@ -320,9 +305,6 @@ class MnemosyneScheduler(SarathiScheduler):
         now = self.arrival_clock()
         missed = sum(self.deadlines.missed_first_token(s, now) for s in self._first_due)
         return {"first_tokens": len(self._first_due), "deadline_misses": missed}
-
-
-MNEMOSYNE_SETTINGS = ("ttft_slo_s", "prefill_ms_per_token", "starvation_s")
 
 
 class PrefillFirstScheduler(StockScheduler):

@@ -1,10 +1,11 @@
 """What `--attn pod` supports, said once for both of its backends (the CPU platform's,
-`vllm_ext.pod_backend`, and CUDA's, `vllm_ext.pod_cuda`), and its per-engine settings."""
+`vllm_ext.engine.pod.cpu`, and CUDA's, `vllm_ext.engine.pod.cuda`), and which implementation an engine chose."""
 
 from __future__ import annotations
 
 import torch
 
+from vllm_ext.config import ExtConfig
 from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -14,11 +15,11 @@ SUPPORTED = (f"--attn pod runs causal decoder self-attention with head sizes "
              f"model's dtype), without ALiBi, sliding windows, soft-capping or attention sinks")
 
 
-def settings(vllm_config) -> dict:
-    """This engine's `--attn pod` settings (impl, kvp) from its config."""
-    from vllm_ext.selection import selection_from_config
-
-    return selection_from_config(vllm_config.additional_config).get("attn") or {}
+def impl(vllm_config, default: str | None = None) -> str | None:
+    """This engine's `--pod-impl`; `default` for an engine that did not choose `--attn pod`
+    (a backend built directly, as vLLM's own tests build theirs)."""
+    chosen = ExtConfig.of(vllm_config).settings("attn", "pod")
+    return default if chosen is None else chosen.impl
 
 
 def unsupported(head_size: int, kv_cache_dtype: str | None, attn_type: str = "decoder",

@@ -7,8 +7,9 @@ import sys
 
 import pluggy
 
-from vllm_ext import envs, hookspecs
-from vllm_ext.components import KINDS, Component
+from vllm_ext import envs
+from vllm_ext.frontend import hookspecs
+from vllm_ext.frontend.components import KINDS, Component
 
 
 @functools.cache
@@ -18,9 +19,10 @@ def get_plugin_manager() -> pluggy.PluginManager:
     if envs.trace_plugins():
         pm.trace.root.setwriter(lambda line: print(line, end="", file=sys.stderr))
         pm.enable_tracing()
-    from vllm_ext import builtin
+    from vllm_ext.frontend.builtin import MODULES
 
-    pm.register(builtin, name="vllm_ext.builtin")
+    for module in MODULES:
+        pm.register(module, name=module.__name__)
     pm.load_setuptools_entrypoints(hookspecs.PROJECT)
     return pm
 

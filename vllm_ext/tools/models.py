@@ -135,7 +135,7 @@ def make_shape(out_dir: str | os.PathLike[str], preset: str | ModelPreset = "tin
     `ModelPreset`): no weights, no tokenizer.
 
     Enough for vLLM to build an engine's config (with ``skip_tokenizer_init=True``),
-    so the scheduler can be driven without a model (``vllm_ext.driver``), in seconds.
+    so the scheduler can be driven without a model (``vllm_ext.tools.driver``), in seconds.
     """
     if isinstance(preset, str):
         if preset not in PRESETS:

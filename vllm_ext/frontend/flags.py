@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vllm_ext.components import KINDS
-from vllm_ext.registry import components
-from vllm_ext.selection import SHORTHANDS, current_platform_name, option_dests, resolve
+from vllm_ext.frontend.components import KINDS
+from vllm_ext.frontend.registry import components
+from vllm_ext.frontend.selection import SHORTHANDS, current_platform_name, option_dests, resolve
 
 GROUP = "vllm-ext"
 

@@ -7,7 +7,7 @@ decisions are made where blocks are handed out and carried to the worker with
 each step:
 
 Every process reads the engine's choice from the engine's own config
-(`additional_config["vllm_ext"]`), so engines of one process never share it.
+(`vllm_ext.config.ExtConfig`), so engines of one process never share it.
 
 - scheduler side: vLLM's `BlockPool` becomes a `PagedBlockPool` (patches/paged_block_pool.py,
   with the planner from `plan_pages`). Its free queue asks a
@@ -38,6 +38,7 @@ from vllm_ext import envs
 from vllm_ext.allocators.pages import PageOps, PagePlanner, SlotPlanner
 from vllm_ext.allocators.pool import DEFAULT_PAGE_SIZE, VirtualKVPool
 from vllm_ext.allocators.settings import VAttentionSettings, page_size_for
+from vllm_ext.config import ExtConfig
 
 logger = logging.getLogger("vllm_ext")
 
@@ -54,14 +55,7 @@ class VAttentionError(RuntimeError):
 
 def settings_for(vllm_config) -> VAttentionSettings | None:
     """The engine's vattention settings, from its own config; None if it did not choose it."""
-    if vllm_config is None:
-        return None
-    from vllm_ext.selection import selection_from_config
-
-    chosen = selection_from_config(vllm_config.additional_config).get("kv_allocator") or {}
-    if chosen.get("name") != "vattention":
-        return None
-    return VAttentionSettings(**{k: v for k, v in chosen.items() if k != "name"})
+    return ExtConfig.of(vllm_config).settings("kv_allocator", "vattention")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ import sys
 
 
 def _make_model(args: argparse.Namespace) -> int:
-    from vllm_ext.models import make_model
+    from vllm_ext.tools.models import make_model
 
     path = make_model(args.dir, preset=args.preset, seed=args.seed)
     print(path)
@@ -15,8 +15,8 @@ def _make_model(args: argparse.Namespace) -> int:
 
 
 def _components(args: argparse.Namespace) -> int:
-    from vllm_ext.components import KINDS
-    from vllm_ext.registry import components
+    from vllm_ext.frontend.components import KINDS
+    from vllm_ext.frontend.registry import components
 
     for kind, (flag, _) in KINDS.items():
         for name, comp in sorted(components(kind).items()):
@@ -26,7 +26,7 @@ def _components(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from vllm_ext.profile import ProfileTarget, run, summary
+    from vllm_ext.tools.profile import ProfileTarget, run, summary
 
     target = ProfileTarget(args.model, args.dtype, args.max_model_len, args.budget, args.attn,
                            args.tensor_parallel_size, args.pipeline_parallel_size, args.kvp)
@@ -37,19 +37,19 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from vllm_ext.doctor import run
+    from vllm_ext.tools.doctor import run
 
     return run()
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vllm_ext.demo import run
+    from vllm_ext.tools.demo import run
 
     return run(args.workdir)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vllm_ext.models import PRESETS
+    from vllm_ext.tools.models import PRESETS
 
     parser = argparse.ArgumentParser(prog="vllm-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

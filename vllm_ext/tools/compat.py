@@ -1,7 +1,7 @@
 """What runs where, and how it is verified: each vLLM release line x platform x feature.
 
-One table, printed by `vllm-ext doctor` for the machine it runs on and kept in the
-README (a test checks the README's copy), so neither can claim more than the other.
+One table, printed by `vllm-ext doctor` for the machine it runs on and kept in
+docs/compatibility.md (a test checks that copy), so neither can claim more than the other.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def rows_for(version: Version, platform: str) -> list[tuple[str, str]]:
 
 
 def markdown() -> str:
-    """The README's compatibility table."""
+    """The compatibility table of docs/compatibility.md."""
     lines = ["| vLLM | platform | " + " | ".join(f"`{f}`" for f in FEATURES) + " |",
              "|---|---|" + "---|" * len(FEATURES)]
     for (line, platform), cells in MATRIX.items():

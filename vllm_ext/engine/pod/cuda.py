@@ -39,7 +39,7 @@ from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, Trito
 
 from vllm_ext.kernels import reference
 from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS, leading_decodes
-from vllm_ext.pod_support import DTYPES, check_layer, refusal, settings, unsupported
+from vllm_ext.engine.pod.support import DTYPES, check_layer, impl, refusal, unsupported
 
 IMPL_DEFAULT = "triton"
 
@@ -149,7 +149,7 @@ class PodCudaMetadataBuilder(AttentionMetadataBuilder[PodCudaMetadata]):
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         self.device = torch.device(device)
         self._plan = None
-        if (settings(vllm_config).get("impl") or IMPL_DEFAULT) == "triton":
+        if impl(vllm_config, IMPL_DEFAULT) == "triton":
             from vllm_ext.kernels import pod
 
             tile = pod.tile_for(kv_cache_spec.head_size, kv_cache_spec.dtype,
@@ -196,7 +196,7 @@ class PodCudaImpl(TritonAttentionImpl):
         from vllm.config import get_current_vllm_config
 
         config = get_current_vllm_config()
-        self.triton = (settings(config).get("impl") or IMPL_DEFAULT) == "triton"
+        self.triton = impl(config, IMPL_DEFAULT) == "triton"
         if self.triton:
             from vllm_ext.kernels.pod import pod_attention
 

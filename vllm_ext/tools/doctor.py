@@ -1,7 +1,7 @@
 """`vllm-ext doctor`: what vllm-ext finds in the installed vLLM, before an engine starts.
 
 For the installed vLLM and platform: the version and whether this release supports it,
-how each feature was verified there (vllm_ext.support), every patch with each of its
+how each feature was verified there (vllm_ext.tools.compat), every patch with each of its
 targets present, missing or changed in signature, the attention platform and the
 CUSTOM backend, Triton (compiled or only interpreted) and CUDA virtual memory management. Exit status 0 when everything a default install needs
 (a supported vLLM and the command-line flags) is fine, 1 otherwise.
@@ -55,14 +55,14 @@ def _vllm_label() -> str:
 def _platform_lines() -> list[Line]:
     from vllm.platforms import current_platform
 
-    from vllm_ext import attn_select
+    from vllm_ext.engine.pod import backends as pod_backends
 
-    owner = attn_select.custom_owner()
-    path = attn_select.backend_path(current_platform.device_type)
+    owner = pod_backends.custom_owner()
+    path = pod_backends.backend_path(current_platform.device_type)
     custom = (f"taken by {owner}: --attn pod unavailable" if owner else
               f"free for vllm-ext's POD backend ({path})" if path else
               f"--attn pod does not run on this platform (it runs on "
-              f"{', '.join(attn_select.BACKEND_PATHS)})")
+              f"{', '.join(pod_backends.BACKEND_PATHS)})")
     return [("platform", f"{current_platform.device_type} ({current_platform.device_name})"),
             ("attention", f"CUSTOM backend {custom}")]
 
@@ -100,12 +100,12 @@ def _cuda_vmm() -> str:
 def _support_lines(out: Callable[[str], None], version) -> None:
     from vllm.platforms import current_platform
 
-    from vllm_ext.support import line_of, rows_for
+    from vllm_ext.tools.compat import line_of, rows_for
 
     platform = current_platform.device_type
     out("")
-    out(f"how this release verified vLLM {line_of(version)} on {platform} (README, "
-        f"\"Compatibility\"):")
+    out(f"how this release verified vLLM {line_of(version)} on {platform} "
+        f"(docs/compatibility.md):")
     for feature, how in rows_for(version, platform):
         out(f"  {feature}: {how}")
 

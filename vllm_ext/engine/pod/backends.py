@@ -8,10 +8,9 @@ plugin may already own CUSTOM; then `--attn pod` is refused, naming it.
 
 from __future__ import annotations
 
-IMPLS = ("torch", "triton")
 # The backend class for each platform --attn pod runs on.
-BACKEND_PATHS = {"cpu": "vllm_ext.pod_backend.PodAttentionBackend",
-                 "cuda": "vllm_ext.pod_cuda.PodCudaBackend"}
+BACKEND_PATHS = {"cpu": "vllm_ext.engine.pod.cpu.PodAttentionBackend",
+                 "cuda": "vllm_ext.engine.pod.cuda.PodCudaBackend"}
 ENGINE_ARG = "CUSTOM"  # the engine's attention_backend
 
 

@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from vllm_ext.serve import CPU_SERVE_ARGS
+from vllm_ext.tools.serve import CPU_SERVE_ARGS
 
 ARMS = {"vllm": "--scheduler vllm", "prefill-first": "--scheduler prefill-first",
         "sarathi": "--scheduler sarathi"}
@@ -40,14 +40,14 @@ def shown(argv: list[str]) -> str:
 
 
 def run(workdir: str | Path = "demo") -> int:
-    from vllm_ext.cli import main
-    from vllm_ext.models import make_model
+    from vllm_ext.ab.cli import main as bench
+    from vllm_ext.tools.models import make_model
 
     workdir = Path(workdir)
     model = make_model(workdir / "small", preset="small")
     argv = bench_argv(model, workdir / "ab-report")
     print("$ vllm-ext " + shown(argv), flush=True)
-    return main(argv)
+    return bench(argv[1:])  # argv[0] is "bench"
 
 
 if __name__ == "__main__":
