@@ -90,10 +90,13 @@ def test_a_third_partys_settings_are_kept_for_it_to_check():
         ext.scheduler.settings["tickets"] = 3  # read-only, as every other setting
 
 
-def test_built_once_per_record():
-    additional = {CONFIG_KEY: {"scheduler": {"name": "sarathi", "token_budget": 64}}}
+def test_built_once_per_record_in_the_records_order():
+    additional = {CONFIG_KEY: {"scheduler": {"name": "sarathi", "token_budget": 64,
+                                             "kv_admission": "chunk"}}}
     first = ExtConfig.from_additional_config(additional)
     assert ExtConfig.from_additional_config(copy.deepcopy(additional)) is first
+    # The start-up line says the settings as the front end resolved them.
+    assert first.describe() == "scheduler=sarathi(token_budget=64, kv_admission=chunk)"
 
 
 def test_vllms_scheduler_refuses_a_record_that_does_not_fit(config):  # noqa: F811

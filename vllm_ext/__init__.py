@@ -30,7 +30,8 @@ def engine_kwargs(**kwargs: Any) -> dict[str, Any]:
 
 
 def step_stats():
-    """Per-step scheduler statistics of the engines this process started (see `vllm_ext.frontend.metrics`)."""
+    """Per-step scheduler statistics of the engines this process started (see
+    `vllm_ext.frontend.metrics`)."""
     from vllm_ext.frontend.metrics import step_stats as _step_stats
 
     return _step_stats()

@@ -60,8 +60,7 @@ class MnemosyneSettings:
     starvation_s: float | None = None
 
     def __post_init__(self) -> None:
-        self.sarathi  # noqa: B018 - both halves check themselves
-        self.deadlines  # noqa: B018
+        _ = (self.sarathi, self.deadlines)  # each half checks its own values
 
     @property
     def sarathi(self) -> SarathiConfig:
@@ -136,8 +135,9 @@ class ExtConfig:
     @staticmethod
     def from_additional_config(additional_config: Mapping[str, Any] | None) -> ExtConfig:
         record = (additional_config or {}).get(CONFIG_KEY) or {}
-        # Built once per distinct record in a process: every step may ask.
-        return _parse(json.dumps(record, sort_keys=True))
+        # Built once per distinct record in a process: every step may ask. The key keeps
+        # the record's order, which the start-up line shows.
+        return _parse(json.dumps(record))
 
     @staticmethod
     def from_record(record: Mapping[str, Any]) -> ExtConfig:
@@ -153,10 +153,6 @@ class ExtConfig:
 
     def is_empty(self) -> bool:
         return all(getattr(self, kind) is None for kind in KINDS)
-
-    def name(self, kind: str) -> str | None:
-        chosen = getattr(self, kind)
-        return None if chosen is None else chosen.name
 
     def settings(self, kind: str, name: str) -> Any:
         """The settings of `kind` when component `name` was chosen, else None."""

@@ -96,8 +96,8 @@ def resolve(selected: Mapping[str, str | None], options: Mapping[str, Any],
     overrides: dict[str, Any] = {}
     record: dict[str, Any] = {}
     for kind, comp in chosen.items():
-        settings = {opt.name.replace("-", "_"): opt.check(comp.name, options.get(opt.dest(comp.name)))
-                    for opt in comp.options}
+        settings = {opt.name.replace("-", "_"):
+                    opt.check(comp.name, options.get(opt.dest(comp.name))) for opt in comp.options}
         resolved, engine = comp.configure(settings, ctx)
         clash = overrides.keys() & engine.keys()
         if clash:

@@ -55,7 +55,8 @@ def cache_path(target: ProfileTarget) -> Path:
     model = os.path.abspath(target.model) if os.path.exists(target.model) else target.model
     key = json.dumps([{**asdict(target), "model": model}, __version__, vllm_version(),
                       platform.machine(), os.cpu_count()])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vllm-ext" / "latency"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vllm-ext" \
+        / "latency"
     name = Path(target.model.rstrip("/")).name or "model"
     return cache / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 

@@ -34,7 +34,8 @@ def engine_kwargs(target: ProfileTarget) -> dict:
     extra = {"kvp": target.kvp} if target.kvp > 1 else {}
     return vllm_ext.engine_kwargs(
         model=target.model, scheduler="sarathi", sarathi_token_budget=target.budget,
-        attn=target.attn, dtype=target.dtype, enforce_eager=True, max_model_len=target.max_model_len,
+        attn=target.attn, dtype=target.dtype, enforce_eager=True,
+        max_model_len=target.max_model_len,
         tensor_parallel_size=target.tensor_parallel_size,
         pipeline_parallel_size=target.pipeline_parallel_size, enable_prefix_caching=False,
         seed=0, **extra)

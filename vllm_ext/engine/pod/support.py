@@ -1,5 +1,6 @@
 """What `--attn pod` supports, said once for both of its backends (the CPU platform's,
-`vllm_ext.engine.pod.cpu`, and CUDA's, `vllm_ext.engine.pod.cuda`), and which implementation an engine chose."""
+`vllm_ext.engine.pod.cpu`, and CUDA's, `vllm_ext.engine.pod.cuda`), and which
+implementation an engine chose."""
 
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ def _configure_stock_attn(settings: dict, ctx: ConfigureContext) -> tuple[dict, 
 
 def _configure_pod(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
     if pod_backends.backend_path(ctx.platform) is None:
-        raise SelectionError(f"--attn pod runs on vLLM's {' and '.join(pod_backends.BACKEND_PATHS)} "
-                             f"platforms, not {ctx.platform!r}")
+        platforms = " and ".join(pod_backends.BACKEND_PATHS)
+        raise SelectionError(f"--attn pod runs on vLLM's {platforms} platforms, "
+                             f"not {ctx.platform!r}")
     owner = pod_backends.custom_owner()
     if owner is not None:
         raise SelectionError(f"--attn pod runs as vLLM's CUSTOM attention backend, which "
@@ -69,9 +70,9 @@ def vllm_ext_attention_backends() -> list[Component]:
                   _configure_stock_attn),
         Component("attn", "pod", "POD-Attention: prefills and decodes of a step in one kernel",
                   _configure_pod,
-                  options=(Option("impl", str, "triton: the Triton kernel (default on GPUs; interpreted "
-                                  "on CPUs, slow); torch: the PyTorch reference (default on "
-                                  "CPUs; on GPUs, for checking)",
+                  options=(Option("impl", str, "triton: the Triton kernel (default on GPUs; "
+                                  "interpreted on CPUs, slow); torch: the PyTorch reference "
+                                  "(default on CPUs; on GPUs, for checking)",
                                   choices=POD_IMPLS),
                            Option("kvp", int, "KV-cache parallelism over this many ranks "
                                   "(also --kvp N; default 1: none)"))),
