@@ -15,8 +15,8 @@ Engine core (the scheduler's process):
 | patch | what is patched | vLLM | needed by | why, and how | retired by |
 |---|---|---|---|---|---|
 | paged_block_pool | `Scheduler.__init__`; `BlockPool.get_num_free_blocks` and the free-block queue's methods, overridden | 0.32-0.34 | vattention | page-aware choice of free blocks and the physical cap; no hook supplies the block pool | a pluggable free-block policy (vllm-project/vllm#40270, open) |
-| slot_owner | `KVCacheManager.allocate_slots` | 0.32-0.34 | vattention | the block pool knows which request it allocates for (slots layout) | none yet: the request passed from `allocate_slots` to the block pool (closest: vllm-project/vllm#18433, open) |
-| page_ops_schedule | `Scheduler.schedule` | 0.32-0.34 | vattention | each step's page orders attached to the SchedulerOutput | plugin-built per-step metadata on the SchedulerOutput (vllm-project/vllm#37336, for KV connectors; to check whether it serves a non-connector plugin) |
+| slot_owner | `KVCacheManager.allocate_slots`, on each vattention engine's manager (installed by paged_block_pool) | 0.32-0.34 | vattention | the block pool knows which request it allocates for (slots layout) | none yet: the request passed from `allocate_slots` to the block pool (closest: vllm-project/vllm#18433, open) |
+| page_ops_schedule | `Scheduler.schedule`, on each vattention engine's scheduler (installed by paged_block_pool) | 0.32-0.34 | vattention | each step's page orders attached to the SchedulerOutput | plugin-built per-step metadata on the SchedulerOutput (vllm-project/vllm#37336, for KV connectors; to check whether it serves a non-connector plugin) |
 
 Workers (the model runner's processes):
 
@@ -58,8 +58,9 @@ from vllm_ext.patches.pp_eager_buffers import PPEagerBuffers
 from vllm_ext.patches.slot_owner import SlotOwner
 
 # In the table's order: front end, engine core, workers.
+_PER_ENGINE = (SlotOwner(), PageOpsSchedule())  # installed by paged_block_pool per engine
 PATCHES: tuple[Patch, ...] = (CliFlags(),
-                              PagedBlockPool(), SlotOwner(), PageOpsSchedule(),
+                              PagedBlockPool(per_engine=_PER_ENGINE), *_PER_ENGINE,
                               CpuCustomAttention(), KVPSlotMapping(), KVPoolAlloc(), PageOpsWorker(),
                               PPEagerBuffers())
 _BY_NAME = {p.name: p for p in PATCHES}

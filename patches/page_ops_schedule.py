@@ -3,7 +3,9 @@
 The scheduler decides which KV pages must be mapped; the workers own the memory,
 in other processes on vLLM's CPU platform. vLLM 0.32 has no field for extension
 data on the step it sends, so `Scheduler.schedule` is wrapped to attach the
-drained `PageOps` as one extra attribute, for engines whose block pool is paged.
+drained `PageOps` as one extra attribute. The wrapper is put on each vattention
+engine's own scheduler when `paged_block_pool` makes its pool paged, not on vLLM's
+class, so other engines' steps run vLLM's code alone.
 
 Invariant bent: a SchedulerOutput carries only vLLM's fields. Safe because the
 attribute has a name vLLM does not use, survives the pickling to worker processes
@@ -31,17 +33,19 @@ class PageOpsSchedule(Patch):
     vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("kv_allocator=vattention",)
 
-    def wrap(self, original: Any) -> Any:
-        @functools.wraps(original)
-        def schedule(sched, *args, **kwargs):
-            out = original(sched, *args, **kwargs)
-            pool = sched.kv_cache_manager.block_pool
-            take = getattr(pool, "take_page_ops", None)
-            if take is not None:
-                from vllm_ext.engine.vattention import OPS_ATTR
+    replaces = 0  # installed on each vattention engine (`install`, from paged_block_pool)
 
-                setattr(out, OPS_ATTR, take())
-                self.reached()
+    def install(self, sched: Any) -> None:
+        """Attach this scheduler's page orders to every step it schedules."""
+        from vllm_ext.engine.vattention import OPS_ATTR
+
+        original, take = sched.schedule, sched.kv_cache_manager.block_pool.take_page_ops
+
+        @functools.wraps(original)
+        def schedule(*args, **kwargs):
+            out = original(*args, **kwargs)
+            setattr(out, OPS_ATTR, take())
+            self.reached()
             return out
 
-        return schedule
+        sched.schedule = schedule

@@ -50,6 +50,11 @@ class PagedBlockPool(Patch):
     vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("kv_allocator=vattention",)
 
+    def __init__(self, per_engine: tuple[Patch, ...] = ()) -> None:
+        super().__init__()
+        # Patches installed on each vattention engine's scheduler once its pool is paged.
+        self.per_engine = per_engine
+
     def wrap(self, original: Any) -> Any:
         @functools.wraps(original)
         def __init__(sched, vllm_config, kv_cache_config, *args, **kwargs):
@@ -61,6 +66,10 @@ class PagedBlockPool(Patch):
                 self.reached()
                 make_paged(sched.kv_cache_manager.block_pool, kv_cache_config,
                            vllm_config.model_config.max_model_len, settings)
+                # This engine's own hot paths, not vLLM's classes: other engines of the
+                # process run vLLM's code alone.
+                for per_engine in self.per_engine:
+                    per_engine.install(sched)
 
         return __init__
 

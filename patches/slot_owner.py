@@ -4,10 +4,13 @@ In the slots layout every request's blocks are consecutive ids in a slot of its 
 so the pool must know the request when it hands out a block and when it counts the
 free blocks that request could get. vLLM 0.32's `BlockPool` sees neither; every
 allocation for a request goes through `KVCacheManager.allocate_slots`, which is
-wrapped to name the request on a paged pool for the duration of the call.
+wrapped to name the request on the pool for the duration of the call. The wrapper is
+put on each vattention engine's own KV cache manager when `paged_block_pool` makes its
+pool paged, not on vLLM's class: the call runs for every scheduled request of every
+step, and engines that did not choose vattention should not pay for it.
 
 Invariant bent: the block pool is request-agnostic. Safe because the name is only
-set on a paged pool (other engines' pools are untouched), is cleared when the call
+set on a paged pool (other engines' managers are untouched), is cleared when the call
 returns or raises, and the engine allocates for one request at a time.
 """
 
@@ -31,17 +34,21 @@ class SlotOwner(Patch):
     vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("kv_allocator=vattention",)
 
-    def wrap(self, original: Any) -> Any:
+    replaces = 0  # installed on each vattention engine (`install`, from paged_block_pool)
+
+    def install(self, sched: Any) -> None:
+        """Name each request on this scheduler's (paged) pool while allocating for it."""
+        manager = sched.kv_cache_manager
+        original = manager.allocate_slots
+
         @functools.wraps(original)
-        def allocate_slots(manager, request, *args, **kwargs):
-            pool = manager.block_pool
-            if not hasattr(pool, "planner"):
-                return original(manager, request, *args, **kwargs)
+        def allocate_slots(request, *args, **kwargs):
             self.reached()
+            pool = manager.block_pool
             pool.owner = request.request_id
             try:
-                return original(manager, request, *args, **kwargs)
+                return original(request, *args, **kwargs)
             finally:
                 pool.owner = None
 
-        return allocate_slots
+        manager.allocate_slots = allocate_slots

@@ -35,6 +35,7 @@ come first served. Preemption takes victims from the end of the same order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -105,13 +106,24 @@ class MnemosynePolicy:
     def order_key(self, req: ReqState, now: float) -> tuple:
         """Decodes first, in arrival order; then prefills by group (module docstring),
         overdue ones in arrival order, the others earliest deadline first."""
+        return self.order_key_until(req, now)[0]
+
+    def order_key_until(self, req: ReqState, now: float) -> tuple[tuple, float]:
+        """`order_key`, and the time until which it holds if the request does not
+        progress (up to rounding at that time). A deadline never moves, so a waiting
+        request's key changes only twice, when it falls behind (slack < 0) and when it
+        becomes overdue: a scheduler can keep keys until then instead of computing a
+        long queue's every step."""
         if req.is_decode:
-            return (0, req.arrival, 0.0, req.req_id)
+            return (0, req.arrival, 0.0, req.req_id), math.inf
         if self.overdue(req, now):
-            return (1, req.arrival, 0.0, req.req_id)
-        if self.slack(req, now) >= 0:
-            return (2, self.deadline(req), req.arrival, req.req_id)
-        return (3, self.remaining_s(req), req.arrival, req.req_id)
+            return (1, req.arrival, 0.0, req.req_id), math.inf
+        deadline, remaining = self.deadline(req), self.remaining_s(req)
+        overdue_after = deadline + self.config.overdue_s
+        if deadline - now - remaining >= 0:  # slack >= 0
+            return (2, deadline, req.arrival, req.req_id), \
+                min(deadline - remaining, overdue_after)
+        return (3, remaining, req.arrival, req.req_id), overdue_after
 
     def order(self, reqs: Iterable[ReqState], now: float) -> list[ReqState]:
         return sorted(reqs, key=lambda r: self.order_key(r, now))

@@ -22,12 +22,19 @@ class ReqState:
 
     @property
     def is_decode(self) -> bool:
-        return self.num_tokens > self.num_prompt_tokens and self.num_computed == self.num_tokens - 1
+        return is_decode(self.num_prompt_tokens, self.num_tokens, self.num_computed)
 
     @property
     def tokens_wanted(self) -> int:
         """Tokens this request would compute next step with an unlimited budget."""
         return self.num_tokens - self.num_computed
+
+
+def is_decode(num_prompt_tokens: int, num_tokens: int, num_computed: int) -> bool:
+    """Whether a request's next token is a decode: its prompt is done and only the last
+    generated token's KV is missing. A function of plain numbers, so that a scheduler's
+    per-step pass over hundreds of requests need not build a ReqState for each."""
+    return num_tokens > num_prompt_tokens and num_computed == num_tokens - 1
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:

@@ -78,7 +78,12 @@ class SarathiPolicy:
         The engine preempts from the end of this order, so the victim is the
         latest-arrived partial prefill, else the latest-arrived decode.
         """
-        return (0 if req.is_decode else 1, req.arrival, req.req_id)
+        return SarathiPolicy.key(req.is_decode, req.arrival, req.req_id)
+
+    @staticmethod
+    def key(decode: bool, arrival: float, req_id: str) -> tuple[int, float, str]:
+        """`order_key` from plain values (a scheduler sorts its whole batch every step)."""
+        return (0 if decode else 1, arrival, req_id)
 
     def order(self, running: Iterable[ReqState]) -> list[ReqState]:
         return sorted(running, key=self.order_key)

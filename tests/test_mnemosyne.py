@@ -15,6 +15,7 @@ from test_scheduler_properties import (BUDGETS, check_all_finish, check_blocks_f
                                        check_budget, check_stall_free, workloads)
 from test_scheduler_properties import STEP_MODEL
 from test_scheduler_properties import config, step_model_path  # noqa: F401  (fixtures)
+from vllm_ext.engine.scheduling import req_state
 from vllm_ext.tools.driver import Driver, Req
 from vllm_ext.schedulers.latency import StepShape
 from vllm_ext.schedulers.mnemosyne import MnemosyneConfig, MnemosynePolicy
@@ -45,6 +46,36 @@ def test_stall_free_within_budget_and_everything_finishes(config, workload, budg
         check_blocks_free(driver)
     check_stall_free(steps)
     check_victims_last(steps, MnemosynePolicy(MnemosyneConfig(ttft, allowance_ms, starvation)))
+
+
+@EXAMPLES
+@given(workload=workloads(), budget=st.sampled_from(BUDGETS),
+       ttft=st.sampled_from((0.5, 2.0, 8.0)), allowance_ms=st.sampled_from((0.0, 10.0, 100.0)),
+       starvation=st.sampled_from((None, 0.0, 3.0)))
+def test_the_kept_order_is_the_policys_order_at_every_step(config, workload, budget, ttft,
+                                                            allowance_ms, starvation):
+    """The scheduler keeps each request's order key while it holds, and sorts the waiting
+    queue again only when it changed; at every step both queues are in exactly the order
+    the policy gives afresh."""
+    reqs, blocks = workload
+    cfg = config(scheduler="mnemosyne", mnemosyne_token_budget=budget,
+                 mnemosyne_ttft_slo_s=ttft, mnemosyne_prefill_ms_per_token=allowance_ms,
+                 mnemosyne_starvation_s=starvation)
+    with Driver(cfg, blocks) as driver:
+        sched, order_running, sizes = driver.scheduler, driver.scheduler.order_running, []
+
+        def order_and_check():
+            order_running()
+            def fresh(queue):
+                return sorted(queue, key=lambda r: sched.deadlines.order_key(req_state(r),
+                                                                              sched._now))
+            assert list(sched.running) == fresh(sched.running)
+            assert list(sched.waiting) == fresh(sched.waiting)
+            sizes.append(len(sched.waiting))
+
+        sched.order_running = order_and_check
+        driver.run(reqs, max_steps=5000)
+    assert sizes
 
 
 def check_victims_last(steps, policy: MnemosynePolicy) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import time
 
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -26,7 +27,7 @@ from vllm_ext.schedulers import (MnemosynePolicy, PrefillFirstPolicy, ReqState, 
                                  SarathiPolicy)
 from vllm_ext.schedulers.adaptive import AdaptiveChunking, OnlineCorrection
 from vllm_ext.schedulers.latency import LatencyModel, StepShape
-from vllm_ext.schedulers.request import blocks_for
+from vllm_ext.schedulers.request import blocks_for, is_decode
 from vllm_ext.schedulers.steplog import StepLogWriter, StepRecord
 
 logger = logging.getLogger("vllm_ext")
@@ -35,6 +36,12 @@ logger = logging.getLogger("vllm_ext")
 def req_state(req: Request, num_computed: int | None = None) -> ReqState:
     return ReqState(req.request_id, req.arrival_time, req.num_prompt_tokens, req.num_tokens,
                     req.num_computed_tokens if num_computed is None else num_computed)
+
+
+def decoding(req: Request) -> bool:
+    """`req_state(req).is_decode`, without building the state: per-step passes over the
+    whole batch use this."""
+    return is_decode(req.num_prompt_tokens, req.num_tokens, req.num_computed_tokens)
 
 
 class StockScheduler(Scheduler):
@@ -71,7 +78,7 @@ class StockScheduler(Scheduler):
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         t0 = self.clock()
-        running_decodes = sum(req_state(r).is_decode for r in self.running)
+        running_decodes = sum(map(decoding, self.running))
         self.before_schedule()
         out = super().schedule(throttle_prefills)
         self.after_schedule(out)
@@ -117,17 +124,24 @@ class StockScheduler(Scheduler):
     def _record(self, out: SchedulerOutput, t0: float,
                 running_decodes: int) -> tuple[StepRecord, frozenset[str]]:
         """The step's record (wall time still 0) and the requests it prefills."""
-        # vLLM has already advanced num_computed_tokens past this step.
-        scheduled = [(req_state(self.requests[r], self.requests[r].num_computed_tokens - n), n)
-                     for r, n in out.num_scheduled_tokens.items()]
-        prefills = [(s, n) for s, n in scheduled if not s.is_decode]
-        prefilling = [s.req_id for s, _ in prefills]
-        partial = sum(s.num_computed + n < s.num_tokens for s, n in prefills)
-        shape = StepShape.of(scheduled)
+        # One pass, no per-request objects: this runs every step over the whole batch.
+        chunks, contexts, prefilling, partial = [], [], [], 0
+        requests = self.requests
+        for r, n in out.num_scheduled_tokens.items():
+            req = requests[r]
+            # vLLM has already advanced num_computed_tokens past this step.
+            computed, num_tokens = req.num_computed_tokens - n, req.num_tokens
+            if is_decode(req.num_prompt_tokens, num_tokens, computed):
+                contexts.append(computed + n)
+            else:
+                chunks.append((n, computed))
+                prefilling.append(r)
+                partial += computed + n < num_tokens
+        shape = StepShape(tuple(chunks), tuple(contexts))
         _, prefill, attention, _, decode_context = shape.features()
         predicted = self.predict(shape) if self.latency_model else 0.0
-        pipelined = len(self.prefills_in_flight().intersection(prefilling))
-        return StepRecord(t0, 0.0, len(shape.decode_contexts), int(prefill), len(prefills),
+        pipelined = len(self.prefills_in_flight().intersection(prefilling)) if prefilling else 0
+        return StepRecord(t0, 0.0, len(shape.decode_contexts), int(prefill), len(prefilling),
                           partial, running_decodes, len(out.preempted_req_ids or ()),
                           len(self.waiting), attention, int(decode_context), predicted,
                           pipelined), frozenset(prefilling)
@@ -158,6 +172,7 @@ class SarathiScheduler(StockScheduler):
                 f"engine's max_num_batched_tokens {self.max_num_scheduled_tokens}; select the "
                 f"scheduler through vllm_ext (flags or vllm_ext.engine_kwargs)")
         self.scheduler_reserve_full_isl = self.policy.reserve_full_prompt
+        self._decode_keys: dict[str, tuple[int, tuple]] = {}  # req_id -> (preemptions, key)
         self.adaptive = None
         if settings.latency_model:
             # Adaptive chunking's model; Mnemosyne's slack predicts prefill times with it.
@@ -178,15 +193,26 @@ class SarathiScheduler(StockScheduler):
     def order_running(self) -> None:
         """Put the running list in the policy's order (vLLM's loop hands out the budget
         in list order and preempts from its end)."""
-        self.running.sort(key=lambda r: self.policy.order_key(req_state(r)))
+        self.running.sort(key=self._running_key)
+
+    def _running_key(self, req: Request) -> tuple:
+        # A decode stays a decode, and so keeps its key, until it is preempted: the
+        # batch's hundreds of decodes are not looked at again every step.
+        kept = self._decode_keys.get(req.request_id)
+        if kept is not None and kept[0] == req.num_preemptions:
+            return kept[1]
+        decode = decoding(req)
+        key = self.policy.key(decode, req.arrival_time, req.request_id)
+        if decode:
+            self._decode_keys[req.request_id] = (req.num_preemptions, key)
+        return key
 
     def prefills_in_order(self) -> list[ReqState]:
         """The prefills this step may serve, in the order the engine will serve them
         (partial ones in the running list, then the head of the waiting queue); what
         adaptive chunking plans for. A waiting prompt starts after its prefix-cache hit:
         that is where its chunk will run, and what its attention costs."""
-        states = [req_state(r) for r in self.running]
-        return ([s for s in states if not s.is_decode]
+        return ([req_state(r) for r in self.running if not decoding(r)]
                 + [req_state(r, self.cached_tokens(r)) for _, r in zip(range(8), self.waiting)])
 
     def step_done(self, rec: StepRecord) -> None:
@@ -194,6 +220,8 @@ class SarathiScheduler(StockScheduler):
             self.correction.observe(rec.predicted_s / self.correction.factor, rec.wall_s)
 
     def before_schedule(self) -> None:
+        if len(self._decode_keys) > 2 * len(self.requests) + 64:  # forget finished requests
+            self._decode_keys = {r: k for r, k in self._decode_keys.items() if r in self.requests}
         self.order_running()
         if not self.policy.config.sequence_pipeline:
             # Plain pipeline parallelism: a prompt's next chunk waits until its previous
@@ -207,7 +235,7 @@ class SarathiScheduler(StockScheduler):
                                                         self.current_step + 2)
         if self.adaptive is not None:
             # vLLM reads this budget afresh every step; it stays within the engine's maximum.
-            decodes = [s for s in map(req_state, self.running) if s.is_decode]
+            decodes = [req_state(r) for r in self.running if decoding(r)]
             plan = self.adaptive.plan(decodes, self.prefills_in_order(), self.correction.factor)
             self.max_num_scheduled_tokens = plan.tokens
 
@@ -233,6 +261,11 @@ class MnemosyneScheduler(SarathiScheduler):
         self._head_refused = False
         self._first_due: list[ReqState] = []
         self._now = 0.0  # when this step's order was made, on the arrival clock
+        # Each request's order key while it holds: req_id -> (tokens computed when it was
+        # made, what the prediction was made with, the key, the time from which it may
+        # not hold (then it is made afresh, so a boundary is never guessed), preemptions).
+        # The queues are sorted every step; their keys change only at known times.
+        self._keys: dict[str, tuple[int, float, tuple, float, int]] = {}
 
     def sarathi_config(self) -> SarathiConfig:
         # Without a TBT target its step-time model only predicts prefill times.
@@ -246,16 +279,43 @@ class MnemosyneScheduler(SarathiScheduler):
         return max(0.0, self.predict(shape) - self.predict(StepShape()))
 
     def _key(self, req: Request) -> tuple:
-        return self.deadlines.order_key(req_state(req), self._now)
+        computed = req.num_computed_tokens
+        # Predictions scale with adaptive chunking's online correction.
+        factor = self.correction.factor if self.adaptive is not None else 1.0
+        kept = self._keys.get(req.request_id)
+        if kept is not None and (
+                (kept[2][0] == 0 and kept[4] == req.num_preemptions)  # decodes: until preempted
+                or (kept[0] == computed and kept[1] == factor and self._now < kept[3])):
+            return kept[2]
+        key, until = self.deadlines.order_key_until(req_state(req), self._now)
+        self._keys[req.request_id] = (computed, factor, key, until, req.num_preemptions)
+        return key
 
     def order_running(self) -> None:
         self._now = self.arrival_clock()
+        if len(self._keys) > 2 * len(self.requests) + 64:  # forget finished requests
+            self._keys = {r: k for r, k in self._keys.items() if r in self.requests}
         self.running.sort(key=self._key)
-        if isinstance(self.waiting, collections.deque) and len(self.waiting) > 1:
+        if isinstance(self.waiting, collections.deque) and len(self.waiting) > 1 and (
+                self._waiting_changed or self.adaptive is not None
+                or self._now >= self._waiting_until):
             ordered = sorted(self.waiting, key=self._key)
             self.waiting.clear()
             self.waiting.extend(ordered)
+            self._waiting_until = min(self._keys[r.request_id][3] for r in ordered)
+            self._waiting_changed = False
         self._held = self._hold_outranked()
+
+    # The waiting queue stays in order between steps unless a request joins it (at the
+    # end) or is preempted into it (at the head), or a key expires: vLLM admits from its
+    # head and puts back requests it skipped in their order, and removals keep it
+    # sorted. Otherwise a queue of thousands is not sorted again.
+    _waiting_changed = True
+    _waiting_until = -math.inf
+
+    def add_request(self, request: Request) -> None:
+        super().add_request(request)
+        self._waiting_changed = True
 
     def _hold_outranked(self) -> set[str]:
         head = self.waiting.peek_request() if self.waiting else None
@@ -270,7 +330,7 @@ class MnemosyneScheduler(SarathiScheduler):
         head_key, held = self._key(head), set()
         hold = self.current_step + 2  # schedule() is about to advance current_step by one
         for req in self.running:
-            if not req_state(req).is_decode and self._key(req) > head_key:
+            if not decoding(req) and self._key(req) > head_key:
                 req.next_decode_eligible_step = max(req.next_decode_eligible_step, hold)
                 held.add(req.request_id)
         self._held_head = head.request_id
@@ -280,6 +340,8 @@ class MnemosyneScheduler(SarathiScheduler):
         # A hold whose head vLLM still did not admit (its own checks are the last word)
         # is not repeated next step: held prefills never wait on a head that cannot come.
         self._head_refused = bool(self._held) and self._held_head not in out.num_scheduled_tokens
+        if out.preempted_req_ids:
+            self._waiting_changed = True
 
     def prefills_in_order(self) -> list[ReqState]:
         return [s for s in super().prefills_in_order() if s.req_id not in self._held]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -46,13 +47,13 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 import vllm_ext
 from vllm_ext import envs
+from vllm_ext.engine.scheduling import StockScheduler, req_state
+from vllm_ext.schedulers.latency import StepShape
+from vllm_ext.schedulers.request import ReqState
 
 # Up to vLLM 0.33 a model runner's output carries its own request index; 0.34 dropped it
 # (the index is the position in req_ids).
 _INDEXED_OUTPUT = "req_id_to_index" in {f.name for f in fields(ModelRunnerOutput)}
-from vllm_ext.schedulers.latency import StepShape
-from vllm_ext.schedulers.request import ReqState
-from vllm_ext.engine.scheduling import StockScheduler, req_state
 
 __all__ = ["Driver", "Livelock", "Req", "Step", "Tick", "engine_config", "kv_cache_config"]
 
@@ -173,6 +174,9 @@ class Tick:
     shape: StepShape
     finished: tuple[str, ...]
     delivered: dict[str, int]  # output tokens each request received at the step's end
+    # Wall seconds this process spent in the scheduler's schedule() and
+    # update_from_output() (the host's work per step; making up the output is not in it).
+    host_s: float = 0.0
 
 
 class Livelock(RuntimeError):
@@ -188,16 +192,19 @@ class Driver:
 
     The driver sets `config.cache_config.num_gpu_blocks`, as the engine core does once
     it has sized the KV cache, so drivers may share a config but not run interleaved.
+    With `step_log`, vllm-ext's schedulers write their step records where the environment
+    says (VLLMEXT_STATS_DIR), as in a served engine: for measuring what they cost.
     """
 
     def __init__(self, config: VllmConfig, num_blocks: int,
-                 step_time: Callable[[StepShape], float] = _one_unit) -> None:
+                 step_time: Callable[[StepShape], float] = _one_unit,
+                 step_log: bool = False) -> None:
         config.cache_config.num_gpu_blocks = num_blocks
         kv_config = kv_cache_config(config, num_blocks)
         block_size, hash_block_size = resolve_kv_cache_block_sizes(kv_config, config)
         self.step_time = step_time
         self.now = 0.0
-        with _no_step_log():
+        with contextlib.nullcontext() if step_log else _no_step_log():
             self.scheduler: Scheduler = config.scheduler_config.get_scheduler_cls()(
                 vllm_config=config, kv_cache_config=kv_config,
                 structured_output_manager=StructuredOutputManager(config),
@@ -226,16 +233,18 @@ class Driver:
         """One step: schedule, time it, hand the made-up output back (what a
         simulation needs, without `step`'s copies of the queues)."""
         sched, start = self.scheduler, self.now
+        began = time.perf_counter()
         out = sched.schedule()
+        host_s = time.perf_counter() - began
         # vLLM has already advanced num_computed_tokens past this step.
         states = {r: req_state(sched.requests[r], sched.requests[r].num_computed_tokens - n)
                   for r, n in out.num_scheduled_tokens.items()}
         shape = StepShape.of((states[r], n) for r, n in out.num_scheduled_tokens.items())
         duration = self.step_time(shape)
         self.now += duration
-        finished, delivered = self._finish_step(out)
+        finished, delivered, update_s = self._finish_step(out)
         self._num_steps += 1
-        return Tick(start, duration, out, states, shape, finished, delivered)
+        return Tick(start, duration, out, states, shape, finished, delivered, host_s + update_s)
 
     def step(self) -> Step:
         sched = self.scheduler
@@ -250,9 +259,11 @@ class Driver:
                     frozenset(out.preempted_req_ids or ()), tick.finished,
                     self.block_pool.get_num_free_blocks())
 
-    def _finish_step(self, out: SchedulerOutput) -> tuple[tuple[str, ...], dict[str, int]]:
+    def _finish_step(self, out: SchedulerOutput
+                     ) -> tuple[tuple[str, ...], dict[str, int], float]:
         """Hand the scheduler the model runner's made-up answer: the requests it
-        finished, and the output tokens it delivered to each request."""
+        finished, the output tokens it delivered to each request, and the seconds
+        update_from_output() took."""
         ids = list(out.num_scheduled_tokens)
         requests = self.scheduler.requests
         sampled = [[SAMPLED_TOKEN] if requests[r].num_computed_tokens >= requests[r].num_tokens
@@ -260,7 +271,10 @@ class Driver:
         answer = ModelRunnerOutput(req_ids=ids, sampled_token_ids=sampled, **(
             {"req_id_to_index": {r: i for i, r in enumerate(ids)}} if _INDEXED_OUTPUT else {}))
         finished, delivered = [], {}
-        for outputs in self.scheduler.update_from_output(out, answer).values():
+        began = time.perf_counter()
+        engine_outputs = self.scheduler.update_from_output(out, answer)
+        update_s = time.perf_counter() - began
+        for outputs in engine_outputs.values():
             for o in outputs.outputs:
                 if o.new_token_ids:
                     self.outputs[o.request_id].extend(o.new_token_ids)
@@ -268,7 +282,7 @@ class Driver:
                 if o.finish_reason is not None:
                     self.finish_reasons[o.request_id] = o.finish_reason
                     finished.append(o.request_id)
-        return tuple(finished), delivered
+        return tuple(finished), delivered, update_s
 
     def run(self, workload: Iterable[Req], max_steps: int = 10_000) -> list[Step]:
         """Steps until every request of the workload, each added at its arrival, has
