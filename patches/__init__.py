@@ -59,10 +59,11 @@ from vllm_ext.patches.slot_owner import SlotOwner
 
 # In the table's order: front end, engine core, workers.
 _PER_ENGINE = (SlotOwner(), PageOpsSchedule())  # installed by paged_block_pool per engine
-PATCHES: tuple[Patch, ...] = (CliFlags(),
-                              PagedBlockPool(per_engine=_PER_ENGINE), *_PER_ENGINE,
-                              CpuCustomAttention(), KVPSlotMapping(), KVPoolAlloc(), PageOpsWorker(),
-                              PPEagerBuffers())
+PATCHES: tuple[Patch, ...] = (
+    CliFlags(),
+    PagedBlockPool(per_engine=_PER_ENGINE), *_PER_ENGINE,
+    CpuCustomAttention(), KVPSlotMapping(), KVPoolAlloc(), PageOpsWorker(), PPEagerBuffers(),
+)
 _BY_NAME = {p.name: p for p in PATCHES}
 # Patches that did not fit this process's vLLM, with the reason.
 _refused: dict[str, str] = {}
