@@ -356,9 +356,12 @@ class MnemosyneScheduler(SarathiScheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         # The requests whose first token this step samples (a request may finish on it
-        # and leave `self.requests` during the update).
+        # and leave `self.requests` during the update): among the step's prefills only,
+        # which the oldest step in flight is (not among the batch's hundreds of decodes).
+        prefilling = (self._prefills_in_flight[0]
+                      if scheduler_output.total_num_scheduled_tokens else ())
         self._first_due = [
-            req_state(req) for r in scheduler_output.num_scheduled_tokens
+            req_state(req) for r in prefilling
             if (req := self.requests.get(r)) is not None and req.num_output_tokens == 0
             and req.num_computed_tokens >= req.num_prompt_tokens]
         return super().update_from_output(scheduler_output, model_runner_output)
