@@ -28,13 +28,13 @@ from typing import Any
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-REACHED_FILE = "patches-reached.log"
+REACHED_FILE = "patches-reached.log"  # in the stats directory: "name pid" per first reach
 
 # The vLLM process a patch runs in (patches/__init__.py lists them so grouped).
 FRONT_END = "front end"  # the process that parses flags (vllm serve's API server)
 ENGINE_CORE = "engine core"  # the scheduler's process
 WORKER = "worker"  # the model runner's processes
-PROCESSES = (FRONT_END, ENGINE_CORE, WORKER)  # in the stats directory: "name pid" per first reach
+PROCESSES = (FRONT_END, ENGINE_CORE, WORKER)
 
 
 class PatchError(RuntimeError):

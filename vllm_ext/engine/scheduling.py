@@ -44,6 +44,44 @@ def decoding(req: Request) -> bool:
     return is_decode(req.num_prompt_tokens, req.num_tokens, req.num_computed_tokens)
 
 
+class KeptKeys:
+    """Each request's order key, kept between steps while it holds, so that a step does
+    not look afresh at the batch's hundreds of decodes and a queue of thousands.
+
+    A decode stays a decode, and so keeps its key, until it is preempted. Any other key
+    holds while the request computes nothing more, the policy predicts with the same
+    `version` (adaptive chunking's online correction), and until the time `until` the
+    policy gives (then it is made afresh, so a boundary is never guessed)."""
+
+    def __init__(self) -> None:
+        # req_id -> (decode, preemptions, computed, version, until, key)
+        self._kept: dict[str, tuple[bool, int, int, float, float, tuple]] = {}
+
+    def get(self, req: Request, now: float = 0.0, version: float = 1.0) -> tuple | None:
+        kept = self._kept.get(req.request_id)
+        if kept is None:
+            return None
+        decode, preemptions, computed, kept_version, until, key = kept
+        if (decode and preemptions == req.num_preemptions) or (
+                computed == req.num_computed_tokens and kept_version == version and now < until):
+            return key
+        return None
+
+    def put(self, req: Request, key: tuple, decode: bool, until: float = math.inf,
+            version: float = 1.0) -> tuple:
+        self._kept[req.request_id] = (decode, req.num_preemptions, req.num_computed_tokens,
+                                      version, until, key)
+        return key
+
+    def until(self, req: Request) -> float:
+        return self._kept[req.request_id][4]
+
+    def forget_finished(self, live: dict) -> None:
+        """Drop the keys of requests the scheduler no longer has, now and then."""
+        if len(self._kept) > 2 * len(live) + 64:
+            self._kept = {r: k for r, k in self._kept.items() if r in live}
+
+
 class StockScheduler(Scheduler):
     """vLLM's scheduler unchanged, with step records: the baseline of every A/B run."""
 
@@ -172,7 +210,7 @@ class SarathiScheduler(StockScheduler):
                 f"engine's max_num_batched_tokens {self.max_num_scheduled_tokens}; select the "
                 f"scheduler through vllm_ext (flags or vllm_ext.engine_kwargs)")
         self.scheduler_reserve_full_isl = self.policy.reserve_full_prompt
-        self._decode_keys: dict[str, tuple[int, tuple]] = {}  # req_id -> (preemptions, key)
+        self._keys = KeptKeys()
         self.adaptive = None
         if settings.latency_model:
             # Adaptive chunking's model; Mnemosyne's slack predicts prefill times with it.
@@ -196,15 +234,11 @@ class SarathiScheduler(StockScheduler):
         self.running.sort(key=self._running_key)
 
     def _running_key(self, req: Request) -> tuple:
-        # A decode stays a decode, and so keeps its key, until it is preempted: the
-        # batch's hundreds of decodes are not looked at again every step.
-        kept = self._decode_keys.get(req.request_id)
-        if kept is not None and kept[0] == req.num_preemptions:
-            return kept[1]
-        decode = decoding(req)
-        key = self.policy.key(decode, req.arrival_time, req.request_id)
-        if decode:
-            self._decode_keys[req.request_id] = (req.num_preemptions, key)
+        key = self._keys.get(req)
+        if key is None:
+            decode = decoding(req)
+            key = self._keys.put(req, self.policy.key(decode, req.arrival_time, req.request_id),
+                                 decode)
         return key
 
     def prefills_in_order(self) -> list[ReqState]:
@@ -220,8 +254,7 @@ class SarathiScheduler(StockScheduler):
             self.correction.observe(rec.predicted_s / self.correction.factor, rec.wall_s)
 
     def before_schedule(self) -> None:
-        if len(self._decode_keys) > 2 * len(self.requests) + 64:  # forget finished requests
-            self._decode_keys = {r: k for r, k in self._decode_keys.items() if r in self.requests}
+        self._keys.forget_finished(self.requests)
         self.order_running()
         if not self.policy.config.sequence_pipeline:
             # Plain pipeline parallelism: a prompt's next chunk waits until its previous
@@ -261,11 +294,12 @@ class MnemosyneScheduler(SarathiScheduler):
         self._head_refused = False
         self._first_due: list[ReqState] = []
         self._now = 0.0  # when this step's order was made, on the arrival clock
-        # Each request's order key while it holds: req_id -> (tokens computed when it was
-        # made, what the prediction was made with, the key, the time from which it may
-        # not hold (then it is made afresh, so a boundary is never guessed), preemptions).
-        # The queues are sorted every step; their keys change only at known times.
-        self._keys: dict[str, tuple[int, float, tuple, float, int]] = {}
+        # The waiting queue stays in order between steps unless a request joins it (at the
+        # end) or is preempted into it (at the head), or a key expires: vLLM admits from
+        # its head and puts back requests it skipped in their order, and removals keep it
+        # sorted. Otherwise a queue of thousands is not sorted again.
+        self._waiting_changed = True
+        self._waiting_until = -math.inf
 
     def sarathi_config(self) -> SarathiConfig:
         # Without a TBT target its step-time model only predicts prefill times.
@@ -279,22 +313,17 @@ class MnemosyneScheduler(SarathiScheduler):
         return max(0.0, self.predict(shape) - self.predict(StepShape()))
 
     def _key(self, req: Request) -> tuple:
-        computed = req.num_computed_tokens
         # Predictions scale with adaptive chunking's online correction.
         factor = self.correction.factor if self.adaptive is not None else 1.0
-        kept = self._keys.get(req.request_id)
-        if kept is not None and (
-                (kept[2][0] == 0 and kept[4] == req.num_preemptions)  # decodes: until preempted
-                or (kept[0] == computed and kept[1] == factor and self._now < kept[3])):
-            return kept[2]
-        key, until = self.deadlines.order_key_until(req_state(req), self._now)
-        self._keys[req.request_id] = (computed, factor, key, until, req.num_preemptions)
+        key = self._keys.get(req, self._now, factor)
+        if key is None:
+            state = req_state(req)
+            key, until = self.deadlines.order_key_until(state, self._now)
+            self._keys.put(req, key, state.is_decode, until, factor)
         return key
 
     def order_running(self) -> None:
         self._now = self.arrival_clock()
-        if len(self._keys) > 2 * len(self.requests) + 64:  # forget finished requests
-            self._keys = {r: k for r, k in self._keys.items() if r in self.requests}
         self.running.sort(key=self._key)
         if isinstance(self.waiting, collections.deque) and len(self.waiting) > 1 and (
                 self._waiting_changed or self.adaptive is not None
@@ -302,16 +331,9 @@ class MnemosyneScheduler(SarathiScheduler):
             ordered = sorted(self.waiting, key=self._key)
             self.waiting.clear()
             self.waiting.extend(ordered)
-            self._waiting_until = min(self._keys[r.request_id][3] for r in ordered)
+            self._waiting_until = min(map(self._keys.until, ordered))
             self._waiting_changed = False
         self._held = self._hold_outranked()
-
-    # The waiting queue stays in order between steps unless a request joins it (at the
-    # end) or is preempted into it (at the head), or a key expires: vLLM admits from its
-    # head and puts back requests it skipped in their order, and removals keep it
-    # sorted. Otherwise a queue of thousands is not sorted again.
-    _waiting_changed = True
-    _waiting_until = -math.inf
 
     def add_request(self, request: Request) -> None:
         super().add_request(request)

@@ -18,12 +18,12 @@ import torch
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder)
 
-from vllm_ext.kernels import reference
-from vllm_ext.kernels.kvp import shard_attention
-from vllm_ext.kernels.merge import merge_attention
-from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS, leading_decodes
 from vllm_ext.engine.pod.support import check_layer
 from vllm_ext.engine.pod.support import impl as pod_impl
+from vllm_ext.kernels import reference
+from vllm_ext.kernels.kvp import shard_attention
+from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS, leading_decodes
+from vllm_ext.kernels.merge import merge_attention
 
 
 def _triton_kernels():

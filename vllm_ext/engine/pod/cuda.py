@@ -37,9 +37,9 @@ import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder
 from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
 
+from vllm_ext.engine.pod.support import DTYPES, check_layer, impl, refusal, unsupported
 from vllm_ext.kernels import reference
 from vllm_ext.kernels.limits import SUPPORTED_HEAD_DIMS, leading_decodes
-from vllm_ext.engine.pod.support import DTYPES, check_layer, impl, refusal, unsupported
 
 IMPL_DEFAULT = "triton"
 
