@@ -1,7 +1,8 @@
 """Per-step host cost of each scheduler at GPU batch sizes: stock vLLM's class against each
 vllm-ext class, in process, no model.
 
-    python benchmarks/scheduler_cost.py [--steps 20] [--repeats 6] [--out benchmarks/results]
+    python benchmarks/scheduler_cost.py [--steps 20] [--repeats 6] [--loop sync|async|both]
+                                        [--out benchmarks/results]
 
 Why: on a GPU a decode step lasts 10-30 ms, and what the scheduler spends on the host is
 either on the critical path (the synchronous loop) or must hide behind the device (the
@@ -12,7 +13,9 @@ are timed: `schedule()` and `update_from_output()`.
 
 Each configuration is built as `vllm serve` would build it for CUDA (the simulator's arm
 configs: 16-token blocks, vllm-ext's selections resolved for CUDA), with one token budget
-for every arm (2048, vLLM's A100 default) and step records on, as in a served engine. At
+for every arm (2048, vLLM's A100 default) and step records on, as in a served engine, on
+each of vLLM's loops: the async one CUDA runs by default (vLLM's `AsyncScheduler` and
+vllm-ext's classes on it) and the synchronous one (`--no-async-scheduling`). At
 each point R requests decode (prompts of 256 tokens, already prefilled before the
 measured steps) and W more wait behind `--max-num-seqs R`, so the waiting queue stays W
 long. At each point the arms' schedulers are built side by side and stepped in turn, one
@@ -55,13 +58,15 @@ ARMS = {
 }
 RUNNING = (64, 256, 1024)
 WAITING = (0, 1024, 4096)
+LOOPS = {"async": [], "sync": ["--no-async-scheduling"]}
 
 
-def _config(shape_dir: str, flags: list[str], running: int):
+def _config(shape_dir: str, flags: list[str], running: int, loop: str):
     from vllm_ext.simulate.arms import Target, arm_config
 
     return arm_config(shape_dir, ["--max-model-len", str(MAX_MODEL_LEN), "--max-num-batched-tokens",
-                                  str(BUDGET), "--max-num-seqs", str(running), *flags],
+                                  str(BUDGET), "--max-num-seqs", str(running), *LOOPS[loop],
+                                  *flags],
                       Target("cuda", block_size=16))
 
 
@@ -89,7 +94,7 @@ def without_patches():
             setattr(owner, attr, current)
 
 
-def measure(shape_dir: str, running: int, waiting: int, steps: int,
+def measure(shape_dir: str, loop: str, running: int, waiting: int, steps: int,
             first: int = 0) -> dict[str, list[float]]:
     """Host seconds per measured step, for every arm at one point. The arms' schedulers
     are built side by side and stepped in turn, one step each, starting with a different
@@ -101,7 +106,7 @@ def measure(shape_dir: str, running: int, waiting: int, steps: int,
     with contextlib.ExitStack() as stack:
         # Built starting with arm `first`: the first one built runs measurably slower here
         # (about 5%, seen with the same class twice), so each repeat starts elsewhere.
-        drivers = {arm: stack.enter_context(Driver(_config(shape_dir, ARMS[arm], running),
+        drivers = {arm: stack.enter_context(Driver(_config(shape_dir, ARMS[arm], running, loop),
                                                    running * per_request + 64, step_log=True))
                    for arm in names[first:] + names[:first]}
         for driver in drivers.values():
@@ -134,8 +139,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20, help="measured steps per arm and repeat")
     ap.add_argument("--repeats", type=int, default=len(ARMS),
                     help="fresh schedulers per point, each repeat built from another arm on")
+    ap.add_argument("--loop", choices=(*LOOPS, "both"), default="both",
+                    help="vLLM's loop(s) to step the schedulers on")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
+    loops = list(LOOPS) if args.loop == "both" else [args.loop]
 
     from tqdm import tqdm
 
@@ -146,9 +154,9 @@ def main() -> int:
     # Step records go where a served engine's go: a directory the front end made.
     os.environ.setdefault("VLLMEXT_STATS_DIR", tempfile.mkdtemp(prefix="vllmext-cost-"))
     shape_dir = _shape_dir("llama-3-8b", SHAPES["llama-3-8b"])
-    points = [(r, w) for r in RUNNING for w in WAITING]
-    samples: dict[tuple[int, int], dict[str, list[float]]] = {p: {a: [] for a in ARMS}
-                                                               for p in points}
+    points = [(loop, r, w) for loop in loops for r in RUNNING for w in WAITING]
+    samples: dict[tuple[str, int, int], dict[str, list[float]]] = {
+        p: {a: [] for a in ARMS} for p in points}
     bar = tqdm(total=len(points) * args.repeats, desc="points x repeats")
     for point in points:
         for repeat in range(args.repeats):
@@ -162,26 +170,32 @@ def main() -> int:
     base = STOCK
     lines = ["# Per-step host cost of each scheduler", "",
              f"{time.strftime('%Y-%m-%d')}; {machine()}. `python benchmarks/scheduler_cost.py "
-             f"--steps {args.steps} --repeats {args.repeats}`: schedule() + update_from_output() "
-             f"per step, P50 over {args.steps * args.repeats} decode steps per arm and point; "
-             f"vLLM's synchronous loop, budget {BUDGET}, prompts of {PROMPT} tokens, step "
-             f"records on, CUDA's 16-token blocks.", "",
-             "| running + waiting | " + f"{base} ms | "
-             + " | ".join(f"`{a}`" for a in ARMS if a != base) + " |",
-             "|---|---|" + "---|" * (len(ARMS) - 1)]
-    for (running, waiting), arms in p50.items():
-        lines.append(f"| {running} + {waiting} | {1e3 * arms[base]:.2f} | " + " | ".join(
-            f"{arms[a] / arms[base]:.2f}x" for a in ARMS if a != base) + " |")
-    lines += ["", "Each column is that arm's P50 over stock vLLM's P50 at the same point (issue "
-                  "22's target for vllm-ext's schedulers: at most 1.10x). Stock vLLM is vLLM's "
-                  "own class with vllm-ext's patches taken out for its steps; the next column is "
-                  "the same class with them in, as in any process where vllm-ext is installed."]
+             f"--steps {args.steps} --repeats {args.repeats} --loop {args.loop}`: "
+             f"schedule() + update_from_output() per step, P50 over "
+             f"{args.steps * args.repeats} decode steps per arm and point; budget {BUDGET}, "
+             f"prompts of {PROMPT} tokens, step records on, CUDA's 16-token blocks."]
+    for loop in loops:
+        stock_class = "AsyncScheduler" if loop == "async" else "Scheduler"
+        lines += ["", f"## vLLM's {loop} loop (stock: vLLM's `{stock_class}`)", "",
+                  "| running + waiting | " + f"{base} ms | "
+                  + " | ".join(f"`{a}`" for a in ARMS if a != base) + " |",
+                  "|---|---|" + "---|" * (len(ARMS) - 1)]
+        for (at, running, waiting), arms in p50.items():
+            if at == loop:
+                lines.append(f"| {running} + {waiting} | {1e3 * arms[base]:.2f} | " + " | ".join(
+                    f"{arms[a] / arms[base]:.2f}x" for a in ARMS if a != base) + " |")
+    lines += ["", "Each column is that arm's P50 over stock vLLM's P50 at the same point and "
+                  "loop (issue 22's target for vllm-ext's schedulers: at most 1.10x). Stock "
+                  "vLLM is vLLM's own class for the loop with vllm-ext's patches taken out for "
+                  "its steps; the next column is the same class with them in, as in any process "
+                  "where vllm-ext is installed."]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scheduler-cost-cpu.md").write_text("\n".join(lines) + "\n")
     (out / "scheduler-cost-cpu.json").write_text(json.dumps(
         {"machine": machine(), "steps": args.steps, "repeats": args.repeats, "budget": BUDGET,
-         "points": [{"running": r, "waiting": w, "p50_s": p50[(r, w)]} for r, w in points]},
+         "points": [{"loop": loop, "running": r, "waiting": w, "p50_s": p50[(loop, r, w)]}
+                    for loop, r, w in points]},
         indent=1))
     print("\n".join(lines))
     return 0

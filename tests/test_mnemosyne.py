@@ -5,14 +5,13 @@ starvation under a stream of short requests."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from test_scheduler_properties import (BUDGETS, check_all_finish, check_blocks_free,
-                                       check_budget, check_stall_free, workloads)
+from test_scheduler_properties import (BUDGETS, EXAMPLES, LOOPS, check_all_finish,
+                                       check_blocks_free, check_budget, check_stall_free,
+                                       workloads)
 from test_scheduler_properties import STEP_MODEL
 from test_scheduler_properties import config, step_model_path  # noqa: F401  (fixtures)
 from vllm_ext.engine.scheduling import req_state
@@ -24,19 +23,17 @@ from vllm_ext.schedulers.sarathi import KV_ADMISSION
 
 pytestmark = pytest.mark.release
 
-EXAMPLES = settings(max_examples=int(os.environ.get("VLLMEXT_PROPERTY_EXAMPLES", 300)) // 4,
-                    derandomize=True, database=None, deadline=None)
-
-
+@LOOPS
 @EXAMPLES
 @given(workload=workloads(), budget=st.sampled_from(BUDGETS),
        admission=st.sampled_from(KV_ADMISSION), ttft=st.sampled_from((0.5, 2.0, 8.0)),
        allowance_ms=st.sampled_from((0.0, 10.0, 100.0)),
        starvation=st.sampled_from((None, 0.0, 3.0)))
-def test_stall_free_within_budget_and_everything_finishes(config, workload, budget, admission,
-                                                          ttft, allowance_ms, starvation):
+def test_stall_free_within_budget_and_everything_finishes(config, loop, workload, budget,
+                                                          admission, ttft, allowance_ms,
+                                                          starvation):
     reqs, blocks = workload
-    cfg = config(scheduler="mnemosyne", mnemosyne_token_budget=budget,
+    cfg = config(loop, scheduler="mnemosyne", mnemosyne_token_budget=budget,
                  mnemosyne_kv_admission=admission, mnemosyne_ttft_slo_s=ttft,
                  mnemosyne_prefill_ms_per_token=allowance_ms, mnemosyne_starvation_s=starvation)
     with Driver(cfg, blocks) as driver:
@@ -44,21 +41,22 @@ def test_stall_free_within_budget_and_everything_finishes(config, workload, budg
         check_budget(steps, budget)
         check_all_finish(driver, reqs)
         check_blocks_free(driver)
-    check_stall_free(steps)
+    check_stall_free(steps, reqs)
     check_victims_last(steps, MnemosynePolicy(MnemosyneConfig(ttft, allowance_ms, starvation)))
 
 
+@LOOPS
 @EXAMPLES
 @given(workload=workloads(), budget=st.sampled_from(BUDGETS),
        ttft=st.sampled_from((0.5, 2.0, 8.0)), allowance_ms=st.sampled_from((0.0, 10.0, 100.0)),
        starvation=st.sampled_from((None, 0.0, 3.0)))
-def test_the_kept_order_is_the_policys_order_at_every_step(config, workload, budget, ttft,
+def test_the_kept_order_is_the_policys_order_at_every_step(config, loop, workload, budget, ttft,
                                                             allowance_ms, starvation):
     """The scheduler keeps each request's order key while it holds, and sorts the waiting
     queue again only when it changed; at every step both queues are in exactly the order
     the policy gives afresh."""
     reqs, blocks = workload
-    cfg = config(scheduler="mnemosyne", mnemosyne_token_budget=budget,
+    cfg = config(loop, scheduler="mnemosyne", mnemosyne_token_budget=budget,
                  mnemosyne_ttft_slo_s=ttft, mnemosyne_prefill_ms_per_token=allowance_ms,
                  mnemosyne_starvation_s=starvation)
     with Driver(cfg, blocks) as driver:
@@ -87,20 +85,22 @@ def check_victims_last(steps, policy: MnemosynePolicy) -> None:
             assert set(order[len(order) - len(s.preempted):]) == s.preempted, (order, s)
 
 
+@LOOPS
 @EXAMPLES
 @given(workload=workloads(), budget=st.sampled_from(BUDGETS),
        admission=st.sampled_from(KV_ADMISSION))
-def test_equal_deadline_offsets_schedule_first_come_first_served(config, workload, budget,
+def test_equal_deadline_offsets_schedule_first_come_first_served(config, loop, workload, budget,
                                                                  admission):
     """With no per-token allowance every deadline is arrival + the same SLO, and with an
     SLO no request misses none is late: the order is arrival order, so the steps are
     Sarathi's."""
     reqs, blocks = workload
     common = dict(token_budget=budget, kv_admission=admission)
-    mnemo = config(scheduler="mnemosyne", mnemosyne_prefill_ms_per_token=0.0,
+    mnemo = config(loop, scheduler="mnemosyne", mnemosyne_prefill_ms_per_token=0.0,
                    mnemosyne_ttft_slo_s=1e6,
                    **{f"mnemosyne_{k}": v for k, v in common.items()})
-    sarathi = config(scheduler="sarathi", **{f"sarathi_{k}": v for k, v in common.items()})
+    sarathi = config(loop, scheduler="sarathi",
+                     **{f"sarathi_{k}": v for k, v in common.items()})
     with Driver(mnemo, blocks) as a, Driver(sarathi, blocks) as b:
         assert [list(s.scheduled.items()) for s in a.run(reqs)] == \
             [list(s.scheduled.items()) for s in b.run(reqs)]

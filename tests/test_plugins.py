@@ -151,7 +151,8 @@ def test_sarathi_selection_sets_engine_arguments(monkeypatch, tmp_path):
     assert out["scheduler_cls"] == "vllm_ext.engine.scheduling.SarathiScheduler"
     assert out["max_num_batched_tokens"] == 128  # the operator's batch size is the budget
     assert out["long_prefill_token_threshold"] == 0
-    assert out["enable_chunked_prefill"] is True and out["async_scheduling"] is False
+    assert out["enable_chunked_prefill"] is True
+    assert "async_scheduling" not in out  # vLLM's choice of loop, as without vllm-ext
     assert out["additional_config"] == {"other": 1, CONFIG_KEY: {
         "scheduler": {"name": "sarathi", "token_budget": 128, "kv_admission": "full"}}}
 
@@ -241,12 +242,13 @@ def test_the_readmes_extension_example_registers_and_configures():
     registry.components.cache_clear()
     try:
         out = resolve({"scheduler": "lottery"}, {"lottery_tickets": 2}, {}, "cpu")
-        assert out["scheduler_cls"] == "my_pkg.sched.Lottery" and out["async_scheduling"] is False
+        assert out["scheduler_cls"] == "my_pkg.sched.Lottery"
+        assert out["enable_chunked_prefill"] is True
         chosen = ExtConfig.from_additional_config(out["additional_config"]).scheduler
         assert chosen.name == "lottery" and dict(chosen.settings) == {"tickets": 2}
-        with pytest.raises(SelectionError, match="needs async_scheduling=False, but "
-                                                 "async_scheduling=True was given"):
-            resolve({"scheduler": "lottery"}, {}, {"async_scheduling": True}, "cpu")
+        with pytest.raises(SelectionError, match="needs enable_chunked_prefill=True, but "
+                                                 "enable_chunked_prefill=False was given"):
+            resolve({"scheduler": "lottery"}, {}, {"enable_chunked_prefill": False}, "cpu")
     finally:
         pm.unregister(plugin)
         registry.components.cache_clear()

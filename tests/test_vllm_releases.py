@@ -2,7 +2,8 @@
 pytest per release (a process imports one vLLM):
 
 - 0.33 and 0.34 (CUDA-only wheels; sources from tests/vllm_releases.py): every test
-  marked `release`: the patch targets, the real-Scheduler property tests, the CUDA
+  marked `release`: the patch targets, the real-Scheduler property tests on both engine
+  loops, every scheduler's class on a GPU config's async loop, the CUDA
   POD backend on CPU tensors, the simulator's arms on that release's serve parser,
   Mnemosyne's deadline order on that release's Scheduler;
 - the installed 0.32: only the tests that run vLLM's Triton code on CPU tensors
@@ -24,7 +25,7 @@ HERE = Path(__file__).parent
 ALLOWED_SKIPS = ("no V1 runner from vLLM 0.34", "no allocation hook before vLLM 0.34")
 FILES = ("test_patches.py", "test_scheduler_properties.py", "test_pod_cuda_backend.py",
          "test_kv_pool_runners.py", "test_simulate.py", "test_simulate_gpu.py",
-         "test_mnemosyne.py")
+         "test_mnemosyne.py", "test_async_loop.py")
 
 
 def _run(tmp_path: Path, env: dict, marker: str) -> tuple[dict, str]:
@@ -49,7 +50,7 @@ def test_release(version, tmp_path):
     env = environment(version)
     env["VLLMEXT_PROPERTY_EXAMPLES"] = "1000"  # 2000 on the installed release
     counts, tail = _run(tmp_path, env, MARKER)
-    assert counts["tests"] - counts["skipped"] >= 56, (counts, tail)
+    assert counts["tests"] - counts["skipped"] >= 80, (counts, tail)
 
 
 def test_installed_release_runs_vllms_triton_code(tmp_path):

@@ -7,16 +7,23 @@ hands out the token budget to running requests in list order, each taking
 min(tokens wanted, budget left), then admits waiting requests FCFS while budget and
 KV remain, and preempts from the end of the running list when KV runs out. Every
 class also writes one step record per step (see `vllm_ext.frontend.metrics`).
+
+Each class runs on whichever loop the engine chose, as vLLM's own does: where
+`async_scheduling` is on (CUDA's default), building one gives its twin on vLLM's
+`AsyncScheduler` (`async_variant`), which schedules step N+1 before step N's tokens are
+back and counts each token in flight as an output placeholder.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import math
 import time
 
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
@@ -33,15 +40,44 @@ from vllm_ext.schedulers.steplog import StepLogWriter, StepRecord
 logger = logging.getLogger("vllm_ext")
 
 
-def req_state(req: Request, num_computed: int | None = None) -> ReqState:
-    return ReqState(req.request_id, req.arrival_time, req.num_prompt_tokens, req.num_tokens,
-                    req.num_computed_tokens if num_computed is None else num_computed)
+def tokens(req: Request) -> int:
+    """The request's tokens, those scheduled but not yet back included (vLLM's async loop
+    counts them as output placeholders; the synchronous loop has none)."""
+    return req.num_tokens + req.num_output_placeholders
+
+
+def req_state(req: Request) -> ReqState:
+    return ReqState(req.request_id, req.arrival_time, req.num_prompt_tokens, tokens(req),
+                    req.num_computed_tokens)
+
+
+def state_before(req: Request, num_scheduled: int, ahead: int) -> ReqState:
+    """A request just scheduled `num_scheduled` tokens, as it was before the step: vLLM
+    has already advanced its computed tokens past the step and, on the async loop
+    (`ahead` = 1), added a placeholder for the token the step will sample."""
+    placeholders = req.num_output_placeholders - (0 if req.is_prefill_chunk else ahead)
+    return ReqState(req.request_id, req.arrival_time, req.num_prompt_tokens,
+                    req.num_tokens + placeholders, req.num_computed_tokens - num_scheduled)
+
+
+def samples_ahead(scheduler: Scheduler) -> int:
+    """Tokens a step's schedule() adds as placeholders per sampling request: 1 on vLLM's
+    async loop, 0 on the synchronous one."""
+    return 1 if isinstance(scheduler, AsyncScheduler) else 0
+
+
+def last_token_in_flight(req: Request) -> bool:
+    """On the async loop: every token the request may still produce is scheduled, so
+    vLLM's loop passes over it (its own check, before each running request)."""
+    return req.num_output_placeholders > 0 and (
+        req.num_computed_tokens + 2 - req.num_output_placeholders
+        >= req.num_prompt_tokens + req.max_tokens)
 
 
 def decoding(req: Request) -> bool:
     """`req_state(req).is_decode`, without building the state: per-step passes over the
     whole batch use this."""
-    return is_decode(req.num_prompt_tokens, req.num_tokens, req.num_computed_tokens)
+    return is_decode(req.num_prompt_tokens, tokens(req), req.num_computed_tokens)
 
 
 class KeptKeys:
@@ -82,8 +118,30 @@ class KeptKeys:
             self._kept = {r: k for r, k in self._kept.items() if r in live}
 
 
+@functools.cache
+def async_variant(cls: type[StockScheduler]) -> type:
+    """`cls` on vLLM's async loop: the same policy, with `AsyncScheduler`'s placeholders
+    and output handling under it."""
+    return type(f"Async{cls.__name__}", (cls, AsyncScheduler),
+                {"__module__": cls.__module__, "__qualname__": f"Async{cls.__qualname__}",
+                 "__doc__": f"{cls.__name__} on vLLM's async loop ({cls.__doc__})"})
+
+
 class StockScheduler(Scheduler):
-    """vLLM's scheduler unchanged, with step records: the baseline of every A/B run."""
+    """vLLM's scheduler unchanged, with step records: the baseline of every A/B run.
+
+    Built where the engine runs vLLM's async loop, it is `AsyncScheduler` with step
+    records (as is every subclass: see `async_variant`), the class stock vLLM would
+    pick there."""
+
+    def __new__(cls, *args, **kwargs):
+        # vLLM builds its scheduler as `cls(vllm_config=..., ...)` once it has decided
+        # the loop; the hook names one class for both loops.
+        config = kwargs.get("vllm_config", args[0] if args else None)
+        if config is not None and config.scheduler_config.async_scheduling \
+                and not issubclass(cls, AsyncScheduler):
+            cls = async_variant(cls)
+        return super().__new__(cls)
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
@@ -95,6 +153,11 @@ class StockScheduler(Scheduler):
         # Requests with a prefill chunk in each step scheduled but not yet finished
         # (more than one step only with pipeline parallelism: vLLM's batch queue).
         self._prefills_in_flight: collections.deque[frozenset[str]] = collections.deque()
+        self._ahead = samples_ahead(self)
+        self._pipeline = self.parallel_config.pipeline_parallel_size > 1
+        # When the last step's output was back: on the async loop the next step was
+        # scheduled before then, but the device starts it only then.
+        self._last_done = -math.inf
 
     # A policy that predicts step times sets this; each step record then carries the
     # prediction next to the measured time.
@@ -133,6 +196,18 @@ class StockScheduler(Scheduler):
             return req.num_computed_tokens
         return self.kv_cache_manager.get_computed_blocks(req)[1]
 
+    def blocks_to_admit(self, req: Request) -> int:
+        """The free KV blocks vLLM's admission takes to admit a waiting request whole:
+        a block for each of its tokens past its prefix-cache hit, and the hit's blocks
+        that no running request holds (cached but free: using them takes them out of the
+        free pool)."""
+        whole = blocks_for(req.num_tokens, self.block_size)
+        if req.num_computed_tokens:
+            return whole - req.num_computed_tokens // self.block_size
+        hit, hit_tokens = self.kv_cache_manager.get_computed_blocks(req)[:2]
+        unheld = sum(b.ref_cnt == 0 for b in hit.blocks[0]) if hit_tokens else 0
+        return whole - hit_tokens // self.block_size + unheld
+
     def prefills_in_flight(self) -> frozenset[str]:
         """Requests that have a prefill chunk in a step not finished yet."""
         return frozenset().union(*self._prefills_in_flight)
@@ -144,9 +219,13 @@ class StockScheduler(Scheduler):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if scheduler_output.total_num_scheduled_tokens:
             self._prefills_in_flight.popleft()
-            rec = self._in_flight.popleft()
-            rec = dataclasses.replace(rec, wall_s=self.clock() - rec.t_start,
+            rec, done = self._in_flight.popleft(), self.clock()
+            # A step's time runs from its schedule() (or, if later, the previous step's
+            # output: the device was busy until then) to its output processed: on the
+            # async loop, the interval between outputs a client sees.
+            rec = dataclasses.replace(rec, wall_s=done - max(rec.t_start, self._last_done),
                                       **self.step_outcome(scheduler_output))
+            self._last_done = done
             self.step_done(rec)
             if self._steplog is not None:
                 self._steplog.append(rec)
@@ -164,11 +243,13 @@ class StockScheduler(Scheduler):
         """The step's record (wall time still 0) and the requests it prefills."""
         # One pass, no per-request objects: this runs every step over the whole batch.
         chunks, contexts, prefilling, partial = [], [], [], 0
-        requests = self.requests
+        requests, ahead = self.requests, self._ahead
         for r, n in out.num_scheduled_tokens.items():
             req = requests[r]
-            # vLLM has already advanced num_computed_tokens past this step.
-            computed, num_tokens = req.num_computed_tokens - n, req.num_tokens
+            # As in `state_before`, without building the state.
+            computed = req.num_computed_tokens - n
+            num_tokens = req.num_tokens + req.num_output_placeholders - (
+                0 if req.is_prefill_chunk else ahead)
             if is_decode(req.num_prompt_tokens, num_tokens, computed):
                 contexts.append(computed + n)
             else:
@@ -178,7 +259,10 @@ class StockScheduler(Scheduler):
         shape = StepShape(tuple(chunks), tuple(contexts))
         _, prefill, attention, _, decode_context = shape.features()
         predicted = self.predict(shape) if self.latency_model else 0.0
-        pipelined = len(self.prefills_in_flight().intersection(prefilling)) if prefilling else 0
+        # Chunks of one prompt in the pipeline's stages at once (SPP); on one stage the
+        # async loop's next step, scheduled early, still runs after the previous one.
+        pipelined = (len(self.prefills_in_flight().intersection(prefilling))
+                     if prefilling and self._pipeline else 0)
         return StepRecord(t0, 0.0, len(shape.decode_contexts), int(prefill), len(prefilling),
                           partial, running_decodes, len(out.preempted_req_ids or ()),
                           len(self.waiting), attention, int(decode_context), predicted,
@@ -245,9 +329,30 @@ class SarathiScheduler(StockScheduler):
         """The prefills this step may serve, in the order the engine will serve them
         (partial ones in the running list, then the head of the waiting queue); what
         adaptive chunking plans for. A waiting prompt starts after its prefix-cache hit:
-        that is where its chunk will run, and what its attention costs."""
-        return ([req_state(r) for r in self.running if not decoding(r)]
-                + [req_state(r, self.cached_tokens(r)) for _, r in zip(range(8), self.waiting)])
+        that is where its chunk will run, and what its attention costs. The hit counts
+        the blocks of the prompts before it: adaptive chunking plans a prompt only once
+        those are planned whole, and vLLM caches a block as soon as it is scheduled."""
+        earlier = [r for r in self.running if not decoding(r)]
+        states = [req_state(r) for r in earlier]
+        for _, req in zip(range(8), self.waiting):
+            hit = max(self.cached_tokens(req), self._shared_prefix(req, earlier))
+            states.append(dataclasses.replace(req_state(req), num_computed=hit))
+            earlier.append(req)
+        return states
+
+    def _shared_prefix(self, req: Request, others: list[Request]) -> int:
+        """Tokens of `req`'s prompt in whole blocks that one of `others` shares (as the
+        prefix cache would find them: never its last token)."""
+        common = 0
+        for other in others:
+            n = 0
+            for mine, theirs in zip(req.block_hashes, other.block_hashes):
+                if mine != theirs:
+                    break
+                n += 1
+            common = max(common, n)
+        size = self.hash_block_size
+        return min(common * size, (req.num_tokens - 1) // size * size)
 
     def step_done(self, rec: StepRecord) -> None:
         if self.adaptive is not None and rec.predicted_s > 0:
@@ -268,7 +373,8 @@ class SarathiScheduler(StockScheduler):
                                                         self.current_step + 2)
         if self.adaptive is not None:
             # vLLM reads this budget afresh every step; it stays within the engine's maximum.
-            decodes = [req_state(r) for r in self.running if decoding(r)]
+            decodes = [req_state(r) for r in self.running
+                       if decoding(r) and not last_token_in_flight(r)]
             plan = self.adaptive.plan(decodes, self.prefills_in_order(), self.correction.factor)
             self.max_num_scheduled_tokens = plan.tokens
 
@@ -371,9 +477,8 @@ class MnemosyneScheduler(SarathiScheduler):
     def _record(self, out: SchedulerOutput, t0: float, running_decodes: int):
         rec, prefilling = super()._record(out, t0, running_decodes)
         now = self.arrival_clock()  # deadlines are on the arrival clock, not the step timer
-        slacks = [self.deadlines.slack(req_state(req, req.num_computed_tokens
-                                                 - out.num_scheduled_tokens[r]), now)
-                  for r in prefilling if (req := self.requests[r])]
+        slacks = [self.deadlines.slack(state_before(self.requests[r], out.num_scheduled_tokens[r],
+                                                    self._ahead), now) for r in prefilling]
         return (dataclasses.replace(rec, min_slack_s=min(slacks)) if slacks else rec), prefilling
 
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -409,12 +514,11 @@ class PrefillFirstScheduler(StockScheduler):
 
     def before_schedule(self) -> None:
         head = self.waiting.peek_request() if self.waiting else None
-        # Whether vLLM would admit the head now: its blocks beyond its prefix-cache hit
-        # are free. Never stricter than vLLM, so that no prompt joins a decode step.
+        # Whether vLLM would admit the head now, by vLLM's own count of the blocks it
+        # takes. Stricter, a prompt could join a decode step; looser, the step comes out
+        # empty and on the async loop the next one, whose decodes run, may admit it.
         fits = head is not None and len(self.running) < self.max_num_active_reqs and (
-            blocks_for(head.num_tokens, self.block_size)
-            - self.cached_tokens(head) // self.block_size
-            <= self.kv_cache_manager.block_pool.get_num_free_blocks())
+            self.blocks_to_admit(head) <= self.kv_cache_manager.block_pool.get_num_free_blocks())
         if self.policy.prefill_only(head is not None, fits, self._last_step_empty):
             # schedule() is about to advance current_step by one; skip exactly that step.
             hold = self.current_step + 2

@@ -80,6 +80,7 @@ def arm_config(model: str, args: Sequence[str], target: Target = Target()):
     from vllm.usage.usage_lib import UsageContext
 
     from vllm_ext.frontend.selection import resolving_for
+    from vllm_ext.tools.driver import loop_as_on_gpu
 
     try:
         with resolving_for(target.platform), contextlib.redirect_stderr(io.StringIO()):
@@ -87,12 +88,12 @@ def arm_config(model: str, args: Sequence[str], target: Target = Target()):
         ns.model = ns.model_tag  # as `vllm serve` does before building the engine
         engine_args = AsyncEngineArgs.from_cli_args(ns)
         engine_args.skip_tokenizer_init = True
-        # The simulator runs vLLM's synchronous loop (the CPU platform's, and the one
-        # vllm-ext's schedulers require).
-        engine_args.async_scheduling = False
         if target.block_size is not None and engine_args.block_size is None:
             engine_args.block_size = target.block_size
-        with resolving_for(target.platform), _batch_defaults(target):
+        # The loop is vLLM's choice for the target: on a GPU async unless the flags or
+        # the config forbid it (--no-async-scheduling); on this CPU synchronous.
+        with resolving_for(target.platform), _batch_defaults(target), \
+                loop_as_on_gpu(target.platform is not None):
             return engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
     except _Refused as e:
         raise ArmError(str(e)) from None

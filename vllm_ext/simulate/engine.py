@@ -76,8 +76,8 @@ def simulate_trace(config, num_blocks: int, trace: Trace, step_time: Callable[[S
     busy = 0.0
     with Driver(config, num_blocks, step_time) as driver:
         sched = driver.scheduler
-        while pending or later or sched.has_unfinished_requests():
-            if pending and not sched.has_unfinished_requests():
+        while pending or later or driver.busy:
+            if pending and not driver.busy:
                 driver.now = max(driver.now, pending[0].arrival)  # idle until the next arrival
             while pending and pending[0].arrival <= driver.now:
                 req = pending.popleft()

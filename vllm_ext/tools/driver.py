@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from vllm.config import VllmConfig
 from vllm.engine.arg_utils import EngineArgs
@@ -47,7 +48,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 import vllm_ext
 from vllm_ext import envs
-from vllm_ext.engine.scheduling import StockScheduler, req_state
+from vllm_ext.engine.scheduling import StockScheduler, req_state, samples_ahead, state_before
 from vllm_ext.schedulers.latency import StepShape
 from vllm_ext.schedulers.request import ReqState
 
@@ -55,7 +56,8 @@ from vllm_ext.schedulers.request import ReqState
 # (the index is the position in req_ids).
 _INDEXED_OUTPUT = "req_id_to_index" in {f.name for f in fields(ModelRunnerOutput)}
 
-__all__ = ["Driver", "Livelock", "Req", "Step", "Tick", "engine_config", "kv_cache_config"]
+__all__ = ["Driver", "Livelock", "Req", "Step", "Tick", "engine_config", "kv_cache_config",
+           "loop_as_on_gpu"]
 
 # The token every made-up sample is. Requests end by length (ignore_eos), so its value
 # matters only to the prefix cache, which hashes output tokens too.
@@ -66,10 +68,36 @@ def engine_config(model: str | Path, **kwargs: Any) -> VllmConfig:
     """The engine's config for `model` (a directory; its config.json alone is enough,
     see `vllm_ext.tools.models.make_shape`) with `vllm_ext.engine_kwargs`'s components and
     options (`scheduler="sarathi"`, `sarathi_token_budget=64`, any engine argument).
-    The driver never tokenizes and runs vLLM's synchronous loop: both are set unless
-    given."""
-    kwargs = {"skip_tokenizer_init": True, "async_scheduling": False, **kwargs}
-    return EngineArgs(**vllm_ext.engine_kwargs(model=str(model), **kwargs)).create_engine_config()
+    The driver never tokenizes. It runs vLLM's synchronous loop unless
+    `async_scheduling=True` (which the CPU platform would turn off: see
+    `loop_as_on_gpu`)."""
+    kwargs = {"skip_tokenizer_init": True, **kwargs}
+    loop = bool(kwargs.pop("async_scheduling", False))
+    with loop_as_on_gpu(loop):
+        return EngineArgs(**vllm_ext.engine_kwargs(model=str(model), async_scheduling=loop,
+                                                   **kwargs)).create_engine_config()
+
+
+@contextlib.contextmanager
+def loop_as_on_gpu(on: bool = True):
+    """Configs built meanwhile keep the loop vLLM's own config resolution chose (on a
+    GPU: async unless an option forbids it) where the CPU platform would turn it off:
+    the engine core the driver stands in for is a GPU's. `on=False` changes nothing."""
+    if not on:
+        yield
+        return
+    from vllm.platforms import current_platform
+
+    platform = type(current_platform)
+    own = platform.check_and_update_config
+
+    def keep_loop(cls, vllm_config) -> None:
+        chosen = vllm_config.scheduler_config.async_scheduling
+        own(vllm_config)
+        vllm_config.scheduler_config.async_scheduling = chosen
+
+    with mock.patch.object(platform, "check_and_update_config", classmethod(keep_loop)):
+        yield
 
 
 def kv_cache_config(config: VllmConfig, num_blocks: int) -> KVCacheConfig:
@@ -136,7 +164,7 @@ class Step:
 
     index: int
     start: float  # virtual time when the step was scheduled
-    duration: float
+    duration: float  # on the device (on the async loop it starts once the device is free)
     budget: int  # the token budget the scheduler handed out this step
     running: tuple[ReqState, ...]  # running requests before the step, in the scheduler's order
     waiting: tuple[ReqState, ...]  # the waiting queue before the step, in order
@@ -167,7 +195,7 @@ class Step:
 class Tick:
     """One step as a simulation needs it (`Driver.advance`)."""
 
-    start: float
+    start: float  # virtual time the device starts it
     duration: float
     output: SchedulerOutput
     states: dict[str, ReqState]  # each scheduled request as its tokens began
@@ -177,6 +205,21 @@ class Tick:
     # Wall seconds this process spent in the scheduler's schedule() and
     # update_from_output() (the host's work per step; making up the output is not in it).
     host_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A step scheduled, its output not yet handed back."""
+
+    out: SchedulerOutput
+    scheduled_at: float  # virtual time of its schedule()
+    start: float  # virtual time the device starts it
+    duration: float
+    states: dict[str, ReqState]
+    shape: StepShape
+    sampled: frozenset[str]  # requests that sample a token in it
+    host_s: float  # schedule()'s wall seconds
+    before: tuple | None  # running, waiting and the budget as it was scheduled (for `step`)
 
 
 class Livelock(RuntimeError):
@@ -221,6 +264,16 @@ class Driver:
         self.outputs: dict[str, list[int]] = {}  # output tokens delivered per request
         self.finish_reasons: dict[str, FinishReason] = {}
         self._num_steps = 0
+        # Steps scheduled, not yet finished: up to two on vLLM's async loop.
+        self._queue: collections.deque[_InFlight] = collections.deque()
+        self._depth = config.max_concurrent_batches if self.async_loop else 1
+        self._ahead = samples_ahead(self.scheduler)
+        self._device_free = 0.0
+
+    @property
+    def async_loop(self) -> bool:
+        """Whether this driver runs vLLM's async loop (the config's async_scheduling)."""
+        return bool(self.scheduler.vllm_config.scheduler_config.async_scheduling)
 
     def add(self, req: Req) -> None:
         params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True)
@@ -230,44 +283,80 @@ class Driver:
         self.outputs[req.req_id] = []
 
     def advance(self) -> Tick:
-        """One step: schedule, time it, hand the made-up output back (what a
-        simulation needs, without `step`'s copies of the queues)."""
-        sched, start = self.scheduler, self.now
-        began = time.perf_counter()
-        out = sched.schedule()
-        host_s = time.perf_counter() - began
-        # vLLM has already advanced num_computed_tokens past this step.
-        states = {r: req_state(sched.requests[r], sched.requests[r].num_computed_tokens - n)
-                  for r, n in out.num_scheduled_tokens.items()}
-        shape = StepShape.of((states[r], n) for r, n in out.num_scheduled_tokens.items())
-        duration = self.step_time(shape)
-        self.now += duration
-        finished, delivered, update_s = self._finish_step(out)
-        self._num_steps += 1
-        return Tick(start, duration, out, states, shape, finished, delivered, host_s + update_s)
+        """One step finished as vLLM's engine core finishes it: schedule (on the async
+        loop, ahead while its queue of two has room), then hand the oldest step in flight
+        its made-up output (what a simulation needs, without `step`'s copies of the
+        queues)."""
+        return self._tick(self._advance(snapshots=False))
 
     def step(self) -> Step:
-        sched = self.scheduler
-        running = tuple(req_state(r) for r in sched.running)
-        waiting = tuple(req_state(r) for r in sched.waiting)
-        tick = self.advance()
+        flight = self._advance(snapshots=True)
+        tick = self._tick(flight)
         out = tick.output
+        running, waiting, budget = flight.before
         waiting_ids = {s.req_id for s in waiting}
-        return Step(self._num_steps - 1, tick.start, tick.duration, sched.max_num_scheduled_tokens,
-                    running, waiting, dict(out.num_scheduled_tokens), tick.states,
+        return Step(self._num_steps - 1, flight.scheduled_at, tick.duration, budget, running,
+                    waiting,
+                    dict(out.num_scheduled_tokens), tick.states,
                     tuple(r for r in out.num_scheduled_tokens if r in waiting_ids),
                     frozenset(out.preempted_req_ids or ()), tick.finished,
                     self.block_pool.get_num_free_blocks())
 
-    def _finish_step(self, out: SchedulerOutput
+    @property
+    def busy(self) -> bool:
+        """Requests unfinished, or a step still in flight."""
+        return bool(self._queue) or self.scheduler.has_unfinished_requests()
+
+    def _advance(self, snapshots: bool) -> _InFlight:
+        # vLLM's EngineCore.step_with_batch_queue (with a queue of one, EngineCore.step):
+        # schedule while the queue has room and there is work, then finish the oldest.
+        sched = self.scheduler
+        while len(self._queue) < self._depth and sched.has_requests():
+            flight = self._schedule(snapshots)
+            self._queue.append(flight)
+            if not (flight.out.total_num_scheduled_tokens or sched.has_requests()):
+                break
+        return self._queue.popleft()
+
+    def _schedule(self, snapshots: bool) -> _InFlight:
+        sched = self.scheduler
+        before = None
+        if snapshots:
+            before = (tuple(req_state(r) for r in sched.running),
+                      tuple(req_state(r) for r in sched.waiting))
+        began = time.perf_counter()
+        out = sched.schedule()
+        host_s = time.perf_counter() - began
+        requests = sched.requests
+        states = {r: state_before(requests[r], n, self._ahead)
+                  for r, n in out.num_scheduled_tokens.items()}
+        # Which requests sample a token is settled here, as the model runner is told.
+        sampled = frozenset(r for r in out.num_scheduled_tokens
+                            if not requests[r].is_prefill_chunk)
+        shape = StepShape.of((states[r], n) for r, n in out.num_scheduled_tokens.items())
+        # The device runs steps in order: this one starts when it is free.
+        start = max(self.now, self._device_free)
+        duration = self.step_time(shape) if out.total_num_scheduled_tokens else 0.0
+        self._device_free = start + duration
+        if before is not None:
+            before = (*before, sched.max_num_scheduled_tokens)
+        return _InFlight(out, self.now, start, duration, states, shape, sampled, host_s, before)
+
+    def _tick(self, flight: _InFlight) -> Tick:
+        self.now = max(self.now, flight.start + flight.duration)
+        finished, delivered, update_s = self._finish_step(flight)
+        self._num_steps += 1
+        return Tick(flight.start, flight.duration, flight.out, flight.states, flight.shape,
+                    finished, delivered, flight.host_s + update_s)
+
+    def _finish_step(self, flight: _InFlight
                      ) -> tuple[tuple[str, ...], dict[str, int], float]:
         """Hand the scheduler the model runner's made-up answer: the requests it
         finished, the output tokens it delivered to each request, and the seconds
         update_from_output() took."""
+        out = flight.out
         ids = list(out.num_scheduled_tokens)
-        requests = self.scheduler.requests
-        sampled = [[SAMPLED_TOKEN] if requests[r].num_computed_tokens >= requests[r].num_tokens
-                   else [] for r in ids]
+        sampled = [[SAMPLED_TOKEN] if r in flight.sampled else [] for r in ids]
         answer = ModelRunnerOutput(req_ids=ids, sampled_token_ids=sampled, **(
             {"req_id_to_index": {r: i for i, r in enumerate(ids)}} if _INDEXED_OUTPUT else {}))
         finished, delivered = [], {}
@@ -289,10 +378,10 @@ class Driver:
         finished; `Livelock` if that takes more than `max_steps`."""
         pending = collections.deque(sorted(workload, key=lambda r: r.arrival))
         steps: list[Step] = []
-        while pending or self.scheduler.has_unfinished_requests():
+        while pending or self.busy:
             if len(steps) == max_steps:
                 raise Livelock(self._stuck(max_steps))
-            if pending and not self.scheduler.has_unfinished_requests():
+            if pending and not self.busy:
                 self.now = max(self.now, pending[0].arrival)  # idle until the next arrival
             while pending and pending[0].arrival <= self.now:
                 self.add(pending.popleft())

@@ -13,9 +13,9 @@ from vllm_ext.schedulers.mnemosyne import (DEFAULT_PREFILL_MS_PER_TOKEN, DEFAULT
                                            MnemosyneConfig)
 from vllm_ext.schedulers.sarathi import KV_ADMISSION, SarathiConfig
 
+# Each class runs on the loop vLLM chooses (async on CUDA unless --no-async-scheduling):
+# see vllm_ext.engine.scheduling.async_variant.
 _CLASSES = "vllm_ext.engine.scheduling"
-# Settings the policies need from the engine: they act on the synchronous loop.
-_SYNC = {"async_scheduling": False}
 
 
 def _configure_vllm(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
@@ -24,7 +24,7 @@ def _configure_vllm(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
 
 def _configure_prefill_first(settings: dict, ctx: ConfigureContext) -> tuple[dict, dict]:
     overrides = ctx.require("--scheduler prefill-first",
-                            {"enable_chunked_prefill": False, **_SYNC})
+                            {"enable_chunked_prefill": False})
     return {}, {"scheduler_cls": f"{_CLASSES}.PrefillFirstScheduler", **overrides}
 
 
@@ -62,7 +62,6 @@ def _configure_sarathi(settings: dict, ctx: ConfigureContext, name: str = "sarat
         # The stock cap on one prefill's share would split chunks below the
         # budget left; Sarathi gives a partial prefill everything that is left.
         "long_prefill_token_threshold": 0,
-        **_SYNC,
     })
     overrides.update(scheduler_cls=f"{_CLASSES}.{cls}",
                      max_num_batched_tokens=cfg.token_budget)
