@@ -21,7 +21,9 @@ measured steps) and W more wait behind `--max-num-seqs R`, so the waiting queue 
 long. At each point the arms' schedulers are built side by side and stepped in turn, one
 step each, `--repeats` times over with fresh schedulers, so that a slow spell of a shared
 machine falls on every arm alike; each figure is the median over all their measured
-steps. The base is stock vLLM: vLLM's own class, stepped with vllm-ext's process-wide
+steps. The virtual clock moves 20 ms a step, and the waiting requests arrived 50 a second
+before the measured steps, so that deadline-ordered queues see keys expire as they would
+on a GPU. The base is stock vLLM: vLLM's own class, stepped with vllm-ext's process-wide
 patches taken out, as an operator without vllm-ext runs it; the same class with them in
 shows what installing vllm-ext costs an engine that chooses none of it.
 Writes OUT/scheduler-cost-cpu.{md,json}.
@@ -50,7 +52,7 @@ ARMS = {
     STOCK: [],
     # The same class in a process where vllm-ext is installed but not chosen: its
     # process-wide patches are in place.
-    "vLLM's Scheduler, vllm-ext installed": [],
+    "vLLM's own class, vllm-ext installed": [],
     "--scheduler vllm": ["--scheduler", "vllm"],
     "sarathi": ["--scheduler", "sarathi"],
     "mnemosyne": ["--scheduler", "mnemosyne"],
@@ -58,6 +60,11 @@ ARMS = {
 }
 RUNNING = (64, 256, 1024)
 WAITING = (0, 1024, 4096)
+# The virtual clock (deadlines, mnemosyne's order) moves as on a GPU: a decode step of
+# 20 ms. The waiting requests arrived this many per second before the measured steps,
+# so their deadline keys expire spread over time, as a real queue's do.
+STEP_S = 0.020
+ARRIVALS_PER_S = 50.0
 LOOPS = {"async": [], "sync": ["--no-async-scheduling"]}
 
 
@@ -107,7 +114,8 @@ def measure(shape_dir: str, loop: str, running: int, waiting: int, steps: int,
         # Built starting with arm `first`: the first one built runs measurably slower here
         # (about 5%, seen with the same class twice), so each repeat starts elsewhere.
         drivers = {arm: stack.enter_context(Driver(_config(shape_dir, ARMS[arm], running, loop),
-                                                   running * per_request + 64, step_log=True))
+                                                   running * per_request + 64,
+                                                   step_time=lambda shape: STEP_S, step_log=True))
                    for arm in names[first:] + names[:first]}
         for driver in drivers.values():
             for i in range(running):
@@ -116,7 +124,8 @@ def measure(shape_dir: str, loop: str, running: int, waiting: int, steps: int,
                       for r in driver.scheduler.running) or driver.scheduler.waiting:
                 driver.advance()  # prefill the batch: measured steps decode it
             for i in range(waiting):
-                driver.add(Req.of(f"w{i}", driver.now, PROMPT, 16))
+                driver.add(Req.of(f"w{i}", driver.now - (waiting - i) / ARRIVALS_PER_S, PROMPT,
+                                  16))
         # As vLLM's engine core does once started: what exists now is frozen out of the
         # collector's scans, so set-up garbage does not time the measured steps.
         gc.collect()
@@ -176,7 +185,8 @@ def main() -> int:
              f"prompts of {PROMPT} tokens, step records on, CUDA's 16-token blocks."]
     for loop in loops:
         stock_class = "AsyncScheduler" if loop == "async" else "Scheduler"
-        lines += ["", f"## vLLM's {loop} loop (stock: vLLM's `{stock_class}`)", "",
+        name = "synchronous" if loop == "sync" else "async"
+        lines += ["", f"## vLLM's {name} loop (stock: vLLM's `{stock_class}`)", "",
                   "| running + waiting | " + f"{base} ms | "
                   + " | ".join(f"`{a}`" for a in ARMS if a != base) + " |",
                   "|---|---|" + "---|" * (len(ARMS) - 1)]

@@ -9,11 +9,13 @@ sum the files of a directory.
 
 from __future__ import annotations
 
+import bisect
 import mmap
+import operator
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 _MAGIC = 0x5645_5854_5354_4550  # "VEXTSTEP"
@@ -27,12 +29,18 @@ class StepRecord:
     """One engine step as the scheduler saw it."""
 
     t_start: float  # the scheduler's clock (an engine's time.monotonic()) when scheduling began
-    wall_s: float  # scheduling + model execution + output processing
+    # From schedule() (or the previous step's output, if later) to this step's output
+    # processed: scheduling + model execution + output processing on the synchronous
+    # loop, the interval between two steps' outputs on the async one.
+    wall_s: float
     decode_tokens: int
     prefill_tokens: int
     prefill_reqs: int  # requests computing prompt tokens this step
     partial_prefills: int  # of those, the ones whose prompt is still unfinished after it
-    running_decodes: int  # decodes that were running when the step was scheduled
+    # Decodes that were running when the step was scheduled and had a token to compute
+    # (those it did not schedule waited: a stall, unless the budget could not cover them);
+    # decodes preempted by the step are counted in `preempted` instead.
+    running_decodes: int
     preempted: int
     waiting: int  # requests still waiting after the step was scheduled
     # What the latency model needs (see vllm_ext.schedulers.latency):
@@ -54,6 +62,9 @@ _FIELDS = tuple(f.name for f in fields(StepRecord))
 _NF = len(_FIELDS)
 _TOTALS = ("decode_tokens", "prefill_tokens", "prefill_reqs", "partial_prefills", "preempted",
            "wall_s", "predicted_s", "pipelined_chunks", "first_tokens", "deadline_misses")
+# An append runs every engine step: fields read and written as whole structs.
+_RECORD, _RECORD_VALUES = struct.Struct(f"<{_NF}d"), operator.attrgetter(*_FIELDS)
+_SUMS, _TOTAL_VALUES = struct.Struct(f"<{len(_TOTALS)}d"), operator.attrgetter(*_TOTALS)
 
 
 def _layout(capacity: int) -> tuple[int, int, int, int]:
@@ -67,7 +78,7 @@ def _layout(capacity: int) -> tuple[int, int, int, int]:
 class StepLogWriter:
     """Appends step records to `<dir>/steps-<pid>.bin`; one writer per file."""
 
-    __slots__ = ("path", "_mm", "_doubles", "_capacity", "_count")
+    __slots__ = ("path", "_mm", "_doubles", "_capacity", "_count", "_layout")
 
     def __init__(self, directory: str | os.PathLike, capacity: int = 8192) -> None:
         self.path = Path(directory) / f"steps-{os.getpid()}.bin"
@@ -79,20 +90,19 @@ class StepLogWriter:
         self._doubles = memoryview(self._mm)[_HEADER.size:].cast("d")
         self._capacity = capacity
         self._count = 0
+        self._layout = _layout(capacity)
 
     def append(self, rec: StepRecord) -> None:
-        values = astuple(rec)
-        for i, name in enumerate(_TOTALS):
-            self._doubles[i] += getattr(rec, name)
-        bucket = next((i for i, le in enumerate(STEP_SECONDS_BUCKETS) if rec.wall_s <= le),
-                      len(STEP_SECONDS_BUCKETS))
-        self._doubles[len(_TOTALS) + bucket] += 1
-        base = len(_TOTALS) + len(STEP_SECONDS_BUCKETS) + 1 + _NF * (self._count % self._capacity)
-        self._doubles[base:base + _NF] = memoryview(
-            struct.pack(f"<{_NF}d", *map(float, values))).cast("d")
+        mm, (totals, buckets, ring, _) = self._mm, self._layout
+        _SUMS.pack_into(mm, totals, *map(operator.add, _SUMS.unpack_from(mm, totals),
+                                         _TOTAL_VALUES(rec)))
+        # The first bucket whose upper bound the step is within (the last: beyond all).
+        self._doubles[len(_TOTALS) + bisect.bisect_left(STEP_SECONDS_BUCKETS, rec.wall_s)] += 1
+        _RECORD.pack_into(mm, ring + _RECORD.size * (self._count % self._capacity),
+                          *_RECORD_VALUES(rec))
         # Publish the step only after its record is complete: readers trust `count`.
         self._count += 1
-        struct.pack_into("<Q", self._mm, 24, self._count)
+        struct.pack_into("<Q", mm, 24, self._count)
 
     def close(self) -> None:
         self._doubles.release()

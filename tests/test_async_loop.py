@@ -84,3 +84,39 @@ def test_on_the_async_loop_every_decode_gets_a_token_every_step(shape_dir, flags
         assert {r: len(t) for r, t in driver.outputs.items()} == \
             {r.req_id: r.max_tokens for r in reqs}
     assert len(steps) <= 200 + 2, len(steps)
+
+
+class _Ticks:
+    """A host timer that moves `each` seconds per reading: every timed call takes it."""
+
+    def __init__(self, each: float) -> None:
+        self.t, self.each = 0.0, each
+
+    def __call__(self) -> float:
+        self.t += self.each
+        return self.t
+
+
+@pytest.mark.parametrize("loop, host_ms, interval_ms", [
+    ("sync", 2.0, 14.0),  # schedule + device + update: 2 + 10 + 2
+    ("async", 2.0, 10.0),  # the host's 2 + 2 hide behind the device's 10
+    ("async", 8.0, 16.0),  # update + next schedule, 8 + 8, exceed the device's 10
+])
+def test_host_time_counts_as_the_loop_spends_it(shape_dir, loop, host_ms, interval_ms):
+    """The driver's virtual clock with the scheduler's host time in it: decode steps of
+    10 ms on the device, each schedule() and update_from_output() taking `host_ms`."""
+    flags = ["--max-model-len", "1024", "--scheduler", "vllm"]
+    if loop == "sync":
+        flags.append("--no-async-scheduling")
+    config = arm_config(shape_dir, flags, GPU)
+    with Driver(config, 64, step_time=lambda shape: 0.010, host_scale=1.0) as driver:
+        driver.timer = _Ticks(host_ms / 1000)
+        driver.add(Req.of("r", 0.0, 4, 12))
+        done = []
+        while driver.busy:
+            tick = driver.advance()
+            if tick.delivered:
+                done.append(tick.done)
+    gaps = [b - a for a, b in zip(done, done[1:])]
+    assert len(gaps) == 11
+    assert gaps[2:] == pytest.approx([interval_ms / 1000] * 9)

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, set
 from hypothesis import strategies as st
 from vllm.v1.engine import FinishReason
 
+from vllm_ext.engine.scheduling import req_state
 from vllm_ext.tools.driver import Driver, Livelock, Req, Step, engine_config
 from vllm_ext.tools.models import make_shape
 from vllm_ext.schedulers.adaptive import AdaptiveChunking
@@ -193,6 +194,19 @@ def check_within_target(steps: list[Step], target_s: float) -> None:
         assert not _over_target(s, target_s), (STEP_MODEL.predict(s.shape), s)
 
 
+def keep_checking_order(sched) -> None:
+    """From now on, each step once the scheduler has ordered its running list (or found
+    it still in order, without sorting): the list is exactly the policy's fresh order."""
+    order = sched.order_running
+
+    def ordered_and_checked() -> None:
+        order()
+        assert list(sched.running) == sorted(
+            sched.running, key=lambda r: SarathiPolicy.order_key(req_state(r)))
+
+    sched.order_running = ordered_and_checked
+
+
 def run_checked(driver: Driver, reqs: list[Req], budget: int) -> list[Step]:
     """The workload's steps, checked for what every scheduler here promises (vLLM's
     own included): the budget, FCFS admission and preemption, every request finishing
@@ -220,6 +234,7 @@ def test_sarathi(config, loop, workload, budget, admission):
     cfg = config(loop, scheduler="sarathi", sarathi_token_budget=budget,
                  sarathi_kv_admission=admission)
     with Driver(cfg, blocks) as driver:
+        keep_checking_order(driver.scheduler)
         steps = run_checked(driver, reqs, budget)
     check_stall_free(steps, reqs)
     check_prefills_fcfs(steps)

@@ -203,8 +203,9 @@ def test_adaptive_arms_plan_with_a_model_fitted_to_the_source(shape_dir, tmp_pat
     from vllm_ext.schedulers.latency import LatencyModel
 
     out = tmp_path / "report"
+    # Without the host's time: a step at the target would otherwise end a host-time later.
     assert _cli("--model", shape_dir, "--step-time", "step_times:per_token",
-                "--serve-args", "--max-model-len 4096",
+                "--serve-args", "--max-model-len 4096", "--host-time-scale", "0",
                 "--arm", "adaptive=--scheduler sarathi --sarathi-token-budget 512 "
                          "--sarathi-tbt-slo-ms 5000",
                 "--num-requests", "6", "--qps", "0.5", "--prompt-len", "uniform:300:900",
@@ -216,3 +217,49 @@ def test_adaptive_arms_plan_with_a_model_fitted_to_the_source(shape_dir, tmp_pat
     # 1 s + 1/64 s per token within 5 s: at most 256 tokens a step, so every gap
     # between tokens (a step) is at most 5 s although the budget allows 512.
     assert rep["arms"][0]["summary"]["tbt_max_ms"] <= 5000
+
+
+@pytest.mark.release
+def test_a_profile_of_an_engine_that_serves_otherwise_is_said_aloud(shape_dir, tmp_path, capsys):
+    """A step-time model profiled at bfloat16 with steps of up to 256 tokens, used for a
+    float32 arm at 512: the simulation says so, aloud and in the report, which also names
+    the arm's engine loop (this CPU's: synchronous) and counts the scheduler's host time."""
+    from vllm_ext.schedulers.latency import LatencyModel
+
+    served = {"dtype": "bfloat16", "max_num_batched_tokens": 256, "attn": "vllm",
+              "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "kvp": 1}
+    path = tmp_path / "lat.json"
+    path.write_text(LatencyModel((1e-3, 1e-5, 0.0, 1e-4, 0.0),
+                                 fit={"served": served, "model": shape_dir}).to_json())
+    out = tmp_path / "report"
+    assert _cli("--latency-model", str(path), "--serve-args",
+                "--max-model-len 2048 --dtype float32", "--arm",
+                "base=--scheduler vllm --max-num-batched-tokens 512", "--arm",
+                "same=--scheduler vllm --max-num-batched-tokens 256 --dtype bfloat16",
+                "--num-requests", "4", "--prompt-len", "uniform:50:100", "--output-len", "4",
+                "--out", str(out)) == 0
+    differs = ("Arm base serves otherwise than the profiled engine: dtype float32 (profiled "
+               "at bfloat16), steps of up to 512 tokens (profiled at 256).")
+    printed = capsys.readouterr().out
+    assert f"WARNING: {differs}" in printed and "Arm same" not in printed
+    rep = json.loads((out / "report.json").read_text())
+    said = rep["simulation"]["assumptions"]
+    assert any(a.startswith(differs) for a in said)
+    assert "Engine loop, as vLLM chooses it for each arm's config: synchronous (base, same)." \
+        in said
+    assert any("host time" in a and "timed on every step" in a for a in said)
+    for arm in rep["arms"]:
+        assert arm["summary"]["engine_loop"] == "synchronous" and arm["summary"]["sim_host_s"] > 0
+
+
+@pytest.mark.release
+def test_a_profile_without_its_engines_record_is_compared_by_its_target(shape_dir):
+    """A profile from before profiles recorded their engine: what its target says counts
+    (not a dtype of "auto"), against the arm's config as vLLM's serve parser makes it."""
+    from vllm_ext.schedulers.latency import LatencyModel
+    from vllm_ext.tools.profile import mismatches, profiled_traits
+
+    legacy = LatencyModel((1.0, 0, 0, 0, 0), fit={"dtype": "auto", "budget": 256, "attn": "pod"})
+    assert profiled_traits(legacy) == {"max_num_batched_tokens": 256, "attn": "pod"}
+    config = arm_config(shape_dir, ["--max-model-len", "1024", "--max-num-batched-tokens", "256"])
+    assert mismatches(legacy, config) == ["attention vllm (profiled at pod)"]

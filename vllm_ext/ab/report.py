@@ -240,10 +240,12 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
 SIMULATED = [
     "Each arm's scheduler is the class its flags select, built from the engine config "
     "`vllm serve MODEL FLAGS` makes (vLLM's own serve parser), over a KV cache of the stated "
-    "number of blocks; vLLM's synchronous engine loop is followed step by step.",
+    "number of blocks; the engine loop that config runs (below) is followed step by step, "
+    "as vLLM's engine core steps it.",
     "A step's output is made up as the model runner's would be: one token for every request "
     "whose prompt is complete, none for a partial prefill. A token reaches its client when "
-    "its step ends; the network, detokenization and the API server take no time.",
+    "its step's output is processed; the network, detokenization and the API server take "
+    "no time.",
     "TTFT, TBT, TPOT, deadlines (Metron), goodput and throughput are computed from those "
     "token times exactly as `vllm-ext bench ab` computes them from streamed tokens.",
     "Scheduling delay: from a request's arrival to the start of the first step that "

@@ -16,9 +16,12 @@ back and counts each token in flight as an output placeholder.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import functools
+import heapq
+import itertools
 import logging
 import math
 import time
@@ -26,7 +29,7 @@ import time
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from vllm_ext import envs
 from vllm_ext.config import ExtConfig
@@ -38,6 +41,7 @@ from vllm_ext.schedulers.request import blocks_for, is_decode
 from vllm_ext.schedulers.steplog import StepLogWriter, StepRecord
 
 logger = logging.getLogger("vllm_ext")
+_WAITING = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 
 
 def tokens(req: Request) -> int:
@@ -112,6 +116,15 @@ class KeptKeys:
     def until(self, req: Request) -> float:
         return self._kept[req.request_id][4]
 
+    def last(self, req: Request) -> tuple:
+        """The request's kept key, whether or not it still holds."""
+        return self._kept[req.request_id][5]
+
+    def holds_until(self, req: Request) -> float | None:
+        """Until when the request's key holds (None: none kept)."""
+        kept = self._kept.get(req.request_id)
+        return None if kept is None else kept[4]
+
     def forget_finished(self, live: dict) -> None:
         """Drop the keys of requests the scheduler no longer has, now and then."""
         if len(self._kept) > 2 * len(live) + 64:
@@ -150,6 +163,7 @@ class StockScheduler(Scheduler):
         directory = envs.stats_dir()
         self._steplog = StepLogWriter(directory) if directory else None
         self._in_flight: collections.deque[StepRecord] = collections.deque()
+        self._prefills_to_decodes = 0  # in the last step recorded
         # Requests with a prefill chunk in each step scheduled but not yet finished
         # (more than one step only with pipeline parallelism: vLLM's batch queue).
         self._prefills_in_flight: collections.deque[frozenset[str]] = collections.deque()
@@ -179,12 +193,11 @@ class StockScheduler(Scheduler):
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         t0 = self.clock()
-        running_decodes = sum(map(decoding, self.running))
         self.before_schedule()
         out = super().schedule(throttle_prefills)
         self.after_schedule(out)
         if out.total_num_scheduled_tokens:
-            rec, prefilling = self._record(out, t0, running_decodes)
+            rec, prefilling = self._record(out, t0)
             self._prefills_in_flight.append(prefilling)
             self._in_flight.append(rec)
         return out
@@ -238,24 +251,33 @@ class StockScheduler(Scheduler):
         """Record fields known only once a step's output has been processed."""
         return {}
 
-    def _record(self, out: SchedulerOutput, t0: float,
-                running_decodes: int) -> tuple[StepRecord, frozenset[str]]:
+    def _record(self, out: SchedulerOutput, t0: float) -> tuple[StepRecord, frozenset[str]]:
         """The step's record (wall time still 0) and the requests it prefills."""
         # One pass, no per-request objects: this runs every step over the whole batch.
-        chunks, contexts, prefilling, partial = [], [], [], 0
-        requests, ahead = self.requests, self._ahead
-        for r, n in out.num_scheduled_tokens.items():
+        chunks, contexts, prefilling, partial, to_decode = [], [], [], 0, 0
+        requests, ahead, scheduled = self.requests, self._ahead, out.num_scheduled_tokens
+        # The running decodes the step left out: looked for only when the running list
+        # holds requests it did not schedule (none in a step of decodes alone). One whose
+        # every token is in flight (the async loop) has nothing to schedule.
+        left_out = 0 if len(scheduled) >= len(self.running) else sum(
+            1 for req in self.running if req.request_id not in scheduled
+            and decoding(req) and not last_token_in_flight(req))
+        for r, n in scheduled.items():
             req = requests[r]
             # As in `state_before`, without building the state.
             computed = req.num_computed_tokens - n
             num_tokens = req.num_tokens + req.num_output_placeholders - (
                 0 if req.is_prefill_chunk else ahead)
-            if is_decode(req.num_prompt_tokens, num_tokens, computed):
+            if computed == num_tokens - 1 and num_tokens > req.num_prompt_tokens:  # is_decode
                 contexts.append(computed + n)
             else:
                 chunks.append((n, computed))
                 prefilling.append(r)
                 partial += computed + n < num_tokens
+                # A decode from next step on: it samples, or it recomputes (after a
+                # preemption) all but its last output token, which is then a decode.
+                to_decode += computed + n >= num_tokens - (num_tokens > req.num_prompt_tokens)
+        self._prefills_to_decodes = to_decode
         shape = StepShape(tuple(chunks), tuple(contexts))
         _, prefill, attention, _, decode_context = shape.features()
         predicted = self.predict(shape) if self.latency_model else 0.0
@@ -263,8 +285,8 @@ class StockScheduler(Scheduler):
         # async loop's next step, scheduled early, still runs after the previous one.
         pipelined = (len(self.prefills_in_flight().intersection(prefilling))
                      if prefilling and self._pipeline else 0)
-        return StepRecord(t0, 0.0, len(shape.decode_contexts), int(prefill), len(prefilling),
-                          partial, running_decodes, len(out.preempted_req_ids or ()),
+        return StepRecord(t0, 0.0, len(contexts), int(prefill), len(prefilling),
+                          partial, len(contexts) + left_out, len(out.preempted_req_ids or ()),
                           len(self.waiting), attention, int(decode_context), predicted,
                           pipelined), frozenset(prefilling)
 
@@ -295,6 +317,12 @@ class SarathiScheduler(StockScheduler):
                 f"scheduler through vllm_ext (flags or vllm_ext.engine_kwargs)")
         self.scheduler_reserve_full_isl = self.policy.reserve_full_prompt
         self._keys = KeptKeys()
+        # Whether the running list is still in the policy's order. vLLM's loop only
+        # appends to it (admissions) and removes from it (finishes, preemptions), and
+        # removing keeps an order: only an admission or a prompt that became a decode can
+        # break it, so most steps (decodes only) need no sort of hundreds of requests.
+        self._running_in_order = False
+        self._running_before = 0
         self.adaptive = None
         if settings.latency_model:
             # Adaptive chunking's model; Mnemosyne's slack predicts prefill times with it.
@@ -315,7 +343,9 @@ class SarathiScheduler(StockScheduler):
     def order_running(self) -> None:
         """Put the running list in the policy's order (vLLM's loop hands out the budget
         in list order and preempts from its end)."""
-        self.running.sort(key=self._running_key)
+        if not self._running_in_order:
+            self.running.sort(key=self._running_key)
+            self._running_in_order = True
 
     def _running_key(self, req: Request) -> tuple:
         key = self._keys.get(req)
@@ -354,6 +384,14 @@ class SarathiScheduler(StockScheduler):
         size = self.hash_block_size
         return min(common * size, (req.num_tokens - 1) // size * size)
 
+    def _record(self, out: SchedulerOutput, t0: float):
+        rec, prefilling = super()._record(out, t0)
+        # The running list grew by its admissions and shrank by its preemptions.
+        admitted = len(self.running) - self._running_before + len(out.preempted_req_ids or ())
+        if admitted or self._prefills_to_decodes:
+            self._running_in_order = False
+        return rec, prefilling
+
     def step_done(self, rec: StepRecord) -> None:
         if self.adaptive is not None and rec.predicted_s > 0:
             self.correction.observe(rec.predicted_s / self.correction.factor, rec.wall_s)
@@ -361,6 +399,7 @@ class SarathiScheduler(StockScheduler):
     def before_schedule(self) -> None:
         self._keys.forget_finished(self.requests)
         self.order_running()
+        self._running_before = len(self.running)
         if not self.policy.config.sequence_pipeline:
             # Plain pipeline parallelism: a prompt's next chunk waits until its previous
             # one has left the last stage (vLLM's loop skips a request for a step whose
@@ -400,12 +439,16 @@ class MnemosyneScheduler(SarathiScheduler):
         self._head_refused = False
         self._first_due: list[ReqState] = []
         self._now = 0.0  # when this step's order was made, on the arrival clock
-        # The waiting queue stays in order between steps unless a request joins it (at the
-        # end) or is preempted into it (at the head), or a key expires: vLLM admits from
-        # its head and puts back requests it skipped in their order, and removals keep it
-        # sorted. Otherwise a queue of thousands is not sorted again.
-        self._waiting_changed = True
-        self._waiting_until = -math.inf
+        # The waiting queue is kept in order, not sorted every step. vLLM admits from
+        # its head, puts back the requests it skipped in their order, and removals keep
+        # an order: only a request that joins it (an arrival, at the end; a preempted one,
+        # at the head) and one whose key expires (a deadline never moves: twice per request
+        # at most, see `MnemosynePolicy.order_key_until`) are put in their place, found by
+        # bisection: between steps the queue is in the order of its kept keys.
+        self._expiries: list[tuple[float, int, Request]] = []  # a heap: (until, n, request)
+        self._pushes = itertools.count()
+        self._waiting_ordered = False
+        self._running_until = -math.inf
 
     def sarathi_config(self) -> SarathiConfig:
         # Without a TBT target its step-time model only predicts prefill times.
@@ -430,20 +473,64 @@ class MnemosyneScheduler(SarathiScheduler):
 
     def order_running(self) -> None:
         self._now = self.arrival_clock()
-        self.running.sort(key=self._key)
-        if isinstance(self.waiting, collections.deque) and len(self.waiting) > 1 and (
-                self._waiting_changed or self.adaptive is not None
-                or self._now >= self._waiting_until):
-            ordered = sorted(self.waiting, key=self._key)
-            self.waiting.clear()
-            self.waiting.extend(ordered)
-            self._waiting_until = min(map(self._keys.until, ordered))
-            self._waiting_changed = False
+        # Besides Sarathi's reasons, a partial prefill's key expires with time and moves
+        # with adaptive chunking's correction.
+        if not self._running_in_order or self.adaptive is not None \
+                or self._now >= self._running_until:
+            self.running.sort(key=self._key)
+            self._running_until = min(map(self._keys.until, self.running), default=math.inf)
+            self._running_in_order = True
+        if isinstance(self.waiting, collections.deque):
+            self._order_waiting()
         self._held = self._hold_outranked()
+
+    def _order_waiting(self) -> None:
+        waiting, keys = self.waiting, self._keys
+        if self.adaptive is not None or not self._waiting_ordered:
+            # Adaptive chunking's correction moves every key: sorted afresh.
+            waiting_now = sorted(waiting, key=self._key)
+            waiting.clear()
+            waiting.extend(waiting_now)
+            self._expiries = []
+            for req in waiting_now:
+                self._expires(req)
+            self._waiting_ordered = self.adaptive is None
+            return
+        expired = []
+        while self._expiries and self._expiries[0][0] <= self._now:
+            until, _, req = heapq.heappop(self._expiries)
+            if req.status in _WAITING and keys.holds_until(req) == until:
+                expired.append(req)
+        # Taken out by their old keys (the order they are in) before any is keyed anew;
+        # one not found is in another of vLLM's queues.
+        taken = []
+        for req in expired:
+            i = bisect.bisect_left(waiting, keys.last(req), key=keys.last)
+            if i < len(waiting) and waiting[i] is req:
+                del waiting[i]
+                taken.append(req)
+        for req in taken:
+            self._place(req)
+
+    def _place(self, req: Request) -> None:
+        """Put a request that is not in the waiting queue where its key goes."""
+        self.waiting.insert(bisect.bisect_right(self.waiting, self._key(req),
+                                                key=self._keys.last), req)
+        self._expires(req)
+
+    def _expires(self, req: Request) -> None:
+        until = self._keys.holds_until(req)
+        if until is not None and until < math.inf:
+            heapq.heappush(self._expiries, (until, next(self._pushes), req))
 
     def add_request(self, request: Request) -> None:
         super().add_request(request)
-        self._waiting_changed = True
+        waiting = self.waiting
+        if self._waiting_ordered and waiting and waiting[-1] is request:
+            waiting.pop()  # vLLM appended it
+            self._place(request)
+        else:
+            self._waiting_ordered = False
 
     def _hold_outranked(self) -> set[str]:
         head = self.waiting.peek_request() if self.waiting else None
@@ -468,14 +555,21 @@ class MnemosyneScheduler(SarathiScheduler):
         # A hold whose head vLLM still did not admit (its own checks are the last word)
         # is not repeated next step: held prefills never wait on a head that cannot come.
         self._head_refused = bool(self._held) and self._held_head not in out.num_scheduled_tokens
-        if out.preempted_req_ids:
-            self._waiting_changed = True
+        if out.preempted_req_ids and self._waiting_ordered:
+            # vLLM put them at the head of the waiting queue.
+            back, waiting = [], self.waiting
+            while waiting and waiting[0].request_id in out.preempted_req_ids:
+                back.append(waiting.popleft())
+            if len(back) < len(out.preempted_req_ids):
+                self._waiting_ordered = False  # not where expected: sorted next step
+            for req in back:
+                self._place(req)
 
     def prefills_in_order(self) -> list[ReqState]:
         return [s for s in super().prefills_in_order() if s.req_id not in self._held]
 
-    def _record(self, out: SchedulerOutput, t0: float, running_decodes: int):
-        rec, prefilling = super()._record(out, t0, running_decodes)
+    def _record(self, out: SchedulerOutput, t0: float):
+        rec, prefilling = super()._record(out, t0)
         now = self.arrival_clock()  # deadlines are on the arrival clock, not the step timer
         slacks = [self.deadlines.slack(state_before(self.requests[r], out.num_scheduled_tokens[r],
                                                     self._ahead), now) for r in prefilling]

@@ -63,6 +63,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="--gpu: prefill attention's share of peak FLOPs")
     s.add_argument("--attn-bandwidth-fraction", type=float, default=d.attn_bandwidth_fraction,
                    help="--gpu: KV reads' share of HBM bandwidth")
+    s.add_argument("--host-time-scale", type=float, default=1.0, metavar="X",
+                   help="the scheduler's host time per step, timed here on each simulated step, "
+                        "counts X times over (0.5: a host CPU twice as fast as this one; 0: "
+                        "left out); the async loop hides it behind the device's step")
     k = p.add_argument_group("KV cache (default: --gpu: what vLLM would leave at "
                              "--gpu-memory-utilization 0.9; else VLLM_CPU_KVCACHE_SPACE or 4 GiB)")
     k.add_argument("--kv-memory", type=float, metavar="GIB", help="KV memory per GPU (GiB)")
@@ -100,6 +104,8 @@ def _source(a: argparse.Namespace):
         raise OptionError(f"--kv-memory must be > 0 GiB, got {a.kv_memory}")
     if a.num_gpu_blocks is not None and a.num_gpu_blocks < 2:
         raise OptionError(f"--num-gpu-blocks must be >= 2, got {a.num_gpu_blocks}")
+    if not a.host_time_scale >= 0:
+        raise OptionError(f"--host-time-scale must be >= 0, got {a.host_time_scale}")
     if a.gpu is None and (a.model_shape or a.tp != 1):
         raise OptionError("--model-shape and --tp describe a --gpu simulation; give --gpu")
     kv = (KvSize(blocks=a.num_gpu_blocks) if a.num_gpu_blocks is not None else
@@ -172,7 +178,8 @@ def build(a: argparse.Namespace):
                    bootstrap_iterations=a.bootstrap,
                    progress=Progress(enabled=not a.no_progress))
     cfg.check()
-    sim = Simulation(source, model, kv, target, Sweep.parse(a.sweep) if a.sweep else None)
+    sim = Simulation(source, model, kv, target, Sweep.parse(a.sweep) if a.sweep else None,
+                     host_scale=a.host_time_scale)
     adaptive = any("--sarathi-tbt-slo-ms" in arm.serve_args for arm in arms) or (
         "--sarathi-tbt-slo-ms" in cfg.common_args)
     if adaptive:

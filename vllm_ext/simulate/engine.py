@@ -4,9 +4,11 @@ The scheduler is the class the arm's flags select, built by `vllm_ext.tools.driv
 from the arm's engine config over a KV cache of a given number of blocks. Each step
 is vLLM's `schedule()`, a duration from the step-time source for the step's batch,
 then the made-up model output (one token for every request whose prompt is complete,
-none for a partial prefill) through `update_from_output()`. A token reaches its
-client when its step ends; nothing else (network, detokenization, the API server)
-takes time.
+none for a partial prefill) through `update_from_output()`, on the engine loop the
+arm's config runs (async or synchronous). The scheduler's own host time, measured on
+each call and scaled to the serving host (`host_scale`), takes virtual time as that loop
+spends it (see `vllm_ext.tools.driver`). A token reaches its client when its step's
+output is processed; nothing else (network, detokenization, the API server) takes time.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ class SimRun:
     steps: int
     simulated_s: float  # virtual time from the first arrival to the last token
     busy_steps: int  # steps that scheduled work (what a server's vllm_ext_steps counts)
-    busy_s: float  # and their virtual time
+    busy_s: float  # and their virtual time on the device
     wall_s: float  # how long simulating took
     max_running: int
+    host_s: float = 0.0  # the scheduler's host time, as scaled onto the virtual clock
 
     @property
     def steps_per_s(self) -> float:
@@ -49,7 +52,7 @@ class SimRun:
 
 
 def simulate_trace(config, num_blocks: int, trace: Trace, step_time: Callable[[StepShape], float],
-                   on_done: Callable[[], None] | None = None) -> SimRun:
+                   on_done: Callable[[], None] | None = None, host_scale: float = 0.0) -> SimRun:
     """Every request of `trace` through a fresh scheduler of `config`: open-loop traces
     at their arrival times, closed loops (`trace.concurrency`) one in as one finishes."""
     from vllm_ext.tools.driver import Driver, Req
@@ -74,7 +77,8 @@ def simulate_trace(config, num_blocks: int, trace: Trace, step_time: Callable[[S
     later = collections.deque(reqs[trace.concurrency:] if closed else ())
     steps = busy_steps = idle = max_running = 0
     busy = 0.0
-    with Driver(config, num_blocks, step_time) as driver:
+    host = 0.0
+    with Driver(config, num_blocks, step_time, host_scale=host_scale) as driver:
         sched = driver.scheduler
         while pending or later or driver.busy:
             if pending and not driver.busy:
@@ -85,8 +89,9 @@ def simulate_trace(config, num_blocks: int, trace: Trace, step_time: Callable[[S
                 records[index[req.req_id]].sent = driver.now if closed else req.arrival
             tick = driver.advance()
             steps += 1
+            host += tick.host_s * host_scale
             max_running = max(max_running, len(sched.running))
-            end = tick.start + tick.duration
+            end = tick.done
             for r in tick.output.num_scheduled_tokens:
                 first_scheduled.setdefault(r, tick.start)
             for r, n in tick.delivered.items():
@@ -122,7 +127,7 @@ def simulate_trace(config, num_blocks: int, trace: Trace, step_time: Callable[[S
         for _ in refused:
             on_done()
     return SimRun(records, delays, steps, last - min(sent), busy_steps, busy,
-                  time.perf_counter() - started, max_running)
+                  time.perf_counter() - started, max_running, host)
 
 
 def _describe(waiting, records, index) -> str:

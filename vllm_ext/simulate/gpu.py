@@ -236,8 +236,9 @@ class GpuStepTime:
             f"KV reads at {a.attn_bandwidth_fraction:.0%} of HBM bandwidth (assumed).",
             "LM head over the sampled rows: a roofline at 70% of peak FLOPs / 80% of bandwidth "
             "(assumed).",
-            f"Per-step overhead (scheduling, input preparation, sampling): "
-            f"{a.step_overhead_ms:g} ms (assumed; --step-overhead-ms).",
+            f"Per-step overhead on the device's side (input preparation, launches, "
+            f"sampling): {a.step_overhead_ms:g} ms (assumed; --step-overhead-ms). The "
+            f"scheduler's own host time is timed, not assumed (below).",
             f"vLLM's serve defaults on this GPU where an arm gives none: "
             f"--max-num-batched-tokens {s.serve_max_num_batched_tokens}, --max-num-seqs "
             f"{s.serve_max_num_seqs}.",

@@ -69,6 +69,8 @@ class Simulation:
     target: Target = Target()
     sweep: Sweep | None = None
     adaptive_model: str | None = None  # for arms with --sarathi-tbt-slo-ms and no model
+    # The scheduler's host time on this machine, scaled to the serving host (0: left out).
+    host_scale: float = 1.0
     configs: dict[str, object] = field(default_factory=dict)  # arm name -> VllmConfig
     skipped: dict[str, str] = field(default_factory=dict)  # arms the sweep left alone
 
@@ -134,7 +136,7 @@ def _simulate(cfg: ABConfig, sim: Simulation, arm: Arm, trace: Trace, desc: str)
     config = sim.configs[arm.name]
     with cfg.progress.replay(desc, len(trace.requests)) as shown:
         return simulate_trace(config, sim.kv.num_blocks(config), trace, sim.source,
-                              on_done=shown.request_done)
+                              on_done=shown.request_done, host_scale=sim.host_scale)
 
 
 def run_arm(arm: Arm, cfg: ABConfig, sim: Simulation, say) -> ArmResult:
@@ -159,6 +161,8 @@ def run_arm(arm: Arm, cfg: ABConfig, sim: Simulation, say) -> ArmResult:
                           # The figures a real server's vllm-ext metrics give (bench ab).
                           "engine_steps": sum(r.busy_steps for r in runs),
                           "engine_step_s": sum(r.busy_s for r in runs),
+                          "engine_loop": loop_of(config),
+                          "sim_host_s": sum(r.host_s for r in runs),
                           "sim_steps": steps, "sim_wall_s": wall,
                           "sim_steps_per_s": steps / wall if wall else float("nan"),
                           "kv_blocks": sim.kv.num_blocks(config),
@@ -197,6 +201,9 @@ def run_simulation(cfg: ABConfig, sim: Simulation,
     if sim.sweep is not None:
         cfg.simulation = {**(cfg.simulation or {}), "sweep": expand_sweep(cfg, sim)}
     prepare(cfg, sim)
+    if cfg.simulation is not None:
+        cfg.simulation["assumptions"] = [*cfg.simulation.get("assumptions", ()),
+                                         *engine_assumptions(sim, say)]
     cfg.out.mkdir(parents=True, exist_ok=True)
     for trace in cfg.traces:
         report.write_json(cfg.out / "trace" / f"seed{trace.seed}.json", trace.to_dict())
@@ -208,6 +215,43 @@ def run_simulation(cfg: ABConfig, sim: Simulation,
         comparisons = compare_arms(results, cfg, comparisons)
         report.write(cfg, results, comparisons)
     return results, comparisons
+
+
+def loop_of(config) -> str:
+    return "async" if config.scheduler_config.async_scheduling else "synchronous"
+
+
+def engine_assumptions(sim: Simulation, say: Callable[[str], None]) -> list[str]:
+    """What a report must say of the arms' engines: the loop each runs, how the
+    scheduler's host time counts, and every arm that serves otherwise than the engine
+    the step-time model was profiled on (said aloud too: its times may be far off)."""
+    loops: dict[str, list[str]] = {}
+    for name, config in sim.configs.items():
+        loops.setdefault(loop_of(config), []).append(name)
+    said = ["Engine loop, as vLLM chooses it for each arm's config: " + "; ".join(
+        f"{loop} ({', '.join(names)})" for loop, names in loops.items()) + "."]
+    if sim.host_scale:
+        scaled = "" if sim.host_scale == 1 else f", times {sim.host_scale:g}"
+        said.append(
+            f"The scheduler's own host time (its schedule() and update_from_output(), timed "
+            f"on every step of this simulation{scaled}"
+            f") takes virtual time: in full on the synchronous loop; on the async loop it "
+            f"overlaps the device's step and delays the next only where update + next "
+            f"schedule exceed it. Other host work (input preparation, sampling, detokenizing, "
+            f"the API server) is not modelled.")
+    else:
+        said.append("The scheduler's host time is left out (--host-time-scale 0): each step "
+                    "follows the previous one on the device at once.")
+    check = getattr(sim.source, "mismatches", None)
+    for name, config in sim.configs.items() if check else ():
+        differs = check(config)
+        if differs:
+            line = (f"Arm {name} serves otherwise than the profiled engine: "
+                    f"{', '.join(differs)}. Its step times may be far off (a bfloat16 profile "
+                    f"forecast a float32 engine 3x fast); profile the engine as it serves.")
+            say(f"WARNING: {line}")
+            said.append(line)
+    return said
 
 
 def default_cpu_kv() -> KvSize:

@@ -49,6 +49,12 @@ class FittedSource:
     def __call__(self, shape: StepShape) -> float:
         return self.model.predict(shape)
 
+    def mismatches(self, config) -> list[str]:
+        """How the arm `config` configures serves otherwise than the profiled engine."""
+        from vllm_ext.tools.profile import mismatches
+
+        return mismatches(self.model, config)
+
     def assumptions(self) -> list[str]:
         f = self.model.fit
         where = ", ".join(str(f[k]) for k in ("machine", "vllm") if k in f) or "unknown machine"

@@ -10,10 +10,16 @@ runner's answer made up as vLLM's own scheduler tests do (tests/v1/core): one sa
 token for every request whose prompt is complete after the step, none for a partial
 prefill; then `update_from_output()`.
 
-Time is virtual. A step lasts what `step_time` says for its shape (one unit unless
-given, e.g. `LatencyModel.predict`), a request joins the waiting queue once the clock
-reaches its arrival, and vllm-ext's schedulers time their steps by this clock, so
-adaptive chunking's online correction learns the given step times.
+Time is virtual. A step lasts what `step_time` says for its shape on the device (one
+unit unless given, e.g. `LatencyModel.predict`), a request joins the waiting queue once
+the clock reaches its arrival, and vllm-ext's schedulers time their steps by this clock,
+so adaptive chunking's online correction learns the given step times. With `host_scale`
+the host's work takes virtual time too: each `schedule()` and `update_from_output()` its
+measured wall time here times that factor. The host and the device then follow the
+engine core's loop: on the synchronous loop a step costs schedule + device +
+update; on the async loop the device runs each step as soon as it is scheduled and the
+previous one has ended, so the host's work hides behind the device's but for what
+exceeds it (a step's interval is max(device, update + next schedule)).
 
     config = engine_config(model_dir, scheduler="sarathi", sarathi_token_budget=64)
     with Driver(config, num_blocks=40) as driver:
@@ -205,6 +211,9 @@ class Tick:
     # Wall seconds this process spent in the scheduler's schedule() and
     # update_from_output() (the host's work per step; making up the output is not in it).
     host_s: float = 0.0
+    # Virtual time its output was processed: its tokens reach their clients then (the
+    # device's end, plus the update's host time where the host takes time).
+    done: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,13 +248,18 @@ class Driver:
     says (VLLMEXT_STATS_DIR), as in a served engine: for measuring what they cost.
     """
 
+    # What times the scheduler's own calls (host_s; with `host_scale`, virtual time too).
+    timer = staticmethod(time.perf_counter)
+
     def __init__(self, config: VllmConfig, num_blocks: int,
                  step_time: Callable[[StepShape], float] = _one_unit,
-                 step_log: bool = False) -> None:
+                 step_log: bool = False, host_scale: float = 0.0) -> None:
         config.cache_config.num_gpu_blocks = num_blocks
         kv_config = kv_cache_config(config, num_blocks)
         block_size, hash_block_size = resolve_kv_cache_block_sizes(kv_config, config)
         self.step_time = step_time
+        # Virtual seconds per wall second of the scheduler's own work (0: none).
+        self.host_scale = host_scale
         self.now = 0.0
         with contextlib.nullcontext() if step_log else _no_step_log():
             self.scheduler: Scheduler = config.scheduler_config.get_scheduler_cls()(
@@ -324,9 +338,10 @@ class Driver:
         if snapshots:
             before = (tuple(req_state(r) for r in sched.running),
                       tuple(req_state(r) for r in sched.waiting))
-        began = time.perf_counter()
+        began, scheduled_at = self.timer(), self.now
         out = sched.schedule()
-        host_s = time.perf_counter() - began
+        host_s = self.timer() - began
+        self.now += host_s * self.host_scale
         requests = sched.requests
         states = {r: state_before(requests[r], n, self._ahead)
                   for r, n in out.num_scheduled_tokens.items()}
@@ -340,14 +355,16 @@ class Driver:
         self._device_free = start + duration
         if before is not None:
             before = (*before, sched.max_num_scheduled_tokens)
-        return _InFlight(out, self.now, start, duration, states, shape, sampled, host_s, before)
+        return _InFlight(out, scheduled_at, start, duration, states, shape, sampled, host_s,
+                         before)
 
     def _tick(self, flight: _InFlight) -> Tick:
         self.now = max(self.now, flight.start + flight.duration)
         finished, delivered, update_s = self._finish_step(flight)
+        self.now += update_s * self.host_scale
         self._num_steps += 1
         return Tick(flight.start, flight.duration, flight.out, flight.states, flight.shape,
-                    finished, delivered, flight.host_s + update_s)
+                    finished, delivered, flight.host_s + update_s, self.now)
 
     def _finish_step(self, flight: _InFlight
                      ) -> tuple[tuple[str, ...], dict[str, int], float]:
@@ -360,9 +377,9 @@ class Driver:
         answer = ModelRunnerOutput(req_ids=ids, sampled_token_ids=sampled, **(
             {"req_id_to_index": {r: i for i, r in enumerate(ids)}} if _INDEXED_OUTPUT else {}))
         finished, delivered = [], {}
-        began = time.perf_counter()
+        began = self.timer()
         engine_outputs = self.scheduler.update_from_output(out, answer)
-        update_s = time.perf_counter() - began
+        update_s = self.timer() - began
         for outputs in engine_outputs.values():
             for o in outputs.outputs:
                 if o.new_token_ids:

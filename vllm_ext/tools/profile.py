@@ -78,9 +78,51 @@ def run(target: ProfileTarget, out: str, quick: bool = False, progress: bool = T
     latency.fit.update(**asdict(target), quick=quick, steps=len(samples),
                        seconds=round(time.monotonic() - started, 1),
                        machine=f"{platform.machine()}, {os.cpu_count()} cores",
-                       vllm=vllm_version(), vllm_ext=vllm_ext.__version__)
+                       vllm=vllm_version(), vllm_ext=vllm_ext.__version__,
+                       served=step_time_traits(engine.vllm_config))
     Path(out).write_text(latency.to_json())
     return latency
+
+
+# What about a served engine changes its step times, as its config says: recorded with a
+# profile, compared with each arm a simulation uses the profile for.
+TRAITS = {"dtype": "dtype {}", "max_num_batched_tokens": "steps of up to {} tokens",
+          "attn": "attention {}", "tensor_parallel_size": "tensor parallel size {}",
+          "pipeline_parallel_size": "pipeline parallel size {}", "kvp": "{} KV-parallel ranks"}
+
+
+def step_time_traits(vllm_config) -> dict:
+    """`TRAITS` of the engine `vllm_config` configures."""
+    from vllm_ext.config import ExtConfig
+
+    attn = ExtConfig.of(vllm_config).attn
+    parallel = vllm_config.parallel_config
+    return {"dtype": str(vllm_config.model_config.dtype).removeprefix("torch."),
+            "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
+            "attn": attn.name if attn is not None else "vllm",
+            "tensor_parallel_size": parallel.tensor_parallel_size,
+            "pipeline_parallel_size": parallel.pipeline_parallel_size,
+            "kvp": parallel.decode_context_parallel_size}
+
+
+def profiled_traits(model: LatencyModel) -> dict:
+    """The traits of the engine a profile measured; for a profile older than that
+    record, what its target says (a dtype of "auto" says nothing)."""
+    fit = model.fit
+    if "served" in fit:
+        return dict(fit["served"])
+    legacy = {"dtype": fit.get("dtype"), "max_num_batched_tokens": fit.get("budget"),
+              "attn": fit.get("attn"), "tensor_parallel_size": fit.get("tensor_parallel_size"),
+              "pipeline_parallel_size": fit.get("pipeline_parallel_size"), "kvp": fit.get("kvp")}
+    return {k: v for k, v in legacy.items() if v not in (None, "auto")}
+
+
+def mismatches(model: LatencyModel, vllm_config) -> list[str]:
+    """How the engine `vllm_config` configures serves otherwise than the one `model` was
+    profiled on, each as "dtype float32 (profiled at bfloat16)"."""
+    profiled, serves = profiled_traits(model), step_time_traits(vllm_config)
+    return [f"{TRAITS[k].format(serves[k])} (profiled at {profiled[k]})"
+            for k in TRAITS if k in profiled and profiled[k] != serves[k]]
 
 
 def _bar(total: int, enabled: bool):
