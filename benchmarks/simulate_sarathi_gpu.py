@@ -37,12 +37,12 @@ TRAFFIC = ("--prompt-len", "lognormal:1024:0.9", "--max-prompt-tokens", "3072",
            "--serve-args", "--max-model-len 4096")
 
 
-# Each arm on both of vLLM's loops: the async one as "NAME", the synchronous "NAME sync".
+# Each arm on both of vLLM's loops: the async one as "NAME", the synchronous "NAME-sync".
 LOOPS = {"async": "", "sync": " --no-async-scheduling"}
 
 
 def arms(slo_ms: float) -> dict[str, str]:
-    return {f"{name}{'' if loop == 'async' else ' sync'}": flags + extra
+    return {f"{name}{'' if loop == 'async' else '-sync'}": flags + extra
             for loop, extra in LOOPS.items() for name, flags in policies(slo_ms).items()}
 
 
@@ -107,7 +107,7 @@ def main() -> int:
             "best Sarathi / prefill-first", "best Sarathi / vllm"]
     lines = []
     for loop in LOOPS:
-        suffix = "" if loop == "async" else " sync"
+        suffix = "" if loop == "async" else "-sync"
         title = ("async loop (CUDA's default)" if loop == "async"
                  else "synchronous loop (--no-async-scheduling)")
         lines += [f"**vLLM's {title}**", "", "| " + " | ".join(head) + " |",

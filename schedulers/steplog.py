@@ -93,7 +93,7 @@ class StepLogWriter:
         self._layout = _layout(capacity)
 
     def append(self, rec: StepRecord) -> None:
-        mm, (totals, buckets, ring, _) = self._mm, self._layout
+        mm, (totals, _, ring, _) = self._mm, self._layout
         _SUMS.pack_into(mm, totals, *map(operator.add, _SUMS.unpack_from(mm, totals),
                                          _TOTAL_VALUES(rec)))
         # The first bucket whose upper bound the step is within (the last: beyond all).

@@ -232,7 +232,7 @@ def test_a_profile_of_an_engine_that_serves_otherwise_is_said_aloud(shape_dir, t
     path.write_text(LatencyModel((1e-3, 1e-5, 0.0, 1e-4, 0.0),
                                  fit={"served": served, "model": shape_dir}).to_json())
     out = tmp_path / "report"
-    assert _cli("--latency-model", str(path), "--serve-args",
+    assert _cli("--latency-model", str(path), "--host-time-scale", "1", "--serve-args",
                 "--max-model-len 2048 --dtype float32", "--arm",
                 "base=--scheduler vllm --max-num-batched-tokens 512", "--arm",
                 "same=--scheduler vllm --max-num-batched-tokens 256 --dtype bfloat16",

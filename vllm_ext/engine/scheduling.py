@@ -16,12 +16,9 @@ back and counts each token in flight as an output placeholder.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import functools
-import heapq
-import itertools
 import logging
 import math
 import time
@@ -33,6 +30,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_ext import envs
 from vllm_ext.config import ExtConfig
+from vllm_ext.engine.waiting_order import OrderedWaiting
 from vllm_ext.schedulers import (MnemosynePolicy, PrefillFirstPolicy, ReqState, SarathiConfig,
                                  SarathiPolicy)
 from vllm_ext.schedulers.adaptive import AdaptiveChunking, OnlineCorrection
@@ -439,15 +437,8 @@ class MnemosyneScheduler(SarathiScheduler):
         self._head_refused = False
         self._first_due: list[ReqState] = []
         self._now = 0.0  # when this step's order was made, on the arrival clock
-        # The waiting queue is kept in order, not sorted every step. vLLM admits from
-        # its head, puts back the requests it skipped in their order, and removals keep
-        # an order: only a request that joins it (an arrival, at the end; a preempted one,
-        # at the head) and one whose key expires (a deadline never moves: twice per request
-        # at most, see `MnemosynePolicy.order_key_until`) are put in their place, found by
-        # bisection: between steps the queue is in the order of its kept keys.
-        self._expiries: list[tuple[float, int, Request]] = []  # a heap: (until, n, request)
-        self._pushes = itertools.count()
-        self._waiting_ordered = False
+        # The waiting queue's order, kept from step to step (see OrderedWaiting).
+        self._order = OrderedWaiting(self._key, self._keys.last, self._keys.holds_until)
         self._running_until = -math.inf
 
     def sarathi_config(self) -> SarathiConfig:
@@ -480,57 +471,29 @@ class MnemosyneScheduler(SarathiScheduler):
             self.running.sort(key=self._key)
             self._running_until = min(map(self._keys.until, self.running), default=math.inf)
             self._running_in_order = True
-        if isinstance(self.waiting, collections.deque):
+        # vLLM takes from the waiting queue only while the running list has room: when it
+        # is full, the order can wait for a step that reads it (expired keys pile up).
+        if isinstance(self.waiting, collections.deque) \
+                and len(self.running) < self.max_num_active_reqs:
             self._order_waiting()
         self._held = self._hold_outranked()
 
     def _order_waiting(self) -> None:
-        waiting, keys = self.waiting, self._keys
-        if self.adaptive is not None or not self._waiting_ordered:
+        waiting = self.waiting
+        if self.adaptive is not None or not self._order.in_step(waiting):
             # Adaptive chunking's correction moves every key: sorted afresh.
-            waiting_now = sorted(waiting, key=self._key)
-            waiting.clear()
-            waiting.extend(waiting_now)
-            self._expiries = []
-            for req in waiting_now:
-                self._expires(req)
-            self._waiting_ordered = self.adaptive is None
-            return
-        expired = []
-        while self._expiries and self._expiries[0][0] <= self._now:
-            until, _, req = heapq.heappop(self._expiries)
-            if req.status in _WAITING and keys.holds_until(req) == until:
-                expired.append(req)
-        # Taken out by their old keys (the order they are in) before any is keyed anew;
-        # one not found is in another of vLLM's queues.
-        taken = []
-        for req in expired:
-            i = bisect.bisect_left(waiting, keys.last(req), key=keys.last)
-            if i < len(waiting) and waiting[i] is req:
-                del waiting[i]
-                taken.append(req)
-        for req in taken:
-            self._place(req)
-
-    def _place(self, req: Request) -> None:
-        """Put a request that is not in the waiting queue where its key goes."""
-        self.waiting.insert(bisect.bisect_right(self.waiting, self._key(req),
-                                                key=self._keys.last), req)
-        self._expires(req)
-
-    def _expires(self, req: Request) -> None:
-        until = self._keys.holds_until(req)
-        if until is not None and until < math.inf:
-            heapq.heappush(self._expiries, (until, next(self._pushes), req))
+            self._order.sort(waiting)
+        else:
+            self._order.expire(waiting, self._now, lambda req: req.status in _WAITING)
 
     def add_request(self, request: Request) -> None:
         super().add_request(request)
         waiting = self.waiting
-        if self._waiting_ordered and waiting and waiting[-1] is request:
-            waiting.pop()  # vLLM appended it
-            self._place(request)
-        else:
-            self._waiting_ordered = False
+        # vLLM appended it; placed now, or the next step sorts the queue.
+        if isinstance(waiting, collections.deque) and waiting[-1] is request \
+                and len(waiting) == len(self._order.keys) + 1:
+            waiting.pop()
+            self._order.place(waiting, request)
 
     def _hold_outranked(self) -> set[str]:
         head = self.waiting.peek_request() if self.waiting else None
@@ -555,15 +518,19 @@ class MnemosyneScheduler(SarathiScheduler):
         # A hold whose head vLLM still did not admit (its own checks are the last word)
         # is not repeated next step: held prefills never wait on a head that cannot come.
         self._head_refused = bool(self._held) and self._held_head not in out.num_scheduled_tokens
-        if out.preempted_req_ids and self._waiting_ordered:
-            # vLLM put them at the head of the waiting queue.
-            back, waiting = [], self.waiting
-            while waiting and waiting[0].request_id in out.preempted_req_ids:
-                back.append(waiting.popleft())
-            if len(back) < len(out.preempted_req_ids):
-                self._waiting_ordered = False  # not where expected: sorted next step
-            for req in back:
-                self._place(req)
+        waiting, preempted = self.waiting, out.preempted_req_ids or ()
+        if not isinstance(waiting, collections.deque):
+            return
+        # vLLM appended the requests it admitted to the running list, and put the ones it
+        # preempted at the head of the waiting queue (it admits none in such a step).
+        admitted = len(self.running) - self._running_before + len(preempted)
+        if admitted > 0:
+            self._order.left(waiting, self.running[-admitted:])
+        back = []
+        while preempted and waiting and waiting[0].request_id in preempted:
+            back.append(waiting.popleft())
+        for req in back:
+            self._order.place(waiting, req)
 
     def prefills_in_order(self) -> list[ReqState]:
         return [s for s in super().prefills_in_order() if s.req_id not in self._held]

@@ -63,10 +63,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="--gpu: prefill attention's share of peak FLOPs")
     s.add_argument("--attn-bandwidth-fraction", type=float, default=d.attn_bandwidth_fraction,
                    help="--gpu: KV reads' share of HBM bandwidth")
-    s.add_argument("--host-time-scale", type=float, default=1.0, metavar="X",
+    s.add_argument("--host-time-scale", type=float, metavar="X",
                    help="the scheduler's host time per step, timed here on each simulated step, "
                         "counts X times over (0.5: a host CPU twice as fast as this one; 0: "
-                        "left out); the async loop hides it behind the device's step")
+                        "left out); the async loop hides it behind the device's step. Default: "
+                        "1, or 0 with --latency-model (a profile's step times hold it already)")
     k = p.add_argument_group("KV cache (default: --gpu: what vLLM would leave at "
                              "--gpu-memory-utilization 0.9; else VLLM_CPU_KVCACHE_SPACE or 4 GiB)")
     k.add_argument("--kv-memory", type=float, metavar="GIB", help="KV memory per GPU (GiB)")
@@ -104,6 +105,8 @@ def _source(a: argparse.Namespace):
         raise OptionError(f"--kv-memory must be > 0 GiB, got {a.kv_memory}")
     if a.num_gpu_blocks is not None and a.num_gpu_blocks < 2:
         raise OptionError(f"--num-gpu-blocks must be >= 2, got {a.num_gpu_blocks}")
+    if a.host_time_scale is None:
+        a.host_time_scale = 0.0 if a.latency_model else 1.0
     if not a.host_time_scale >= 0:
         raise OptionError(f"--host-time-scale must be >= 0, got {a.host_time_scale}")
     if a.gpu is None and (a.model_shape or a.tp != 1):

@@ -240,8 +240,9 @@ def engine_assumptions(sim: Simulation, say: Callable[[str], None]) -> list[str]
             f"schedule exceed it. Other host work (input preparation, sampling, detokenizing, "
             f"the API server) is not modelled.")
     else:
-        said.append("The scheduler's host time is left out (--host-time-scale 0): each step "
-                    "follows the previous one on the device at once.")
+        said.append("The scheduler's host time is not added (--host-time-scale 0): each step "
+                    "follows the previous one at once, as the step-time source times it (a "
+                    "profile's measured steps hold their host time already).")
     check = getattr(sim.source, "mismatches", None)
     for name, config in sim.configs.items() if check else ():
         differs = check(config)
