@@ -6,8 +6,11 @@ simulate --latency-model`, from `vllm-ext profile` of the same model), in one ru
 
 Workloads: the README demo's traffic (two seeds) and the scheduler benchmark's
 (benchmarks/schedulers.py: 16 long decodes while five ~1K-token prompts arrive), each
-through stock vLLM, prefill-first and Sarathi. Writes OUT/simulate-fidelity-cpu.md;
-the reports it compares stay in the work directory.
+through stock vLLM, prefill-first and Sarathi; and `budget256`, 40 chat-sized requests at
+1 QPS through Sarathi and stock vLLM at the same 256-token budget, with vLLM's own class
+unwrapped (no vllm-ext flag), wrapped (`--scheduler vllm`), and Sarathi run twice, first
+and last, so that a drift of the machine shows as a gap between the two. Writes
+OUT/simulate-fidelity-cpu.md; the reports it compares stay in the work directory.
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 SLOS = ("--ttft-slo-s", "5", "--tbt-slo-ms", "1000")
+# Issue 22's case: Sarathi and stock vLLM making the same decisions at one budget.
+BUDGET_ARMS = {"sarathi": "--scheduler sarathi --sarathi-token-budget 256",
+               "stock": "--max-num-batched-tokens 256",
+               "vllm": "--scheduler vllm --max-num-batched-tokens 256",
+               "sarathi-again": "--scheduler sarathi --sarathi-token-budget 256"}
+BUDGET_TRAFFIC = ("--num-requests", "40", "--qps", "1", "--prompt-len", "lognormal:330:0.6",
+                  "--max-prompt-tokens", "1800", "--output-len", "uniform:24:96", *SLOS)
 
 
 def scheduler_trace(path: Path) -> Path:
@@ -38,8 +48,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--work", default="fidelity-work")
-    ap.add_argument("--workloads", nargs="+", default=["demo", "schedulers"],
-                    choices=["demo", "schedulers"])
+    ap.add_argument("--workloads", nargs="+", default=["demo", "schedulers", "budget256"],
+                    choices=["demo", "schedulers", "budget256"])
     ap.add_argument("--reuse", action="store_true",
                     help="compare the reports already in the work directory, running nothing")
     args = ap.parse_args()
@@ -66,10 +76,14 @@ def main() -> int:
             return 1
     traffic = {"demo": [*TRAFFIC],
                "schedulers": ["--trace-csv", str(scheduler_trace(work / "schedulers.csv")),
-                              *SLOS]}
+                              *SLOS],
+               "budget256": [*BUDGET_TRAFFIC]}
+    arms_of = {"budget256": [a for name, flags in BUDGET_ARMS.items()
+                             for a in ("--arm", f"{name}={flags}")]}
     sections, commands = [], []
     for name in args.workloads:
-        common = ["--model", model, "--serve-args", serve, *arms, *traffic[name]]
+        common = ["--model", model, "--serve-args", serve, *arms_of.get(name, arms),
+                  *traffic[name]]
         measured = ["bench", "ab", *common, "--no-equivalence", "--out", str(work / name / "measured")]
         simulated = ["simulate", *common, "--latency-model", str(latency), "--kv-memory",
                      CPU_SERVE_ENV["VLLM_CPU_KVCACHE_SPACE"], "--out", str(work / name / "simulated")]
