@@ -66,14 +66,19 @@ def main() -> int:
     model = str(make_model(Path("models") / "small", preset="small"))
     serve = shlex.join([*CPU_SERVE_ARGS, "--max-model-len", "4096"])
     arms = [a for name, flags in ARMS.items() for a in ("--arm", f"{name}={flags}")]
-    latency = work / "latency-small.json"
     started = time.monotonic()
-    if not latency.exists():  # the profile an operator would take once
-        profile = ["profile", model, "--out", str(latency), "--dtype", "float32",
-                   "--max-model-len", "4096", "--budget", "2048"]
-        print("$ vllm-ext " + shlex.join(profile), flush=True)
-        if cli(profile):
-            return 1
+    # The profile an operator would take once, of the engine as it serves: budget 2048 for
+    # the first two workloads' arms, 256 for budget256's.
+    budgets = {"demo": 2048, "schedulers": 2048, "budget256": 256}
+    profiles = {}
+    for budget in sorted({budgets[name] for name in args.workloads}):
+        profiles[budget] = latency = work / f"latency-small-{budget}.json"
+        if not latency.exists():
+            profile = ["profile", model, "--out", str(latency), "--dtype", "float32",
+                       "--max-model-len", "4096", "--budget", str(budget)]
+            print("$ vllm-ext " + shlex.join(profile), flush=True)
+            if cli(profile):
+                return 1
     traffic = {"demo": [*TRAFFIC],
                "schedulers": ["--trace-csv", str(scheduler_trace(work / "schedulers.csv")),
                               *SLOS],
@@ -85,7 +90,8 @@ def main() -> int:
         common = ["--model", model, "--serve-args", serve, *arms_of.get(name, arms),
                   *traffic[name]]
         measured = ["bench", "ab", *common, "--no-equivalence", "--out", str(work / name / "measured")]
-        simulated = ["simulate", *common, "--latency-model", str(latency), "--kv-memory",
+        simulated = ["simulate", *common, "--latency-model", str(profiles[budgets[name]]),
+                     "--kv-memory",
                      CPU_SERVE_ENV["VLLM_CPU_KVCACHE_SPACE"], "--out", str(work / name / "simulated")]
         for argv in (measured, simulated):
             print("$ vllm-ext " + shlex.join(argv), flush=True)
@@ -98,14 +104,16 @@ def main() -> int:
         sections.append(markdown(f"{name}: {real['traces'][0]}", checks, order,
                                  where_time_goes(real, sim)))
         print(sections[-1], flush=True)
-    fit = json.loads(latency.read_text())["fit"]
+    fits = {b: json.loads(p.read_text())["fit"] for b, p in profiles.items()}
     text = (f"# `vllm-ext simulate` against `vllm-ext bench ab` on this machine\n\n"
             f"{time.strftime('%Y-%m-%d')}; {machine()}; small synthetic model, float32, eager. "
             f"One run of `python benchmarks/simulate_fidelity.py`"
             + ("" if args.reuse else f" ({(time.monotonic() - started) / 60:.0f} min)") + ".\n\n"
-            f"Step-time model: `vllm-ext profile` of the same model (budget 2048, "
-            f"{fit['steps']} steps; mean error {100 * fit['holdout_mean_rel_error']:.1f}% on "
-            f"{fit['holdout_points']} held-out steps).\n\n"
+            f"Step-time models: `vllm-ext profile` of the same model, "
+            + "; ".join(f"budget {b} for the workloads served at it ({f['steps']} steps; mean "
+                        f"error {100 * f['holdout_mean_rel_error']:.1f}% on "
+                        f"{f['holdout_points']} held-out steps)" for b, f in fits.items())
+            + ".\n\n"
             f"Targets: TTFT P50, TBT P50 and output tokens/s within 10%, TBT P99 within 20%, "
             f"the arms in the same order (every pair of arms whose measured values differ by "
             f"more than the target is ordered the same way by the simulation; closer pairs are "
