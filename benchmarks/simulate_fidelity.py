@@ -109,15 +109,15 @@ def main() -> int:
             f"{time.strftime('%Y-%m-%d')}; {machine()}; small synthetic model, float32, eager. "
             f"One run of `python benchmarks/simulate_fidelity.py`"
             + ("" if args.reuse else f" ({(time.monotonic() - started) / 60:.0f} min)") + ".\n\n"
-            f"Step-time models: `vllm-ext profile` of the same model, "
+            "Step-time models: `vllm-ext profile` of the same model, "
             + "; ".join(f"budget {b} for the workloads served at it ({f['steps']} steps; mean "
                         f"error {100 * f['holdout_mean_rel_error']:.1f}% on "
                         f"{f['holdout_points']} held-out steps)" for b, f in fits.items())
             + ".\n\n"
-            f"Targets: TTFT P50, TBT P50 and output tokens/s within 10%, TBT P99 within 20%, "
-            f"the arms in the same order (every pair of arms whose measured values differ by "
-            f"more than the target is ordered the same way by the simulation; closer pairs are "
-            f"ties). Errors are (simulated - measured) / measured.\n\n"
+            "Targets: TTFT P50, TBT P50 and output tokens/s within 10%, TBT P99 within 20%, "
+            "the arms in the same order (every pair of arms whose measured values differ by "
+            "more than the target is ordered the same way by the simulation; closer pairs are "
+            "ties). Errors are (simulated - measured) / measured.\n\n"
             + "\n".join(sections)
             + "\nCommands:\n\n" + "\n".join(f"    {c}" for c in commands) + "\n")
     out = Path(args.out) / "simulate-fidelity-cpu.md"
