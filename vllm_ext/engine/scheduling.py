@@ -111,9 +111,6 @@ class KeptKeys:
                                       version, until, key)
         return key
 
-    def until(self, req: Request) -> float:
-        return self._kept[req.request_id][4]
-
     def last(self, req: Request) -> tuple:
         """The request's kept key, whether or not it still holds."""
         return self._kept[req.request_id][5]
@@ -321,6 +318,7 @@ class SarathiScheduler(StockScheduler):
         # break it, so most steps (decodes only) need no sort of hundreds of requests.
         self._running_in_order = False
         self._running_before = 0
+        self._admitted = 0  # by the step just scheduled
         self.adaptive = None
         if settings.latency_model:
             # Adaptive chunking's model; Mnemosyne's slack predicts prefill times with it.
@@ -382,11 +380,15 @@ class SarathiScheduler(StockScheduler):
         size = self.hash_block_size
         return min(common * size, (req.num_tokens - 1) // size * size)
 
+    def after_schedule(self, out: SchedulerOutput) -> None:
+        # The running list grew by its admissions (appended at its end) and shrank by its
+        # preemptions.
+        self._admitted = (len(self.running) - self._running_before
+                          + len(out.preempted_req_ids or ()))
+
     def _record(self, out: SchedulerOutput, t0: float):
         rec, prefilling = super()._record(out, t0)
-        # The running list grew by its admissions and shrank by its preemptions.
-        admitted = len(self.running) - self._running_before + len(out.preempted_req_ids or ())
-        if admitted or self._prefills_to_decodes:
+        if self._admitted or self._prefills_to_decodes:
             self._running_in_order = False
         return rec, prefilling
 
@@ -469,7 +471,8 @@ class MnemosyneScheduler(SarathiScheduler):
         if not self._running_in_order or self.adaptive is not None \
                 or self._now >= self._running_until:
             self.running.sort(key=self._key)
-            self._running_until = min(map(self._keys.until, self.running), default=math.inf)
+            self._running_until = min(map(self._keys.holds_until, self.running),
+                                      default=math.inf)
             self._running_in_order = True
         # vLLM takes from the waiting queue only while the running list has room: when it
         # is full, the order can wait for a step that reads it (expired keys pile up).
@@ -518,14 +521,14 @@ class MnemosyneScheduler(SarathiScheduler):
         # A hold whose head vLLM still did not admit (its own checks are the last word)
         # is not repeated next step: held prefills never wait on a head that cannot come.
         self._head_refused = bool(self._held) and self._held_head not in out.num_scheduled_tokens
+        super().after_schedule(out)
         waiting, preempted = self.waiting, out.preempted_req_ids or ()
         if not isinstance(waiting, collections.deque):
             return
-        # vLLM appended the requests it admitted to the running list, and put the ones it
-        # preempted at the head of the waiting queue (it admits none in such a step).
-        admitted = len(self.running) - self._running_before + len(preempted)
-        if admitted > 0:
-            self._order.left(waiting, self.running[-admitted:])
+        # vLLM put the requests it preempted at the head of the waiting queue (it admits
+        # none in such a step).
+        if self._admitted > 0:
+            self._order.left(waiting, self.running[-self._admitted:])
         back = []
         while preempted and waiting and waiting[0].request_id in preempted:
             back.append(waiting.popleft())

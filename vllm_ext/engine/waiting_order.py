@@ -66,9 +66,9 @@ class OrderedWaiting:
 
     def left(self, waiting: deque, reqs: Iterable[Any]) -> None:
         """vLLM took these requests out of the queue (admitted them): drop their keys."""
-        for req in reqs:
-            i = bisect.bisect_left(self.keys, self._kept(req))
-            if i < len(self.keys) and self.keys[i] == self._kept(req):
+        for key in map(self._kept, reqs):
+            i = bisect.bisect_left(self.keys, key)
+            if i < len(self.keys) and self.keys[i] == key:
                 del self.keys[i]
 
     def expire(self, waiting: deque, now: float, still_waiting: Callable[[Any], bool]) -> None:
