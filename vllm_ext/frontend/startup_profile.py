@@ -54,7 +54,7 @@ def cache_path(target: ProfileTarget) -> Path:
 
     model = os.path.abspath(target.model) if os.path.exists(target.model) else target.model
     key = json.dumps([{**asdict(target), "model": model}, __version__, vllm_version(),
-                      platform.machine(), os.cpu_count()])
+                      platform.machine(), os.cpu_count(), device_identity()])
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vllm-ext" \
         / "latency"
     name = Path(target.model.rstrip("/")).name or "model"
@@ -114,6 +114,53 @@ def profile_for(target: ProfileTarget) -> str:
                              f"({last.strip()}); {how}")
     partial.rename(path)
     return str(path)
+
+
+def device_identity() -> dict[str, str]:
+    """What the profile ran on, for its cache key: a cache shared by machines (a network
+    home, a baked image) must not hand one GPU's step times to another, nor one driver's
+    to the next. Read without initialising CUDA (NVML on CUDA): this runs in vLLM's front
+    end, before the engine's processes start."""
+    from vllm.platforms import current_platform
+
+    found = {"platform": current_platform.device_type, "device": _device_name(current_platform)}
+    if current_platform.device_type == "cuda":
+        found["driver"] = _nvidia_driver()
+    elif current_platform.device_type == "cpu":
+        found["device"] = _cpu_model() or found["device"]
+    return found
+
+
+def _device_name(current_platform) -> str:
+    try:
+        return str(current_platform.get_device_name())
+    except Exception as e:  # noqa: BLE001 - a platform without a name still profiles
+        return f"unknown ({type(e).__name__})"
+
+
+def _nvidia_driver() -> str:
+    try:
+        from vllm.third_party import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as e:  # noqa: BLE001 - no NVML: the key says so
+        return f"unknown ({type(e).__name__})"
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def vllm_version() -> str:
