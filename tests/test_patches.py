@@ -14,7 +14,7 @@ import pytest
 from vllm_ext import patches
 from vllm_ext.frontend.components import SelectionError
 from vllm_ext.frontend.selection import resolve
-from vllm_ext.patches import PATCHES, PatchError, Target
+from vllm_ext.patches import PATCHES, PatchError, Reliance, Target
 from vllm_ext.patches.base import PROCESSES
 from vllm_ext.versions import installed_vllm_version
 
@@ -29,7 +29,8 @@ def test_every_target_is_present_as_written(patch):
     assert version in patch.vllm_versions
     patch.check(version)
     assert patch.targets and patch.components and patch.summary
-    assert "Invariant bent" in sys.modules[type(patch).__module__].__doc__
+    promise = "Relied on" if isinstance(patch, Reliance) else "Invariant bent"
+    assert promise in sys.modules[type(patch).__module__].__doc__
 
 
 def test_the_table_lists_every_patch_under_the_process_it_runs_in():
@@ -61,6 +62,39 @@ def test_a_missing_target_is_named():
         Target("vllm.v1.core.sched.scheduler:Scheduler.plan").check()
     with pytest.raises(PatchError, match="does not exist"):
         Target("vllm.v1.core.no_such_module:Thing").check()
+
+
+def test_a_renamed_attribute_is_named():
+    # Assigned only in Request.__init__: found from the source, as a rename would be missed.
+    Target("vllm.v1.request:Request", attrs=("next_decode_eligible_step",)).check()
+    with pytest.raises(PatchError, match="vllm.v1.request:Request has no attribute "
+                                         "next_decode_step in this vLLM"):
+        Target("vllm.v1.request:Request", attrs=("next_decode_step",)).check()
+
+
+def test_a_changed_method_set_is_named():
+    mirrored = ("__init__", "append", "append_n", "get_all_free_blocks", "iter_blocks_after",
+                "popleft", "popleft_n", "prepend_n", "remove")
+    queue = "vllm.v1.core.kv_cache_utils:FreeKVCacheBlockQueue"
+    Target(queue, methods=mirrored).check()
+    # As if vLLM had added popleft_n (and so a path around a mirror of the rest).
+    with pytest.raises(PatchError, match=r"FreeKVCacheBlockQueue changed its methods \(added "
+                                         r"popleft_n\); vllm-ext mirrors exactly"):
+        Target(queue, methods=tuple(m for m in mirrored if m != "popleft_n")).check()
+    with pytest.raises(PatchError, match=r"changed its methods \(removed pop_all\)"):
+        Target(queue, methods=(*mirrored, "pop_all")).check()
+
+
+@pytest.mark.parametrize("name", ["vllm", "sarathi", "mnemosyne", "prefill-first"])
+def test_a_changed_internal_refuses_every_scheduler_by_name(monkeypatch, tmp_path, name):
+    monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
+    monkeypatch.setattr(patches, "_refused", {"scheduler_internals": "vllm.v1.request:Request "
+                                              "has no attribute next_decode_eligible_step"})
+    with pytest.raises(SelectionError, match=rf"--scheduler {name} is unavailable with the "
+                                             r"installed vLLM \(patch scheduler_internals: "
+                                             r"vllm.v1.request:Request has no attribute"):
+        resolve({"scheduler": name}, {}, {}, "cpu")
+    assert resolve({"kv_allocator": "vattention"}, {}, {}, "cpu")  # relies on none of it
 
 
 def test_a_refused_patch_refuses_its_components_by_name(monkeypatch, tmp_path):

@@ -153,6 +153,9 @@ class StockScheduler(Scheduler):
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
+        from vllm_ext.patches import patch
+
+        patch("scheduler_internals").reached()  # what the policies touch inside vLLM
         self.ext = ExtConfig.of(vllm_config)
         logger.info("vllm-ext active: %s", self.ext.describe() or "scheduler=vllm")
         directory = envs.stats_dir()

@@ -1,8 +1,9 @@
 """`vllm-ext doctor`: what vllm-ext finds in the installed vLLM, before an engine starts.
 
 For the installed vLLM and platform: the version and whether this release supports it,
-how each feature was verified there (vllm_ext.tools.compat), every patch with each of its
-targets present, missing or changed in signature, the attention platform and the
+how each feature was verified there (vllm_ext.tools.compat), every patch and declared
+internal (`Reliance`) with each of its targets present, missing, or changed in signature,
+attributes or method set, the attention platform and the
 CUSTOM backend, Triton (compiled or only interpreted) and CUDA virtual memory management. Exit status 0 when everything a default install needs
 (a supported vLLM and the command-line flags) is fine, 1 otherwise.
 """
@@ -117,7 +118,7 @@ def _patch_lines(out: Callable[[str], None], version, override: bool) -> dict[st
     from vllm_ext.patches import PATCHES, PatchError
 
     out("")
-    out("patches (each acts only for engines whose selection needs it):")
+    out("patches and declared internals (each acts only for engines whose selection needs it):")
     broken: dict[str, str] = {}
     platform = current_platform.device_type
     for patch in PATCHES:
@@ -139,7 +140,10 @@ def _patch_lines(out: Callable[[str], None], version, override: bool) -> dict[st
                 continue
             try:
                 target.check()
-                state = "present" + (", signature as written" if target.params else "")
+                state = ", ".join(("present", *(what for what, declared in (
+                    ("signature as written", target.params),
+                    (f"attributes {', '.join(target.attrs)} there", target.attrs),
+                    ("methods exactly as mirrored", target.methods is not None)) if declared)))
             except PatchError as e:
                 state = f"PROBLEM: {e}"
                 if patch.applies_on(platform):

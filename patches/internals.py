@@ -1,0 +1,62 @@
+"""vLLM internals that components read or steer without patching them, declared.
+
+A scheduler class is vLLM's supported hook (`scheduler_cls`), but what the policies do
+inside it touches vLLM's own state: they set a request's decode-eligibility step to sit
+a prefill out, rewrite the step's token budget, and reorder the waiting queue in place.
+None of that is API. Declared here, a vLLM that renamed or reshaped any of it refuses
+the scheduler by name (`vllm-ext doctor` shows which), also under VLLMEXT_ALLOW_ANY_VLLM,
+instead of an AttributeError mid-step or, worse, a policy silently steering nothing.
+
+Relied on, not bent: vLLM's loop reads `max_num_scheduled_tokens` afresh every step,
+skips a running request while `current_step < next_decode_eligible_step`, and takes
+waiting requests from the head of its deque-based FCFS queue, so an order written there
+is the order served. The property tests (tests/test_scheduler_properties.py) check
+these readings on every release's real Scheduler; this declaration catches the names.
+"""
+
+from __future__ import annotations
+
+from packaging.specifiers import SpecifierSet
+
+from vllm_ext.patches.base import ENGINE_CORE, Reliance, Target
+
+_SCHED = "vllm.v1.core.sched"
+
+
+class SchedulerInternals(Reliance):
+    """schedulers: vLLM scheduler state the policies read and steer"""
+
+    name = "scheduler_internals"
+    process = ENGINE_CORE
+    targets = (
+        Target(f"{_SCHED}.scheduler:Scheduler", attrs=(
+            "requests", "running", "waiting", "kv_cache_manager", "block_size",
+            "hash_block_size", "max_num_scheduled_tokens", "max_num_active_reqs",
+            "current_step", "parallel_config", "scheduler_reserve_full_isl")),
+        Target(f"{_SCHED}.scheduler:Scheduler.schedule", ("self", "throttle_prefills")),
+        Target(f"{_SCHED}.scheduler:Scheduler.update_from_output",
+               ("self", "scheduler_output", "model_runner_output")),
+        Target(f"{_SCHED}.scheduler:Scheduler.add_request", ("self", "request")),
+        Target(f"{_SCHED}.async_scheduler:AsyncScheduler"),
+        Target("vllm.v1.request:Request", attrs=(
+            "request_id", "arrival_time", "status", "num_prompt_tokens", "num_tokens",
+            "num_output_tokens", "num_output_placeholders", "num_computed_tokens",
+            "is_prefill_chunk", "max_tokens", "num_preemptions", "next_decode_eligible_step",
+            "block_hashes")),
+        Target(f"{_SCHED}.output:SchedulerOutput", attrs=(
+            "num_scheduled_tokens", "total_num_scheduled_tokens", "preempted_req_ids")),
+        # Called with the request alone (0.33 added an optional cap on the hit).
+        Target("vllm.v1.core.kv_cache_manager:KVCacheManager.get_computed_blocks",
+               ("self", "request", "...")),
+        Target("vllm.v1.core.kv_cache_manager:KVCacheBlocks", attrs=("blocks",)),
+        Target("vllm.v1.core.kv_cache_utils:KVCacheBlock", attrs=("ref_cnt",)),
+        Target("vllm.v1.core.block_pool:BlockPool.get_num_free_blocks", ("self",)),
+        # Mnemosyne keeps the waiting queue in its order (vllm_ext.engine.waiting_order):
+        # a new way for vLLM to take from it could serve another order.
+        Target(f"{_SCHED}.request_queue:FCFSRequestQueue", methods=(
+            "__bool__", "__iter__", "__len__", "add_request", "peek_request", "pop_request",
+            "prepend_request", "prepend_requests", "remove_request", "remove_requests")),
+    )
+    vllm_versions = SpecifierSet(">=0.32,<0.35")
+    components = ("scheduler=vllm", "scheduler=sarathi", "scheduler=mnemosyne",
+                  "scheduler=prefill-first")
