@@ -1,24 +1,27 @@
-"""vLLM internals that components read or steer without patching them, declared.
+"""vLLM internals that components read, steer or extend without patching them, declared.
 
 A scheduler class is vLLM's supported hook (`scheduler_cls`), but what the policies do
 inside it touches vLLM's own state: they set a request's decode-eligibility step to sit
 a prefill out, rewrite the step's token budget, and reorder the waiting queue in place.
-None of that is API. Declared here, a vLLM that renamed or reshaped any of it refuses
-the scheduler by name (`vllm-ext doctor` shows which), also under VLLMEXT_ALLOW_ANY_VLLM,
-instead of an AttributeError mid-step or, worse, a policy silently steering nothing.
+An attention backend is a supported hook too, but POD's CPU backend subclasses vLLM's
+CPU classes and overrides their KV writer. None of that is API. Declared here, a vLLM
+that renamed or reshaped any of it refuses the component by name (`vllm-ext doctor` shows
+which), also under VLLMEXT_ALLOW_ANY_VLLM, instead of an AttributeError mid-step or, worse,
+a policy silently steering nothing.
 
 Relied on, not bent: vLLM's loop reads `max_num_scheduled_tokens` afresh every step,
 skips a running request while `current_step < next_decode_eligible_step`, and takes
 waiting requests from the head of its deque-based FCFS queue, so an order written there
-is the order served. The property tests (tests/test_scheduler_properties.py) check
-these readings on every release's real Scheduler; this declaration catches the names.
+is the order served; the CPU backend calls `do_kv_cache_update` before `forward` with the
+step's slot mapping. The property and engine tests check these readings on every
+release's real classes; these declarations catch the names.
 """
 
 from __future__ import annotations
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_ext.patches.base import ENGINE_CORE, Reliance, Target
+from vllm_ext.patches.base import ENGINE_CORE, WORKER, Reliance, Target
 
 _SCHED = "vllm.v1.core.sched"
 
@@ -60,3 +63,41 @@ class SchedulerInternals(Reliance):
     vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("scheduler=vllm", "scheduler=sarathi", "scheduler=mnemosyne",
                   "scheduler=prefill-first")
+
+
+_CPU_ATTN = "vllm.v1.attention.backends.cpu_attn"
+
+
+class PodCpuInternals(Reliance):
+    """--attn pod (CPU): the CPU attention classes POD's backend extends"""
+
+    name = "pod_cpu_internals"
+    process = WORKER
+    platforms = ("cpu",)
+    targets = (
+        Target(f"{_CPU_ATTN}:CPUAttentionMetadataBuilder.__init__",
+               ("self", "kv_cache_spec", "layer_names", "vllm_config", "device")),
+        Target(f"{_CPU_ATTN}:CPUAttentionMetadataBuilder.build",
+               ("self", "common_prefix_len", "common_attn_metadata", "fast_build")),
+        Target(f"{_CPU_ATTN}:CPUAttentionMetadataBuilder", attrs=("num_heads", "num_kv_heads")),
+        # The builder's metadata, which POD's forward reads and extends with its plan.
+        Target(f"{_CPU_ATTN}:CPUAttentionMetadata", attrs=(
+            "num_actual_tokens", "query_start_loc", "seq_lens", "block_table",
+            "num_decode_tokens")),
+        Target(f"{_CPU_ATTN}:CPUAttentionBackendImpl.__init__", (
+            "self", "num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes",
+            "sliding_window", "kv_cache_dtype", "logits_soft_cap", "attn_type",
+            "kv_sharing_target_layer_name", "sinks")),
+        # Overridden: POD writes the rows of vLLM's CPU KV layout itself.
+        Target(f"{_CPU_ATTN}:CPUAttentionBackendImpl.do_kv_cache_update",
+               ("self", "layer", "key", "value", "kv_cache", "slot_mapping")),
+        Target(f"{_CPU_ATTN}:CPUAttentionBackendImpl.forward", (
+            "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
+            "output_scale", "output_block_scale")),
+        Target(f"{_CPU_ATTN}:CPUAttentionBackendImpl", attrs=(
+            "num_heads", "head_size", "scale", "dcp_world_size", "dcp_rank")),
+        Target("vllm.distributed.parallel_state:get_dcp_group"),
+        Target("vllm.config.parallel:ParallelConfig", attrs=("cp_kv_cache_interleave_size",)),
+    )
+    vllm_versions = SpecifierSet(">=0.32,<0.35")
+    components = ("attn=pod",)

@@ -82,6 +82,7 @@ class PodMetadataBuilder(CPUAttentionMetadataBuilder):
             from vllm_ext.patches import patch
 
             patch("cpu_custom_attn").reached()
+            patch("pod_cpu_internals").reached()  # the CPU classes this backend extends
         self._plan = None
         if pod_impl(vllm_config) == "triton":
             import functools
