@@ -2,7 +2,8 @@
 
 - `VirtualKVPool` (`pool.py`): contiguous per-layer KV tensors over a reserved
   virtual range; pages mapped and unmapped by index, byte range or block range,
-  synchronously or on a background thread.
+  synchronously or on a background thread, optionally onto physical memory set
+  aside up front.
 - Physical backends with one protocol: `host.HostBackend` (CPU memory, mmap/madvise)
   and `cuda.CudaBackend` (CUDA VMM through cuda-python).
 - `PagePlanner` (`pages.py`): which pages a set of live KV blocks needs, which free

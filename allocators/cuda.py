@@ -1,22 +1,26 @@
 """CUDA backend: CUDA virtual memory management through cuda-python (`cuda.bindings.driver`).
 
-An address range is reserved once (cuMemAddressReserve); committing a page creates
-a physical allocation (cuMemCreate), maps it (cuMemMap) and opens it to the device
-(cuMemSetAccess); decommitting unmaps it. cuMemCreate is the slow call (~200 us a
-2 MiB page where measured, against ~1.5 us for cuMemMap), so unmapped physical
-handles are kept for reuse up to `keep_handles` and released on `trim()` or when
-the device runs out of memory. Every driver result is checked; an error names the
-call and carries the driver's message.
+An address range is reserved once (cuMemAddressReserve); committing a page maps a
+physical allocation into it (cuMemMap) and opens it to the device (cuMemSetAccess);
+decommitting unmaps it. Creating the physical allocation (cuMemCreate) is the slow
+call (~200 us a 2 MiB page where measured, against ~1.5 us for cuMemMap), and the one
+that fails when the device is full, so `provision` creates them up front and keeps
+them for the backend's life: commits then only map a kept page, and unmaps keep it.
+Beyond what was provisioned, a commit creates its page and an unmap keeps it for
+reuse up to `keep_handles`, releasing the rest (and the kept ones on `trim()`). Every
+driver result is checked; an error names the call and carries the driver's message.
 
 A committed page reads as zeros until written, as the host backend's do and as vLLM's
-own KV buffer does: cuMemCreate does not clear memory, and a kept handle still holds
-the KV it held before. vLLM clears blocks it hands out only for caches that need it
+own KV buffer does: cuMemCreate does not clear memory, and a kept page still holds the
+KV it held before. vLLM clears blocks it hands out only for caches that need it
 (Mamba, mixed precision), and a kernel that multiplies masked-out probabilities (0)
-by stale values would turn a stale NaN into a NaN output, so each commit clears its
-page on the pool's own stream before it reports the page mapped.
+by stale values would turn a stale NaN into a NaN output, so a commit clears its pages
+on the backend's own stream before it returns: one wait for all the pages of a call.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from vllm_ext.allocators.errors import DriverError, PhysicalMemoryError
 
@@ -45,7 +49,7 @@ class CudaBackend:
     """Reserve, commit and decommit ranges of a CUDA device's virtual address space."""
 
     __slots__ = ("_cu", "device_index", "granularity", "_prop", "_access", "_handles", "_spare",
-                 "keep_handles", "_ctx", "_stream")
+                 "keep_handles", "_provisioned", "_ctx", "_stream")
     device = "cuda"
 
     def __init__(self, device_index: int | None = None, keep_handles: int = 0,
@@ -81,7 +85,8 @@ class CudaBackend:
         self._handles: dict[int, tuple[object, int]] = {}  # mapped address -> (handle, size)
         self._spare: list[tuple[object, int]] = []  # unmapped physical pages kept for reuse
         self.keep_handles = keep_handles
-        # Clears run here, apart from the engine's streams; each is waited for alone.
+        self._provisioned = 0  # physical pages held for the backend's life, mapped or not
+        # Clears run here, apart from the engine's streams.
         self._stream = self._call("cuStreamCreate", cu.cuStreamCreate,
                                   cu.CUstream_flags.CU_STREAM_NON_BLOCKING)
 
@@ -104,11 +109,30 @@ class CudaBackend:
 
     def free(self, addr: int, nbytes: int) -> None:
         self._current()
-        for a in [a for a in self._handles if addr <= a < addr + nbytes]:
-            self.decommit(a, self._handles[a][1])
+        self.decommit([a for a in self._handles if addr <= a < addr + nbytes], 0)
+        self._provisioned = 0
         self.trim()
         self._call("cuMemAddressFree", self._cu.cuMemAddressFree, addr, nbytes)
         self._call("cuStreamDestroy", self._cu.cuStreamDestroy, self._stream)
+
+    def provision(self, nbytes: int, count: int) -> bool:
+        """Create `count` physical pages of `nbytes` now, kept for the backend's life;
+        all or none (False: the device has no room for them)."""
+        self._current()
+        made = []
+        try:
+            for _ in range(count):
+                made.append(self._call("cuMemCreate", self._cu.cuMemCreate, nbytes,
+                                       self._prop, 0))
+        except DriverError as e:
+            for handle in made:
+                self._call("cuMemRelease", self._cu.cuMemRelease, handle)
+            if isinstance(e, PhysicalMemoryError):
+                return False
+            raise
+        self._spare.extend((handle, nbytes) for handle in made)
+        self._provisioned += count
+        return True
 
     def _physical(self, nbytes: int):
         for i, (handle, size) in enumerate(self._spare):
@@ -118,55 +142,92 @@ class CudaBackend:
         try:
             return self._call("cuMemCreate", self._cu.cuMemCreate, nbytes, self._prop, 0)
         except PhysicalMemoryError:
-            if not self._spare:
+            if not self.trim():
                 raise
-            self.trim()  # spare pages of another size are in the way: give them back, retry
+            # Kept pages of another size were in the way and went back: retry once.
             return self._call("cuMemCreate", self._cu.cuMemCreate, nbytes, self._prop, 0)
 
-    def commit(self, addr: int, nbytes: int) -> None:
-        cu = self._cu
+    def _keep_or_release(self, handle, nbytes: int) -> None:
+        """An unmapped physical page: kept while the backend holds fewer pages than it
+        provisioned, or fewer than `keep_handles` unmapped ones; else released."""
+        held = len(self._handles) + len(self._spare)
+        if held < self._provisioned or len(self._spare) < self.keep_handles:
+            self._spare.append((handle, nbytes))
+        else:
+            self._call("cuMemRelease", self._cu.cuMemRelease, handle)
+
+    def commit(self, addrs: Sequence[int], nbytes: int) -> None:
+        """Map a physical page of `nbytes` at each of `addrs` and clear them all, with one
+        wait; all or none (on failure every page of the call is unmapped again)."""
         self._current()  # called from the pool's thread
+        done: list[int] = []
+        try:
+            for addr in addrs:
+                self._map(addr, nbytes)
+                done.append(addr)
+        except BaseException:
+            self.decommit(done, nbytes)
+            raise
+        try:
+            self.clear(addrs, nbytes)
+        except BaseException:
+            # Clears queued before the failure must finish before their pages go (the
+            # error being raised is the one that matters, not this wait's).
+            self._cu.cuStreamSynchronize(self._stream)
+            self.decommit(done, nbytes)
+            raise
+
+    def _map(self, addr: int, nbytes: int) -> None:
+        cu = self._cu
         handle = self._physical(nbytes)
         try:
             self._call("cuMemMap", cu.cuMemMap, addr, nbytes, 0, handle, 0)
         except DriverError:
-            self._call("cuMemRelease", cu.cuMemRelease, handle)
+            self._keep_or_release(handle, nbytes)
             raise
         try:
             self._call("cuMemSetAccess", cu.cuMemSetAccess, addr, nbytes, [self._access], 1)
-            self.clear(addr, nbytes)
         except DriverError:
             self._call("cuMemUnmap", cu.cuMemUnmap, addr, nbytes)
-            self._call("cuMemRelease", cu.cuMemRelease, handle)
+            self._keep_or_release(handle, nbytes)
             raise
         self._handles[addr] = (handle, nbytes)
 
-    def clear(self, addr: int, nbytes: int) -> None:
-        """Zero a mapped range, on the pool's stream, and wait for it."""
+    def clear(self, addrs: Sequence[int], nbytes: int) -> None:
+        """Zero `nbytes` at each of `addrs` (mapped), on the backend's stream; wait once."""
         cu = self._cu
-        self._call("cuMemsetD8Async", cu.cuMemsetD8Async, addr, 0, nbytes, self._stream)
+        for addr in addrs:
+            self._call("cuMemsetD8Async", cu.cuMemsetD8Async, addr, 0, nbytes, self._stream)
         self._call("cuStreamSynchronize", cu.cuStreamSynchronize, self._stream)
 
-    def decommit(self, addr: int, nbytes: int) -> None:
+    def decommit(self, addrs: Sequence[int], nbytes: int) -> None:
+        """Unmap each of `addrs` (at the size it was mapped with); their physical pages
+        are kept or released (see `_keep_or_release`)."""
         self._current()
-        handle, size = self._handles.pop(addr)
-        self._call("cuMemUnmap", self._cu.cuMemUnmap, addr, size)
-        if len(self._spare) < self.keep_handles:
-            self._spare.append((handle, size))
-        else:
-            self._call("cuMemRelease", self._cu.cuMemRelease, handle)
+        for addr in addrs:
+            handle, size = self._handles.pop(addr)
+            self._call("cuMemUnmap", self._cu.cuMemUnmap, addr, size)
+            self._keep_or_release(handle, size)
 
     def trim(self) -> int:
-        """Release every kept physical page; returns the bytes given back."""
+        """Release the kept physical pages beyond those provisioned; returns the bytes
+        given back."""
         self._current()
         freed = 0
-        while self._spare:
+        while self._spare and len(self._handles) + len(self._spare) > self._provisioned:
             handle, size = self._spare.pop()
             self._call("cuMemRelease", self._cu.cuMemRelease, handle)
             freed += size
         return freed
 
     def tensor(self, addr: int, nbytes: int):
+        """An int8 tensor over [addr, addr+nbytes) on this device (no copy); the caller
+        maps memory at `addr` first.
+
+        The device is named, not left for torch to infer: torch releases that infer it
+        ask the driver which device a pointer belongs to, and refuse an address with no
+        memory behind it (pytorch/pytorch#76902); newer ones skip the question when told.
+        """
         import torch
 
         return torch.as_tensor(_DeviceMemory(addr, nbytes), device=f"cuda:{self.device_index}")

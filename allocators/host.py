@@ -7,6 +7,11 @@ not at the first store of a kernel. `decommit` hands the pages back to the OS
 (MADV_DONTNEED on private anonymous memory frees them at once) and makes the
 range inaccessible again, so a stray read of unmapped KV faults here as it would
 on a GPU instead of silently reading zeros.
+
+With a `limit` the backend behaves like a device with that much memory: a commit
+beyond it raises PhysicalMemoryError, and `provision` sets aside no more than it.
+Nothing on the CPU needs that; it lets the tests run out of "device" memory where the
+host has plenty (the engine glue sets it from VLLMEXT_HOST_KV_LIMIT, a test-only knob).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import ctypes
 import errno
 import mmap
 import os
+from collections.abc import Sequence
 
 from vllm_ext.allocators.errors import DriverError, PhysicalMemoryError
 
@@ -45,12 +51,16 @@ def _check(call: str, result: int) -> None:
 class HostBackend:
     """Reserve, commit and decommit page-aligned ranges of CPU memory."""
 
-    __slots__ = ("granularity", "_populate")
+    __slots__ = ("granularity", "_populate", "limit", "_committed", "_provisioned")
     device = "cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
+        """`limit`: bytes this backend may commit at once (None: what the OS gives)."""
         self.granularity = OS_PAGE
         self._populate = True
+        self.limit = limit
+        self._committed = 0
+        self._provisioned = 0
 
     def reserve(self, nbytes: int, alignment: int) -> int:
         """Address of `nbytes` of address space aligned to `alignment`; no memory behind it."""
@@ -71,7 +81,35 @@ class HostBackend:
     def free(self, addr: int, nbytes: int) -> None:
         _check("munmap", _libc.munmap(addr, nbytes))
 
-    def commit(self, addr: int, nbytes: int) -> None:
+    def provision(self, nbytes: int, count: int) -> bool:
+        """Set aside `count` pages of `nbytes` for the backend's life, all or none.
+
+        The OS hands out memory only when a page is committed, so there is nothing to
+        hold here: the pages are only counted against `limit`.
+        """
+        if self.limit is not None and self._provisioned + count * nbytes > self.limit:
+            return False
+        self._provisioned += count * nbytes
+        return True
+
+    def commit(self, addrs: Sequence[int], nbytes: int) -> None:
+        """Make `nbytes` at each of `addrs` readable, writable and resident; all or none."""
+        total = len(addrs) * nbytes
+        if self.limit is not None and self._committed + total > self.limit:
+            raise PhysicalMemoryError("commit", "ENOMEM",
+                                      f"{total} more bytes would pass the backend's limit of "
+                                      f"{self.limit} ({self._committed} committed)")
+        done: list[int] = []
+        try:
+            for addr in addrs:
+                self._commit_one(addr, nbytes)
+                done.append(addr)
+        except BaseException:
+            self._decommit_each(done, nbytes)
+            raise
+        self._committed += total
+
+    def _commit_one(self, addr: int, nbytes: int) -> None:
         rw = mmap.PROT_READ | mmap.PROT_WRITE
         _check("mprotect(READ|WRITE)", _libc.mprotect(addr, nbytes, rw))
         if self._populate:
@@ -83,9 +121,14 @@ class HostBackend:
         # Freshly committed pages read as zeros, so writing zeros only faults them in.
         ctypes.memset(addr, 0, nbytes)
 
-    def decommit(self, addr: int, nbytes: int) -> None:
-        _check("madvise(MADV_DONTNEED)", _libc.madvise(addr, nbytes, _MADV_DONTNEED))
-        _check("mprotect(PROT_NONE)", _libc.mprotect(addr, nbytes, _PROT_NONE))
+    def decommit(self, addrs: Sequence[int], nbytes: int) -> None:
+        self._decommit_each(addrs, nbytes)
+        self._committed -= len(addrs) * nbytes
+
+    def _decommit_each(self, addrs: Sequence[int], nbytes: int) -> None:
+        for addr in addrs:
+            _check("madvise(MADV_DONTNEED)", _libc.madvise(addr, nbytes, _MADV_DONTNEED))
+            _check("mprotect(PROT_NONE)", _libc.mprotect(addr, nbytes, _PROT_NONE))
 
     def tensor(self, addr: int, nbytes: int):
         """An int8 tensor over [addr, addr+nbytes), sharing the memory (no copy)."""

@@ -14,7 +14,8 @@ and decides; the pool runs where the memory is (the worker) and obeys the
 - Deferred reclamation: a page whose last live block is freed stays mapped for
   reuse; idle pages beyond `premap + watermark` are unmapped, highest first.
 - Cap: at most `max_pages` pages are mapped at once; `allocatable()` reports only
-  the blocks that fit under it, so the engine preempts instead of failing.
+  the blocks that fit under it, so the engine preempts instead of failing, and
+  `usage()` measures the live blocks against it.
 
 Invariant (checked by the tests): mapped pages <= pages holding live blocks +
 premap + watermark, and <= max_pages.
@@ -75,6 +76,8 @@ class PagePlanner:
         self._unmapped = list(range(self.num_pages))
         self._map_now: list[int] = []
         self._touched: set[int] = set()
+        live_from_start = tuple(live_from_start)
+        self._held_for_good = len(live_from_start)
         for block in live_from_start:
             page = block // self.k
             if not self._mapped[page]:
@@ -110,6 +113,13 @@ class PagePlanner:
         free_unmapped = self.num_blocks - self._live_total - self._free_mapped
         # New pages are taken lowest first and only the last page can be short.
         return self._free_mapped + min((self.max_pages - self._n_mapped) * self.k, free_unmapped)
+
+    def usage(self) -> float:
+        """Live blocks over the blocks that fit under the cap, leaving out the blocks live
+        from the start (the engine's null block): 0 when idle, at most 1."""
+        held = self._held_for_good
+        capacity = min(self.num_blocks, self.max_pages * self.k) - held
+        return (self._live_total - held) / capacity if capacity > 0 else 0.0
 
     # -- changes -------------------------------------------------------------------------
     def take(self, n: int, owner: object = None) -> list[int]:

@@ -10,7 +10,16 @@ Every map and unmap runs on one background thread, in the order asked: a caller
 that needs pages now waits for them (`map`), one that will need them soon does
 not (`map_async`, vAttention's overlap of mapping with compute), and `unmap` can
 wait for the device to finish with the pages first (`fence`). Bookkeeping and
-range checks happen in the caller's thread, so a bad request raises at once.
+range checks happen in the caller's thread, so a bad request raises at once. The
+pages of one call are committed together: on CUDA, one wait for all their clears.
+
+Page 0 is mapped when the pool is made, before its tensor: torch is never handed a
+pointer with no memory behind it (some releases ask the driver whose pointer it is).
+With `physical_pages`, the pool sets aside physical memory for that many pages up
+front, or for as many as the device has (`physical_pages` then says how many): maps
+up to that count cannot run out of memory later, and on CUDA they skip the slow
+allocation. Without it, memory is taken as pages are mapped and given back as they
+are unmapped.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ def make_backend(kind: str, **kwargs):
     if kind == "host":
         from vllm_ext.allocators.host import HostBackend
 
-        return HostBackend()
+        return HostBackend(**kwargs)
     if kind == "cuda":
         from vllm_ext.allocators.cuda import CudaBackend
 
@@ -44,11 +53,13 @@ def round_up(n: int, multiple: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
-    """What the pool has done so far; latencies are per page (all layers)."""
+    """What the pool has done so far. Latencies are per page (all layers); the pages
+    mapped by one call share its time equally."""
 
     reserved_bytes: int
     mapped_bytes: int
     mapped_pages: int
+    provisioned_bytes: int  # physical memory set aside up front (0: none)
     maps: int  # pages mapped, in total
     unmaps: int
     map_seconds: float  # summed over those pages
@@ -63,11 +74,13 @@ class VirtualKVPool:
 
     `backend` is "host" (CPU memory, `mmap`/`madvise`) or "cuda" (CUDA VMM through
     cuda-python), or a backend object. `page_size` is rounded up to the backend's
-    granularity (64 KiB on host and 2 MiB on CUDA by default).
+    granularity (64 KiB on host and 2 MiB on CUDA by default). `physical_pages`: pages
+    of physical memory to set aside up front (None: none, memory follows the maps).
     """
 
     def __init__(self, num_layers: int, layer_bytes: int, page_size: int | None = None,
-                 backend="host", **backend_kwargs) -> None:
+                 backend="host", physical_pages: int | None = None,
+                 **backend_kwargs) -> None:
         if num_layers < 1 or layer_bytes < 1:
             raise KVPoolError(f"a pool needs at least one layer of at least one byte, got "
                               f"{num_layers} layers of {layer_bytes} bytes")
@@ -83,7 +96,6 @@ class VirtualKVPool:
         self.num_pages = self.region_bytes // self.page_size
         self.reserved_bytes = num_layers * self.region_bytes
         self._base = self.backend.reserve(self.reserved_bytes, self.page_size)
-        self.buffer = self.backend.tensor(self._base, self.reserved_bytes)
         self._mapped = bytearray(self.num_pages)  # as callers will see it once queued work is done
         self._actual = bytearray(self.num_pages)  # as the backend has it now
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="kv-pool")
@@ -93,6 +105,15 @@ class VirtualKVPool:
         self._counts = dict(maps=0, unmaps=0, map_seconds=0.0, unmap_seconds=0.0,
                             max_map_seconds=0.0, critical_maps=0, critical_wait_seconds=0.0)
         self._closed = False
+        try:
+            self.physical_pages = self._provision(physical_pages)
+            self._mapped[0] = 1  # before the tensor (see the module doc)
+            self._commit([0])
+            self.buffer = self.backend.tensor(self._base, self.reserved_bytes)
+        except BaseException:
+            self._thread.shutdown()
+            self.backend.free(self._base, self.reserved_bytes)
+            raise
 
     # -- views ---------------------------------------------------------------------------
     def layer(self, i: int):
@@ -186,7 +207,9 @@ class VirtualKVPool:
     def stats(self) -> PoolStats:
         with self._lock:
             counts = dict(self._counts)
-        return PoolStats(self.reserved_bytes, self.mapped_bytes, self.mapped_pages, **counts)
+        provisioned = (self.physical_pages or 0) * self.page_size * self.num_layers
+        return PoolStats(self.reserved_bytes, self.mapped_bytes, self.mapped_pages, provisioned,
+                         **counts)
 
     def close(self) -> None:
         """Unmap everything and free the address range; tensors over it must be gone."""
@@ -253,43 +276,45 @@ class VirtualKVPool:
         for layer in range(self.num_layers):
             yield self._base + layer * self.region_bytes + page * self.page_size
 
+    def _provision(self, pages: int | None) -> int | None:
+        """Set aside physical memory for up to `pages` pages (every layer's share of a page
+        or none of it); returns how many the device gave."""
+        if pages is None:
+            return None
+        got = 0
+        while got < min(pages, self.num_pages) and \
+                self.backend.provision(self.page_size, self.num_layers):
+            got += 1
+        return got
+
     def _commit(self, pages: list[int]) -> None:
-        done: list[int] = []
+        if not pages:
+            return
+        t0 = time.perf_counter()
         try:
-            for j in pages:
-                t0 = time.perf_counter()
-                committed = []
-                try:
-                    for addr in self._addresses(j):
-                        self.backend.commit(addr, self.page_size)
-                        committed.append(addr)
-                except BaseException:
-                    for addr in committed:  # roll back the layers of the failed page
-                        self.backend.decommit(addr, self.page_size)
-                    raise
-                self._actual[j] = 1
-                done.append(j)
-                dt = time.perf_counter() - t0
-                with self._lock:
-                    c = self._counts
-                    c["maps"] += 1
-                    c["map_seconds"] += dt
-                    c["max_map_seconds"] = max(c["max_map_seconds"], dt)
+            self.backend.commit([a for j in pages for a in self._addresses(j)], self.page_size)
         except BaseException:
-            for j in pages[len(done):]:
+            for j in pages:
                 self._mapped[j] = 0  # the caller's view falls back to what really happened
             raise
+        for j in pages:
+            self._actual[j] = 1
+        dt = time.perf_counter() - t0
+        with self._lock:
+            c = self._counts
+            c["maps"] += len(pages)
+            c["map_seconds"] += dt
+            c["max_map_seconds"] = max(c["max_map_seconds"], dt / len(pages))
 
     def _decommit(self, pages: list[int], fence) -> None:
         self.backend.wait(fence)
+        t0 = time.perf_counter()
+        self.backend.decommit([a for j in pages for a in self._addresses(j)], self.page_size)
         for j in pages:
-            t0 = time.perf_counter()
-            for addr in self._addresses(j):
-                self.backend.decommit(addr, self.page_size)
             self._actual[j] = 0
-            with self._lock:
-                self._counts["unmaps"] += 1
-                self._counts["unmap_seconds"] += time.perf_counter() - t0
+        with self._lock:
+            self._counts["unmaps"] += len(pages)
+            self._counts["unmap_seconds"] += time.perf_counter() - t0
 
     def _critical(self, pages: int, seconds: float) -> None:
         if pages:

@@ -69,27 +69,29 @@ def _timer(backend: str):
 
 # -- latency -----------------------------------------------------------------------------
 def latency(backend: str, page_sizes: list[int], pages: int) -> list[dict]:
-    rows = []
-    for page in page_sizes:
-        kwargs = {"keep_handles": pages} if backend == "cuda" else {}
-        with VirtualKVPool(1, page * pages, page_size=page, backend=backend, **kwargs) as pool:
-            def timed(fn):
-                t0 = time.perf_counter()
-                fn()
-                return (time.perf_counter() - t0) / pages
+    return [_latency_row(backend, page, pages) for page in page_sizes]
 
-            first = timed(lambda: pool.map(range(pages)))
-            # What the zero-fill inside every map costs (CUDA; host pages come zeroed).
-            clear = timed(lambda: [pool.backend.clear(pool._base + i * page, page)
-                                   for i in range(pages)]) if backend == "cuda" else 0.0
-            unmap = timed(lambda: pool.unmap(range(pages)).result())
-            reuse = timed(lambda: pool.map(range(pages)))
-            pool.unmap(range(pages)).result()
-            pool.trim()
-        rows.append({"page_bytes": page, "first_map_us": 1e6 * first, "reuse_map_us": 1e6 * reuse,
-                     "clear_us": 1e6 * clear, "unmap_us": 1e6 * unmap,
-                     "first_map_GBps": page / first / 1e9})
-    return rows
+
+def _latency_row(backend: str, page: int, pages: int) -> dict:
+    kwargs = {"keep_handles": pages} if backend == "cuda" else {}
+    timed_pages = range(1, pages + 1)  # page 0 is mapped with the pool
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) / pages
+
+    with VirtualKVPool(1, page * (pages + 1), page_size=page, backend=backend, **kwargs) as pool:
+        first = timed(lambda: pool.map(timed_pages))
+        # What the zero-fill inside every map costs (CUDA; host pages come zeroed).
+        addrs = [pool._base + i * page for i in timed_pages]
+        clear = timed(lambda: pool.backend.clear(addrs, page)) if backend == "cuda" else 0.0
+        unmap = timed(lambda: pool.unmap(timed_pages).result())
+        reuse = timed(lambda: pool.map(timed_pages))
+        pool.unmap(timed_pages).result()
+        pool.trim()
+    return {"page_bytes": page, "first_map_us": 1e6 * first, "reuse_map_us": 1e6 * reuse,
+            "clear_us": 1e6 * clear, "unmap_us": 1e6 * unmap, "first_map_GBps": page / first / 1e9}
 
 
 # -- attention ---------------------------------------------------------------------------
@@ -123,7 +125,7 @@ def attention(backend: str, decodes: int, ctx: int, repeats: int) -> dict:
     blocks = decodes * -(-ctx // BLOCK) + 1
     nbytes = blocks * BLOCK * KV_HEADS * HEAD_DIM * elem
     pool = VirtualKVPool(2, nbytes, backend=backend)  # layer 0: keys, layer 1: values
-    pool.map(range(pool.num_pages))
+    pool.map(range(1, pool.num_pages))  # page 0 is mapped with the pool
 
     def from_pool(shape, dtype):
         return tuple(pool.layer(i).view(dtype).view(shape) for i in range(2))
@@ -169,8 +171,7 @@ def grow(backend: str, batch: int, prompt: int, steps: int, block_bytes: int, pa
     planner = PagePlanner(blocks_needed + k, k, premap=premap, watermark=0)
     kwargs = {"keep_handles": 0} if backend == "cuda" else {}
     pool = VirtualKVPool(1, planner.num_blocks * block_bytes, page_size=page, backend=backend,
-                         **kwargs)
-    pool.map([0])
+                         **kwargs)  # page 0, the planner's first live block's, comes mapped
     held = [0] * batch  # blocks each request holds
     trace = []
     for step in range(steps + 1):

@@ -45,7 +45,17 @@ class KVPoolAlloc(Patch):
                       SpecifierSet(">=0.34")),
                Target("vllm.v1.kv_cache_interface:create_kv_cache_views",
                       ("raw", "spec", "num_blocks", "layout", "kv_cache_tensor",
-                       "kernel_block_size")))
+                       "kernel_block_size")),
+               # Names the file that tells the scheduler the pool's physical pages.
+               Target("vllm.config.vllm:VllmConfig", attrs=("instance_id",)),
+               # What the pool reads of vLLM's KV placement (vattention.geometry).
+               Target("vllm.v1.kv_cache_interface:KVCacheConfig",
+                      attrs=("kv_cache_groups", "kv_cache_tensors", "num_blocks")),
+               Target("vllm.v1.kv_cache_interface:KVCacheTensor",
+                      attrs=("size", "layers", "block_stride", "offset", "layer_stride")),
+               Target("vllm.v1.kv_cache_interface:KVCacheGroupSpec", attrs=("kv_cache_spec",)),
+               Target("vllm.v1.kv_cache_interface:KVCacheSpec",
+                      attrs=("page_size_bytes", "block_size")))
     replaces = 3
     vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("kv_allocator=vattention",)

@@ -26,7 +26,14 @@ class PageOpsWorker(Patch):
     name = "page_ops_worker"
     process = WORKER
     targets = (Target("vllm.v1.worker.gpu_worker:Worker.execute_model",
-                      ("self", "scheduler_output")),)
+                      ("self", "scheduler_output")),
+               Target("vllm.v1.worker.gpu_worker:Worker", attrs=("vllm_config",)),
+               # What the slots layout's check reads of each step (vattention.SlotCheck).
+               Target("vllm.v1.core.sched.output:SchedulerOutput", attrs=(
+                   "scheduled_new_reqs", "scheduled_cached_reqs", "finished_req_ids")),
+               Target("vllm.v1.core.sched.output:NewRequestData", attrs=("req_id", "block_ids")),
+               Target("vllm.v1.core.sched.output:CachedRequestData",
+                      attrs=("req_ids", "new_block_ids")))
     vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("kv_allocator=vattention",)
 

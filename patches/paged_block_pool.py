@@ -5,15 +5,22 @@ vLLM 0.32 has no hook to supply the pool, so the constructor is wrapped: for an
 engine that selected vattention, the pool it built becomes a `PagedBlockPool` before
 any block is handed out (the object keeps its identity, because the coordinator's
 managers already hold it). The class change overrides vLLM's free-block queue
-methods, mirrored here, and the pool's free count: those are this patch's targets too.
+methods, mirrored here, the pool's free count and its usage: those are this patch's
+targets too. The cap is the fewer of the pages under `--vattention-physical-limit`
+and the pages the workers got physical memory for, which they allocated before
+vLLM builds the scheduler (`vattention.provisioned_pages`, keyed by the config's
+`instance_id`).
 
 Invariant bent: which free block vLLM hands out next (vLLM takes the head of its
 LRU free queue; the planner takes the lowest mapped page's free blocks, so memory
-stays compact) and how many blocks count as free (only those under the physical
-cap). Safe because vLLM never relied on block identity, only on a free block
-being free; cached blocks are still evicted through vLLM's own path before reuse,
-and a page is only unmapped after its cached blocks were evicted. Prefix-cache
-eviction order changes from LRU to page order (noted in docs/vattention.md).
+stays compact), how many blocks count as free (only those under the physical cap)
+and what the KV cache usage measures (live blocks over those under the cap, where
+vLLM's formula would count the free blocks above the cap as used). Safe because
+vLLM never relied on block identity, only on a free block being free; cached blocks
+are still evicted through vLLM's own path before reuse, and a page is only unmapped
+after its cached blocks were evicted; the usage feeds only statistics and the data
+parallel load balancer, for which live over what fits is the measure meant. Prefix-
+cache eviction order changes from LRU to page order (noted in docs/vattention.md).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class PagedBlockPool(Patch):
         Target("vllm.v1.core.sched.scheduler:Scheduler.__init__",
                ("self", "vllm_config", "kv_cache_config", "...")),
         Target("vllm.v1.core.block_pool:BlockPool.get_num_free_blocks", ("self",)),
+        Target("vllm.v1.core.block_pool:BlockPool.get_usage", ("self",)),
         Target("vllm.v1.core.block_pool:BlockPool._maybe_evict_cached_block",
                ("self", "block")),
         Target(f"{_QUEUE}.__init__", ("self", "blocks")),
@@ -46,6 +54,17 @@ class PagedBlockPool(Patch):
         Target(f"{_QUEUE}.append", ("self", "block")),
         Target(f"{_QUEUE}.append_n", ("self", "blocks")),
         Target(f"{_QUEUE}.prepend_n", ("self", "blocks")),
+        # The mirror above is exact: a method vLLM adds could change the free list
+        # without the planner being told.
+        Target(_QUEUE, attrs=("num_free_blocks",), methods=(
+            "__init__", "append", "append_n", "get_all_free_blocks", "iter_blocks_after",
+            "popleft", "popleft_n", "prepend_n", "remove")),
+        Target("vllm.v1.core.block_pool:BlockPool",
+               attrs=("blocks", "null_block", "enable_caching", "free_block_queue")),
+        Target("vllm.v1.core.kv_cache_utils:KVCacheBlock", attrs=("block_id",)),
+        Target("vllm.v1.core.kv_cache_manager:KVCacheManager", attrs=("block_pool",)),
+        Target("vllm.v1.core.sched.scheduler:Scheduler", attrs=("kv_cache_manager",)),
+        Target("vllm.config.vllm:VllmConfig", attrs=("instance_id",)),
     )
     vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("kv_allocator=vattention",)
@@ -65,7 +84,8 @@ class PagedBlockPool(Patch):
             if settings is not None:
                 self.reached()
                 make_paged(sched.kv_cache_manager.block_pool, kv_cache_config,
-                           vllm_config.model_config.max_model_len, settings)
+                           vllm_config.model_config.max_model_len, settings,
+                           vattention.provisioned_pages(vllm_config))
                 # This engine's own hot paths, not vLLM's classes: other engines of the
                 # process run vLLM's code alone.
                 for per_engine in self.per_engine:
@@ -74,12 +94,14 @@ class PagedBlockPool(Patch):
         return __init__
 
 
-def make_paged(block_pool, kv_cache_config, max_model_len: int, settings):
-    """Turn a freshly built BlockPool (only the null block taken) into a PagedBlockPool."""
+def make_paged(block_pool, kv_cache_config, max_model_len: int, settings,
+               provisioned: int | None = None):
+    """Turn a freshly built BlockPool (only the null block taken) into a PagedBlockPool;
+    `provisioned`: the physical pages the workers got, if they said."""
     from vllm_ext.engine.vattention import plan_pages
 
     planner = plan_pages(kv_cache_config, max_model_len, settings, block_pool.enable_caching,
-                         block_pool.null_block.block_id)
+                         block_pool.null_block.block_id, provisioned)
     cls = _paged_classes()
     block_pool.__class__ = cls.pool
     block_pool.planner = planner
@@ -146,6 +168,9 @@ def _paged_classes():
         def get_num_free_blocks(self) -> int:
             return min(self.free_block_queue.num_free_blocks,
                        self.planner.allocatable(self.owner))
+
+        def get_usage(self) -> float:
+            return self.planner.usage()
 
         def take_page_ops(self):
             return self.planner.drain()

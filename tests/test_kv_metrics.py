@@ -9,7 +9,7 @@ from vllm_ext.allocators.pool import PoolStats
 
 def _stats(mapped: int, maps: int) -> PoolStats:
     return PoolStats(reserved_bytes=1 << 30, mapped_bytes=mapped, mapped_pages=mapped >> 16,
-                     maps=maps, unmaps=1, map_seconds=0.5, unmap_seconds=0.25,
+                     provisioned_bytes=1 << 24, maps=maps, unmaps=1, map_seconds=0.5, unmap_seconds=0.25,
                      max_map_seconds=0.1, critical_maps=2, critical_wait_seconds=0.05)
 
 
@@ -28,6 +28,7 @@ def test_samples_and_totals_round_trip_and_feed_metrics(tmp_path, monkeypatch):
     assert families["vllm_ext_kv_mapped_bytes"].samples[0].value == 6 << 16
     assert families["vllm_ext_kv_live_bytes"].samples[0].value == 5 << 16
     assert families["vllm_ext_kv_reserved_bytes"].samples[0].value == 1 << 30
+    assert families["vllm_ext_kv_provisioned_bytes"].samples[0].value == 1 << 24
     maps = families["vllm_ext_kv_maps"]  # a counter: exported as vllm_ext_kv_maps_total
     assert maps.type == "counter" and maps.samples[0].value == 6
 

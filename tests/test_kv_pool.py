@@ -1,5 +1,6 @@
 """The host backend of VirtualKVPool: real address space, real page faults, measured with
-mincore and the process's resident set (no vLLM involved)."""
+mincore and the process's resident set (no vLLM involved); physical memory set aside up
+front against a limit, as a device with that much memory would."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vllm_ext.allocators import KVPoolError, VirtualKVPool
+from vllm_ext.allocators import KVPoolError, PhysicalMemoryError, VirtualKVPool
+from vllm_ext.allocators.host import HostBackend
 from vllm_ext.allocators.settings import page_size_for, size_in_bytes
 
 PAGE = 64 << 10
@@ -46,7 +48,8 @@ def pool():
 def test_reservation_shapes_and_views(pool):
     assert pool.num_pages == 65  # 64 pages and 100 bytes round up to 65
     assert pool.reserved_bytes == LAYERS * 65 * PAGE
-    assert pool.mapped_bytes == 0 and _resident(pool) == 0
+    # Only page 0, mapped before the tensor was made over the range.
+    assert pool.mapped_bytes == _resident(pool) == LAYERS * PAGE and pool.is_mapped(0)
     for i in range(LAYERS):
         layer = pool.layer(i)
         assert layer.dtype == torch.int8 and layer.is_contiguous()
@@ -55,15 +58,15 @@ def test_reservation_shapes_and_views(pool):
 
 
 def test_resident_memory_follows_mapped_pages(pool):
-    big = VirtualKVPool(2, 512 * PAGE, page_size=PAGE)  # 64 MiB reserved, nothing resident
+    big = VirtualKVPool(2, 512 * PAGE, page_size=PAGE)  # 64 MiB reserved, one page resident
     try:
         rss0 = _rss()
-        big.map(range(0, 256, 2))  # 128 pages x 2 layers = 16 MiB
-        assert _resident(big) == big.mapped_bytes == 128 * 2 * PAGE
+        big.map(range(2, 258, 2))  # 128 pages x 2 layers = 16 MiB
+        assert _resident(big) == big.mapped_bytes == 129 * 2 * PAGE
         grown = _rss() - rss0
-        assert 0.95 * big.mapped_bytes <= grown <= big.mapped_bytes + (4 << 20)
-        big.unmap(range(0, 256, 4)).result()  # half of them back to the OS
-        assert _resident(big) == big.mapped_bytes == 64 * 2 * PAGE
+        assert 0.95 * 128 * 2 * PAGE <= grown <= big.mapped_bytes + (4 << 20)
+        big.unmap(range(2, 258, 4)).result()  # half of them back to the OS
+        assert _resident(big) == big.mapped_bytes == 65 * 2 * PAGE
         assert _rss() - rss0 <= big.mapped_bytes + (4 << 20)
     finally:
         big.close()
@@ -88,7 +91,7 @@ def test_data_survives_mapping_and_unmapping_of_other_pages(pool):
 
 
 def test_byte_and_block_ranges_map_the_pages_under_them(pool):
-    assert pool.map_bytes(PAGE - 1, 2) == [0, 1]
+    assert pool.map_bytes(PAGE - 1, 2) == [1]  # page 0 is mapped from the start
     assert pool.map_bytes(0, PAGE) == []  # already there: byte ranges are idempotent
     assert pool.map_blocks(5, 3, block_bytes=PAGE // 2) == [2, 3]  # blocks 5..7
     assert _resident(pool) == 4 * LAYERS * PAGE
@@ -98,12 +101,12 @@ def test_byte_and_block_ranges_map_the_pages_under_them(pool):
 
 
 def test_background_maps_are_waited_for_and_counted(pool):
-    pool.map_async(range(10))
+    pool.map_async(range(1, 11))
     pool.wait()
-    assert _resident(pool) == 10 * LAYERS * PAGE
+    assert _resident(pool) == 11 * LAYERS * PAGE
     pool.map([20])
     s = pool.stats()
-    assert s.maps == 11 and s.mapped_pages == 11 and s.critical_maps >= 1
+    assert s.maps == 12 and s.mapped_pages == 12 and s.critical_maps >= 1  # page 0 counts
     assert s.map_seconds > 0 and s.max_map_seconds > 0
 
 
@@ -128,7 +131,7 @@ def test_bad_requests_raise_and_name_the_allowed_range(pool):
 def test_close_returns_memory_and_address_space():
     pool = VirtualKVPool(2, 32 * PAGE, page_size=PAGE)
     base = pool._base
-    pool.map(range(32))
+    pool.map(range(1, 32))
     assert _maps_at(base)
     pool.close()
     pool.close()  # idempotent
@@ -140,7 +143,7 @@ def test_close_returns_memory_and_address_space():
                           st.sets(st.integers(0, 15), max_size=6)), max_size=30))
 def test_random_sequences_end_with_nothing_mapped_or_leaked(ops):
     pool = VirtualKVPool(2, 16 * PAGE, page_size=PAGE)
-    base, mapped = pool._base, set()
+    base, mapped = pool._base, {0}
     try:
         for op, pages in ops:
             if op == "wait":
@@ -169,11 +172,81 @@ def test_random_sequences_end_with_nothing_mapped_or_leaked(ops):
 def test_reading_an_unmapped_page_faults_like_a_gpu_would():
     code = ("from vllm_ext.allocators import VirtualKVPool\n"
             "p = VirtualKVPool(1, 1 << 20, page_size=64 << 10)\n"
-            "p.map([0]); print(int(p.layer(0)[0])); p.unmap([0]).result()\n"
-            "print(int(p.layer(0)[0]))\n")
+            "p.map([1]); print(int(p.layer(0)[64 << 10])); p.unmap([1]).result()\n"
+            "print(int(p.layer(0)[64 << 10]))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.splitlines() == ["0"]
     assert proc.returncode == -11  # SIGSEGV: the bytes are gone, not silently zero
+
+
+class OrderedBackend(HostBackend):
+    """The host backend, recording which of its calls came first."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.calls: list[str] = []
+
+    def commit(self, addrs, nbytes):
+        self.calls.append(f"commit {len(addrs)}")
+        super().commit(addrs, nbytes)
+
+    def tensor(self, addr, nbytes):
+        self.calls.append("tensor")
+        return super().tensor(addr, nbytes)
+
+
+def test_the_tensor_is_made_only_over_mapped_memory():
+    backend = OrderedBackend()
+    pool = VirtualKVPool(LAYERS, 8 * PAGE, page_size=PAGE, backend=backend)
+    try:
+        # Page 0 of every layer, in one commit, before torch sees the pointer.
+        assert backend.calls == [f"commit {LAYERS}", "tensor"]
+        assert pool.layer(LAYERS - 1)[:PAGE].eq(0).all()
+        pool.map([1, 2, 3])
+        assert backend.calls[-1] == f"commit {3 * LAYERS}"  # one call for a map's pages
+    finally:
+        pool.close()
+
+
+def test_physical_pages_are_set_aside_up_to_the_limit_and_maps_stay_within():
+    page_bytes = LAYERS * PAGE
+    limit = 5 * page_bytes + PAGE  # five whole pages; the sixth would be short a layer
+    pool = VirtualKVPool(LAYERS, 16 * PAGE, page_size=PAGE, physical_pages=12,
+                         backend=HostBackend(limit=limit))
+    try:
+        assert pool.physical_pages == 5  # as many as fit, page 0's among them
+        assert pool.stats().provisioned_bytes == 5 * page_bytes
+        pool.map([1, 2, 3, 4])
+        assert _resident(pool) == 5 * page_bytes
+    finally:
+        pool.close()
+    unlimited = VirtualKVPool(LAYERS, 16 * PAGE, page_size=PAGE, physical_pages=100)
+    assert unlimited.physical_pages == 16  # never more than the pool has
+    unlimited.close()
+
+
+def test_a_commit_beyond_the_limit_fails_whole_and_the_pool_goes_on():
+    pool = VirtualKVPool(LAYERS, 16 * PAGE, page_size=PAGE,
+                         backend=HostBackend(limit=4 * LAYERS * PAGE))
+    try:
+        pool.map([1, 2])
+        with pytest.raises(PhysicalMemoryError, match="pass the backend's limit"):
+            pool.map([3, 4])  # one would fit: neither is mapped
+        assert [pool.is_mapped(j) for j in range(5)] == [True, True, True, False, False]
+        assert _resident(pool) == pool.mapped_bytes == 3 * LAYERS * PAGE
+        pool.unmap([2])
+        pool.map([3])  # the memory given back is there again
+        assert pool.mapped_pages == 3
+    finally:
+        pool.close()
+
+
+def test_a_pool_with_no_memory_for_page_0_is_refused():
+    with pytest.raises(PhysicalMemoryError):
+        VirtualKVPool(LAYERS, 16 * PAGE, page_size=PAGE, physical_pages=4,
+                      backend=HostBackend(limit=PAGE))
 
 
 @pytest.mark.parametrize("block, requested, gran, expected", [

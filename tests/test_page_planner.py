@@ -74,6 +74,21 @@ def test_cap_limits_allocatable_blocks_and_what_can_be_taken():
     assert p.drain().unmap == (2,) and forgotten == [*range(8, 12)]
 
 
+def test_usage_is_live_blocks_over_those_under_the_cap():
+    p = PagePlanner(100, 4, premap=2, watermark=2, max_pages=3)
+    assert p.usage() == 0.0  # idle: only the null block, which does not count
+    blocks = p.take(11)  # all 11 that fit under the cap (12 blocks, the null one aside)
+    assert p.usage() == 1.0
+    p.free(blocks[:5])
+    assert p.usage() == 6 / 11
+    p.free(blocks[5:])
+    p.drain()
+    assert p.usage() == 0.0  # pages kept mapped for reuse hold nothing live
+    whole = PagePlanner(9, 4)  # no cap: every block counts
+    whole.take(4)
+    assert whole.usage() == 0.5
+
+
 def test_misuse_is_refused():
     p = PagePlanner(16, 4)
     p.take(1)

@@ -1,11 +1,16 @@
-"""The CUDA backend of VirtualKVPool (CUDA VMM through cuda-python). Needs a GPU."""
+"""The CUDA backend of VirtualKVPool (CUDA VMM through cuda-python). Needs a GPU, torch
+with CUDA and cuda-python; not vLLM.
+
+Also checks what the stand-in driver of tests/test_cuda_backend_logic.py cannot: that
+torch takes the pool's tensor over a reservation from the first call, and that asking
+for more physical memory than the device has keeps what the device gave."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vllm_ext.allocators import KVPoolError, VirtualKVPool
+from vllm_ext.allocators import KVPoolError, PhysicalMemoryError, VirtualKVPool
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,17 +36,17 @@ def _free_device_bytes() -> int:
 def test_device_memory_follows_mapped_pages(pool):
     assert pool.page_size % pool.backend.granularity == 0
     before = _free_device_bytes()
-    pool.map(range(16))  # 16 pages x 4 layers x 2 MiB = 128 MiB
+    pool.map(range(1, 17))  # 16 pages x 4 layers x 2 MiB = 128 MiB, beside page 0
     used = before - _free_device_bytes()
-    assert pool.mapped_bytes == 16 * 4 * pool.page_size
-    assert 0.95 * pool.mapped_bytes <= used <= pool.mapped_bytes + 64 * MIB
+    assert pool.mapped_bytes == 17 * 4 * pool.page_size
+    assert 0.95 * 16 * 4 * pool.page_size <= used <= pool.mapped_bytes + 64 * MIB
     pool.unmap(range(8)).result()
     pool.trim()
     assert before - _free_device_bytes() <= pool.mapped_bytes + 64 * MIB
 
 
 def test_tensors_are_the_reserved_range_without_copies(pool):
-    pool.map([0, 1])
+    pool.map([1])
     layer = pool.layer(2)
     assert layer.is_cuda and layer.data_ptr() == pool._base + 2 * pool.region_bytes
     layer[: 2 * pool.page_size].fill_(3)
@@ -78,7 +83,7 @@ def test_attention_over_pool_tensors_equals_a_plain_allocation(pool):
     nbytes = blocks * block * kv_heads * head * 2
     kv = VirtualKVPool(2, nbytes, backend="cuda")
     try:
-        kv.map(range(kv.num_pages))
+        kv.map(range(1, kv.num_pages))  # page 0 is mapped with the pool
         shape = (blocks, block, kv_heads, head)
         k, v = (kv.layer(i).view(torch.bfloat16).view(shape) for i in range(2))
         k.normal_(), v.normal_()
@@ -94,3 +99,38 @@ def test_attention_over_pool_tensors_equals_a_plain_allocation(pool):
         torch.cuda.synchronize()
     finally:
         kv.close()
+
+
+def test_the_pool_tensor_works_from_the_first_call():
+    pytest.importorskip("cuda.bindings.driver")
+    torch.cuda.synchronize()
+    with VirtualKVPool(2, 8 * 2 * MIB, backend="cuda") as fresh:  # nothing mapped by hand
+        layer = fresh.layer(1)
+        assert layer.device == torch.device("cuda", torch.cuda.current_device())
+        assert not layer[: fresh.page_size].any()  # page 0: mapped and cleared
+        layer[: fresh.page_size].fill_(7)
+        assert int(layer[fresh.page_size - 1]) == 7
+        del layer
+        torch.cuda.synchronize()
+
+
+def test_more_physical_memory_than_the_device_has_keeps_what_it_got():
+    pytest.importorskip("cuda.bindings.driver")
+    free = _free_device_bytes()
+    layers = 2
+    layer_bytes = (free // layers // (2 * MIB) + 64) * 2 * MIB  # 128 pages more than is free
+    with VirtualKVPool(layers, layer_bytes, backend="cuda", physical_pages=1 << 30) as big:
+        got = big.physical_pages
+        # Every page the device had (give or take what the driver keeps for itself).
+        assert got < big.num_pages and got * layers * big.page_size >= 0.9 * free
+        assert big.stats().provisioned_bytes == got * layers * big.page_size
+        assert _free_device_bytes() < free - 0.9 * got * layers * big.page_size
+        big.map(range(1, got))  # all of them map, from what was set aside
+        big.layer(1)[(got - 1) * big.page_size:got * big.page_size].fill_(1)
+        torch.cuda.synchronize()
+        with pytest.raises(PhysicalMemoryError, match="cuMemCreate"):
+            big.map([got])  # one more than the device gave: refused, nothing changes
+        assert big.mapped_pages == got
+        big.unmap(range(1, got), fence=big.backend.fence()).result()
+        assert big.trim() == 0  # set aside for the pool's life
+    assert _free_device_bytes() >= free - 64 * MIB  # and given back with it

@@ -10,6 +10,7 @@ warns about (or, in strict mode, refuses) the ones it does not know.
 | VLLMEXT_TRACE_PLUGINS    | `1` prints every pluggy hook call while components are collected      |
 | VLLMEXT_ALLOW_ANY_VLLM   | `1` runs on a vLLM outside the supported range (at your own risk): each patch is applied if its targets are there as written, and the components whose patches do not fit are refused by name |
 | VLLMEXT_PROFILE_TIMEOUT_S | seconds the start-up profile for `--sarathi-tbt-slo-ms` may take (default 900); past it the engine refuses to start and names `vllm-ext profile` |
+| VLLMEXT_HOST_KV_LIMIT    | test only: bytes of physical memory (`64MiB`, `2097152`) a `--kv-allocator vattention` KV pool on the host backend may hold, so that a CPU runs out of KV memory as a full GPU would; unset: no limit |
 
 vllm-ext also sets Triton's own TRITON_INTERPRET=1 for the engine processes it starts
 when `--pod-impl triton` is chosen on a CPU (Triton reads it only before its first import).
@@ -27,6 +28,7 @@ STATS_OWNER = "VLLMEXT_STATS_OWNER"
 TRACE_PLUGINS = "VLLMEXT_TRACE_PLUGINS"
 ALLOW_ANY_VLLM = "VLLMEXT_ALLOW_ANY_VLLM"
 PROFILE_TIMEOUT_S = "VLLMEXT_PROFILE_TIMEOUT_S"
+HOST_KV_LIMIT = "VLLMEXT_HOST_KV_LIMIT"
 
 
 def stats_dir() -> str | None:
@@ -48,3 +50,10 @@ def allow_any_vllm() -> bool:
 
 def profile_timeout_s() -> float:
     return float(os.environ.get(PROFILE_TIMEOUT_S) or 900)
+
+
+def host_kv_limit() -> int | None:
+    from vllm_ext.allocators.settings import size_in_bytes
+
+    value = os.environ.get(HOST_KV_LIMIT)
+    return size_in_bytes(value) if value else None

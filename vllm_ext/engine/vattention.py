@@ -23,20 +23,36 @@ Every process reads the engine's choice from the engine's own config
 
 Both sides derive the page size from the same numbers (block bytes, requested page
 size, granularity), so they agree on which blocks share a page without talking.
+
+Physical memory is set aside once, when the worker allocates the KV cache: the pages
+under the physical cap, or without one every page (the KV bytes vLLM sized, which
+stock vLLM holds for the engine's life). A map can then not run out of memory in the
+middle of a step, where nothing could undo it: the scheduler hands out a step's
+blocks before the worker maps them, and vLLM cannot take a scheduled step back. If
+the device gives fewer pages (another process took memory after vLLM measured it),
+the worker keeps what it got and the scheduler's cap becomes that count, so vLLM
+preempts there. The count can reach the scheduler at its construction because the
+engine core has its workers allocate the KV cache before it builds the scheduler
+(`EngineCore.__init__`, 0.32 to 0.34); it travels in a file of the engine's
+statistics directory named after the engine's `instance_id`, which the workers
+receive with the engine core's config (`provisioned_pages`).
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
+import glob
 import logging
 import mmap
+import os
 import threading
 import weakref
+from pathlib import Path
 
 from vllm_ext import envs
 from vllm_ext.allocators.pages import PageOps, PagePlanner, SlotPlanner
-from vllm_ext.allocators.pool import DEFAULT_PAGE_SIZE, VirtualKVPool
+from vllm_ext.allocators.pool import DEFAULT_PAGE_SIZE, VirtualKVPool, make_backend
 from vllm_ext.allocators.settings import VAttentionSettings, page_size_for
 from vllm_ext.config import ExtConfig
 
@@ -98,42 +114,95 @@ def geometry(kv_cache_config, settings: VAttentionSettings) -> Geometry:
     return Geometry(num_blocks, len(tensor.layers), block_bytes, page, page // block_bytes)
 
 
+def physical_budget(geo: Geometry, settings: VAttentionSettings) -> int:
+    """Pages of physical memory an engine plans for: those under the physical cap, or
+    without one every page (the KV bytes vLLM sized)."""
+    pages = -(-geo.num_blocks // geo.blocks_per_page)
+    if settings.physical_limit is None:
+        return pages
+    return min(pages, settings.physical_limit // geo.page_bytes)
+
+
+def pages_for_one_request(geo: Geometry, block_size: int, max_model_len: int) -> int:
+    """Pages that one request of `max_model_len` tokens needs, with the null block's."""
+    blocks = -(-max_model_len // block_size)
+    return 1 + -(-blocks // geo.blocks_per_page)
+
+
+def _refuse_if_short(what: str, pages: int, geo: Geometry, block_size: int,
+                     max_model_len: int, fix: str | None = None) -> None:
+    """Refuse an engine whose `pages` (from `what`) cannot hold one request."""
+    needed = pages_for_one_request(geo, block_size, max_model_len)
+    if pages < needed:
+        fix = fix or f"raise it to at least {needed * geo.page_bytes} bytes"
+        raise VAttentionError(
+            f"{what} holds {pages} pages of {geo.page_bytes} bytes ({geo.page_size} per layer "
+            f"x {geo.num_layers} layers); one request of max_model_len {max_model_len} needs "
+            f"{needed} pages ({needed * geo.page_bytes} bytes): {fix} or lower --max-model-len")
+
+
+def _budget_source(settings: VAttentionSettings) -> str:
+    if settings.physical_limit is None:
+        return "the KV cache"
+    return f"--vattention-physical-limit {settings.physical_limit} bytes"
+
+
 # -- scheduler side ----------------------------------------------------------------------
 def plan_pages(kv_cache_config, max_model_len: int, settings: VAttentionSettings,
-               prefix_caching: bool, null_block_id: int) -> PagePlanner:
+               prefix_caching: bool, null_block_id: int,
+               provisioned: int | None = None) -> PagePlanner:
     """The planner that decides, for an engine's block pool, which free block goes next
-    and which pages are mapped (the `paged_block_pool` patch puts it in place)."""
+    and which pages are mapped (the `paged_block_pool` patch puts it in place).
+
+    `provisioned`: the physical pages the engine's workers got (`provisioned_pages`);
+    the cap is the fewer of those and the planned ones.
+    """
     geo = geometry(kv_cache_config, settings)
     block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-    per_request = -(-max_model_len // block_size)
-    max_pages = None
-    if settings.physical_limit is not None:
-        max_pages = settings.physical_limit // geo.page_bytes
-        needed = 1 + -(-per_request // geo.blocks_per_page)  # and the null block's page
-        if max_pages < needed:
-            raise VAttentionError(
-                f"--vattention-physical-limit {settings.physical_limit} bytes holds {max_pages} "
-                f"pages of {geo.page_bytes} bytes ({geo.page_size} per layer x {geo.num_layers} "
-                f"layers); one request of max_model_len {max_model_len} needs {needed} pages: "
-                f"raise it to at least {needed * geo.page_bytes} bytes "
-                f"or lower --max-model-len")
+    planned = physical_budget(geo, settings)
+    max_pages = planned if provisioned is None else min(planned, provisioned)
+    source = "what the workers got" if max_pages < planned else _budget_source(settings)
+    _refuse_if_short(source, max_pages, geo, block_size, max_model_len)
     if settings.layout == "slots" and prefix_caching:
         raise VAttentionError("--vattention-layout slots gives every request its own blocks; "
                               "it needs prefix caching off")
     kwargs = dict(premap=settings.premap, watermark=settings.watermark, max_pages=max_pages,
                   live_from_start=(null_block_id,))
     if settings.layout == "slots":
-        slot = -(-per_request // geo.blocks_per_page) * geo.blocks_per_page
+        slot = (pages_for_one_request(geo, block_size, max_model_len) - 1) * geo.blocks_per_page
         planner = SlotPlanner(geo.num_blocks, geo.blocks_per_page, slot, **kwargs)
         layout = f"{planner.num_slots} slots of {slot} blocks (max_model_len {max_model_len})"
     else:
         planner = PagePlanner(geo.num_blocks, geo.blocks_per_page, **kwargs)
         layout = "blocks"
     logger.info("vllm-ext vattention: %d blocks in %d pages of %d blocks (%s per layer, %d "
-                "layers), layout %s, physical cap %s", geo.num_blocks, planner.num_pages,
-                geo.blocks_per_page, _fmt(geo.page_size), geo.num_layers, layout,
-                "none" if max_pages is None else f"{max_pages} pages")
+                "layers), layout %s, at most %d pages mapped (%s)", geo.num_blocks,
+                planner.num_pages, geo.blocks_per_page, _fmt(geo.page_size), geo.num_layers,
+                layout, max_pages, source)
     return planner
+
+
+def provisioned_pages(vllm_config) -> int | None:
+    """The fewest physical pages a worker of this engine set aside, as its KV allocation
+    wrote it down (`_publish`); None if none did (no statistics directory)."""
+    directory = envs.stats_dir()
+    if directory is None:
+        return None
+    pattern = _pages_file(directory, glob.escape(vllm_config.instance_id), "*").name
+    counts = [int(p.read_text()) for p in Path(directory).glob(pattern)]
+    if not counts:
+        # A worker elsewhere (another node's file system) or one given another config:
+        # the scheduler cannot learn what it got, and plans with the whole budget.
+        logger.warning("vllm-ext vattention: no worker of engine %s wrote down its physical "
+                       "KV pages in %s; planning with every page of the budget",
+                       vllm_config.instance_id, directory)
+    return min(counts, default=None)
+
+
+def _pages_file(directory: str, instance_id: str, pid: int | str) -> Path:
+    # One file per worker process: the engine's workers each write theirs, and two
+    # engines (of one process, or two servers sharing a directory) differ in instance_id.
+    return Path(directory) / f"vattention-pages-{instance_id}-{pid}.txt"
 
 
 # -- worker side -------------------------------------------------------------------------
@@ -176,11 +245,17 @@ class SlotCheck:
 
 
 class PoolRuntime:
-    """The worker's pool, applying each step's PageOps and publishing statistics."""
+    """The worker's pool, applying each step's PageOps and publishing statistics.
 
-    def __init__(self, pool: VirtualKVPool, geo: Geometry, settings: VAttentionSettings) -> None:
+    `published`: the file that told the scheduler the pool's physical pages; it goes
+    with the pool.
+    """
+
+    def __init__(self, pool: VirtualKVPool, geo: Geometry, settings: VAttentionSettings,
+                 published: Path | None = None) -> None:
         self.pool = pool
         self.geo = geo
+        self._published = published
         self.slots = SlotCheck() if settings.layout == "slots" else None
         # vLLM's null block is allocated for good and its page mapped with the pool.
         self.live_bytes = geo.block_bytes * geo.num_layers
@@ -255,6 +330,8 @@ class PoolRuntime:
                 self._publish()
                 self._writer.close()
                 self._writer = None
+            if self._published is not None:
+                self._published.unlink(missing_ok=True)
 
     def _log_summary(self) -> None:
         s = self.pool.stats()
@@ -300,26 +377,73 @@ def allocate_kv_cache(vllm_config, kv_cache_config, device, layout, kernel_block
     geo = geometry(kv_cache_config, settings)
     tensor = kv_cache_config.kv_cache_tensors[0]
     spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
-    kwargs = {"device_index": device.index} if settings.backend == "cuda" else {}
-    pool = VirtualKVPool(geo.num_layers, geo.num_blocks * geo.block_bytes, geo.page_size,
-                         backend=settings.backend, **kwargs)
-    if pool.page_size != geo.page_size:
-        pool.close()
+    backend = make_backend(settings.backend, **(
+        {"device_index": device.index} if settings.backend == "cuda"
+        else {"limit": envs.host_kv_limit()}))
+    if geo.page_size % backend.granularity:
         raise VAttentionError(f"the device's mapping granularity does not divide the page size "
                               f"{geo.page_size} chosen by the scheduler; set "
-                              f"--vattention-page-size to a multiple of "
-                              f"{pool.backend.granularity}")
+                              f"--vattention-page-size to a multiple of {backend.granularity}")
+    budget = physical_budget(geo, settings)
+    max_model_len = vllm_config.model_config.max_model_len
+    _refuse_if_short(_budget_source(settings), budget, geo, spec.block_size, max_model_len)
+    pool = VirtualKVPool(geo.num_layers, geo.num_blocks * geo.block_bytes, geo.page_size,
+                         backend=backend, physical_pages=budget)
+    try:
+        _check_provisioned(pool, geo, budget, spec.block_size, max_model_len)
+        published = _publish(vllm_config, pool.physical_pages, budget, geo.page_bytes)
+    except BaseException:
+        pool.close()
+        raise
     placed = dataclasses.replace(tensor, size=pool.reserved_bytes, layer_stride=pool.region_bytes)
     kernel_block_size = kernel_block_sizes[0] if kernel_block_sizes else None
+    # Padded block tables point at the null block, in page 0: mapped with the pool.
     views = create_kv_cache_views(pool.buffer, spec, geo.num_blocks, layout, placed,
                                   kernel_block_size=kernel_block_size)
-    pool.map([0])  # the null block's page: padded block tables point there
     key = id(vllm_config)
-    _runtimes[key] = PoolRuntime(pool, geo, settings)
+    _runtimes[key] = PoolRuntime(pool, geo, settings, published)
     weakref.finalize(vllm_config, _drop, key)
-    logger.info("vllm-ext vattention: reserved %s of virtual KV memory (%d layers), %s mapped",
-                _fmt(pool.reserved_bytes), geo.num_layers, _fmt(pool.mapped_bytes))
+    logger.info("vllm-ext vattention: reserved %s of virtual KV memory (%d layers), physical "
+                "memory for %d of %d pages set aside (%s), %s mapped", _fmt(pool.reserved_bytes),
+                geo.num_layers, pool.physical_pages, budget,
+                _fmt(pool.physical_pages * geo.page_bytes), _fmt(pool.mapped_bytes))
     return dict(zip(tensor.layers, views))
+
+
+def _check_provisioned(pool: VirtualKVPool, geo: Geometry, budget: int, block_size: int,
+                       max_model_len: int) -> None:
+    """Refuse a pool that got too few pages for one request; say so when it got fewer
+    than planned (the scheduler caps there)."""
+    got = pool.physical_pages
+    what = (f"the {pool.backend.device} device's physical memory ({got} of the {budget} KV "
+            f"pages planned; another process may have taken memory after vLLM measured it)")
+    _refuse_if_short(what, got, geo, block_size, max_model_len,
+                     "free device memory, size the KV cache to what the device holds "
+                     "(--gpu-memory-utilization, --vattention-physical-limit)")
+    if got < budget:
+        logger.warning("vllm-ext vattention: the %s device had physical memory for %d of the %d "
+                       "KV pages planned; the scheduler caps the KV cache there",
+                       pool.backend.device, got, budget)
+
+
+def _publish(vllm_config, pages: int, budget: int, page_bytes: int) -> Path | None:
+    """Write down the worker's physical pages for the scheduler (`provisioned_pages`).
+
+    Without a statistics directory (vllm-ext's front end always makes one; an engine
+    configured without it has none) there is nowhere to write: the scheduler then plans
+    with every page of its budget, so the worker must have got them all.
+    """
+    directory = envs.stats_dir()
+    if directory is None:
+        if pages < budget:
+            raise VAttentionError(
+                f"the device had physical memory for {pages} of the {budget} KV pages planned, "
+                f"and without a statistics directory ({envs.STATS_DIR}) the scheduler cannot be "
+                f"told: set --vattention-physical-limit to at most {pages * page_bytes}")
+        return None
+    path = _pages_file(directory, vllm_config.instance_id, os.getpid())
+    path.write_text(str(pages))
+    return path
 
 
 def _fmt(nbytes: int) -> str:

@@ -92,6 +92,8 @@ class _StepCollector:
 _KV_GAUGES = {
     "reserved_bytes": "Virtual KV memory reserved (vattention)",
     "mapped_bytes": "Physical KV memory mapped (vattention)",
+    "provisioned_bytes": "Physical KV memory set aside when the pool was made: the most it "
+                         "maps (vattention; on the host backend only counted)",
     "live_bytes": "KV bytes of the blocks in use by requests (vattention)",
     "live_page_bytes": "Bytes of the pages holding those blocks (vattention)",
     "max_map_seconds": "Slowest page map so far (vattention)",
