@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from vattention_engine import kv_cache_config, runner_config
 
 pytestmark = pytest.mark.release
 
@@ -23,36 +24,13 @@ BLOCK, NUM_BLOCKS = 16, 256
 @pytest.fixture
 def engine(tmp_path, monkeypatch):
     """A vattention engine's config and KV cache config (layer-outermost, as vLLM plans it)."""
-    from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
-                                            KVCacheTensor)
-
-    from vllm_ext.tools.driver import engine_config
-    from vllm_ext.tools.models import make_shape
-
     monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
-    config = engine_config(make_shape(tmp_path / "model", "tiny"), kv_allocator="vattention",
-                           block_size=BLOCK, max_model_len=512, dtype="float32")
-    _layout(config)
-    model, parallel = config.model_config, config.parallel_config
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=model.get_num_kv_heads(parallel),
-                             head_size=model.get_head_size(), dtype=torch.float32)
-    layers = [f"model.layers.{i}.self_attn.attn" for i in range(model.get_num_layers(parallel))]
-    block = spec.page_size_bytes
-    tensor = KVCacheTensor(size=len(layers) * NUM_BLOCKS * block, layers=layers,
-                           layer_stride=NUM_BLOCKS * block, block_stride=block)
-    kv_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[tensor],
-                              kv_cache_groups=[KVCacheGroupSpec(layers, spec)])
+    config = runner_config(tmp_path / "model", BLOCK, 512, kv_allocator="vattention")
+    kv_config = kv_cache_config(config, BLOCK, NUM_BLOCKS)
     yield config, kv_config, tmp_path
     from vllm_ext.engine import vattention
 
     vattention._drop(id(config))
-
-
-def _layout(config) -> None:
-    """The layout the engine core resolves before the workers allocate (layer-outermost)."""
-    from vllm.v1.attention.backends.utils import record_kv_cache_layout
-
-    record_kv_cache_layout(config.cache_config, "LBNHC")
 
 
 def _check_in_pool(config, caches, kv_config, stats_dir, calls_before):
@@ -137,13 +115,9 @@ def test_the_unselected_engine_keeps_vllms_allocation(engine, tmp_path):
     from vllm.v1.worker.gpu.attn_utils import init_kv_cache
 
     from vllm_ext.engine import vattention
-    from vllm_ext.tools.driver import engine_config
-    from vllm_ext.tools.models import make_shape
 
     _, kv_config, _ = engine
-    stock = engine_config(make_shape(tmp_path / "stock", "tiny"), block_size=BLOCK,
-                          max_model_len=512, dtype="float32")
-    _layout(stock)
+    stock = runner_config(tmp_path / "stock", BLOCK, 512)
     with set_current_vllm_config(stock):
         caches = init_kv_cache({}, kv_config, torch.device("cpu"), [BLOCK], stock)
     assert vattention.runtime_for(stock) is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vattention_engine import kv_cache_config, runner_config
 
 pytestmark = pytest.mark.release
 
@@ -22,36 +23,11 @@ PAGE_BYTES = 2 * (16 << 10)  # --vattention-page-size 16KiB, in each of the tiny
 
 
 def _config(tmp_path, name: str, **options):
-    from vllm.v1.attention.backends.utils import record_kv_cache_layout
-
-    from vllm_ext.tools.driver import engine_config
-    from vllm_ext.tools.models import make_shape
-
-    config = engine_config(make_shape(tmp_path / name, "tiny"), kv_allocator="vattention",
-                           block_size=BLOCK, max_model_len=MAX_LEN, dtype="float32", **options)
-    # The layout the engine core resolves before the workers allocate (layer-outermost).
-    record_kv_cache_layout(config.cache_config, "LBNHC")
-    return config
+    return runner_config(tmp_path / name, BLOCK, MAX_LEN, kv_allocator="vattention", **options)
 
 
 def _kv_config(config):
-    """What the engine core would plan: one full-attention group, layer-outermost."""
-    from vllm.v1.kv_cache_interface import (
-        FullAttentionSpec,
-        KVCacheConfig,
-        KVCacheGroupSpec,
-        KVCacheTensor,
-    )
-
-    model, parallel = config.model_config, config.parallel_config
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=model.get_num_kv_heads(parallel),
-                             head_size=model.get_head_size(), dtype=torch.float32)
-    layers = [f"model.layers.{i}.self_attn.attn" for i in range(model.get_num_layers(parallel))]
-    block = spec.page_size_bytes
-    tensor = KVCacheTensor(size=len(layers) * NUM_BLOCKS * block, layers=layers,
-                           layer_stride=NUM_BLOCKS * block, block_stride=block)
-    return KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[tensor],
-                         kv_cache_groups=[KVCacheGroupSpec(layers, spec)])
+    return kv_cache_config(config, BLOCK, NUM_BLOCKS)
 
 
 def _allocate(config):
