@@ -1,6 +1,6 @@
-"""Build every POD-Attention configuration for sm_80, sm_90 and sm_100 on this machine
-(no GPU needed) and write what ptxas reports: registers, spills, shared memory and the
-occupancy they allow.
+"""Make every POD-Attention build the launcher can ask for, for sm_80, sm_90 and sm_100,
+on this machine (no GPU needed) and write what ptxas reports: registers, spills, shared
+memory and the occupancy they allow.
 
     python benchmarks/kernels_compile.py [--out benchmarks/results] [--jobs 2]
 
@@ -42,9 +42,11 @@ def main() -> int:
         indent=1))
     (out / "kernels-compile.md").write_text(
         "# POD-Attention builds for NVIDIA GPUs\n\n"
-        f"`python benchmarks/kernels_compile.py` ({machine}). Every configuration the launcher "
-        "picks (dtype, head size, decode splits or not; 32 query / 8 KV heads, 16-token KV "
-        "blocks) compiled for each target by Triton and read back from `ptxas -v`. Occupancy: "
+        f"`python benchmarks/kernels_compile.py` ({machine}). Every build the launcher asks "
+        "for (dtype, head size, KV-sharded or not; 32 query / 8 KV heads, 16-token KV blocks, "
+        "132 SMs: the decode split count is a runtime argument, so no batch selects a build) "
+        "compiled for each target by Triton, with the signature and attributes a launch "
+        "gives it, and read back from `ptxas -v`. Occupancy: "
         "resident warps over the SM's 64, from registers (allocated per warp in units of 256), "
         "shared memory and warps per block.\n\n"
         + ("No build spills or exceeds its target's shared memory.\n\n" if not problems else

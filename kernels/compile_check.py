@@ -3,9 +3,11 @@ says of each build: registers, spills, shared memory, and the occupancy they all
 
 Triton compiles for a CUDA target with no device present (`triton.compile` with a
 `GPUTarget`), and the ptxas it ships reports every function's resources (`ptxas -v`).
-So every configuration the launcher can pick (dtype, head size, split decodes or not)
-is built for every target here, and a spill or an over-large shared-memory request
-is caught before anyone runs the kernel on a GPU.
+So every build the launcher can ask for (dtype, head size, KV shard or not: nothing
+about a batch selects a build) is made for every target here, with the signature and
+attributes Triton's own launch-time rule gives its arguments (`specialisation`), and a
+spill or an over-large shared-memory request is caught before anyone runs the kernel on
+a GPU.
 """
 
 from __future__ import annotations
@@ -42,20 +44,25 @@ DTYPES = ("fp16", "bf16", "fp32")
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """One launch configuration, with the constexprs `pod_attention` passes for it."""
+    """One build of the kernel: what `pod_attention` launches a model of this shape with."""
 
     dtype: str
     head_dim: int
-    splits: int  # decode splits: 1, or several merged in the launch
     sharded: bool = False  # one rank's share of the KV (--kvp)
     block_size: int = 16  # KV block (vLLM's default on GPUs)
     num_heads: int = 32
     num_kv_heads: int = 8
+    num_sms: int = 132  # an H100's
 
     @property
     def name(self) -> str:
-        return (f"{self.dtype}-d{self.head_dim}-{'split' if self.splits > 1 else 'nosplit'}"
-                + ("-kvp" if self.sharded else ""))
+        return f"{self.dtype}-d{self.head_dim}" + ("-kvp" if self.sharded else "")
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
 
     def launch(self):
         """(constexprs, launch options) exactly as the launcher computes them."""
@@ -63,16 +70,90 @@ class Config:
 
         from vllm_ext.kernels import pod
 
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
         return pod.launch_constants(self.head_dim, self.block_size, self.num_heads,
-                                    self.num_kv_heads, self.splits, dtype,
-                                    ieee=dtype == torch.float32, num_sms=132,
+                                    self.num_kv_heads, self.torch_dtype,
+                                    ieee=self.torch_dtype == torch.float32, num_sms=self.num_sms,
                                     sharded=self.sharded)
+
+    def arguments(self) -> dict:
+        """Stand-ins for a served launch's runtime arguments, made by the launcher's own
+        `launch_arguments`: tiny tensors of the model's dtype, the KV cache in vLLM's
+        Triton layout as the CUDA backend passes it, a one-decode plan. Triton specializes
+        on a tensor's dtype and alignment and an integer's divisibility, never on sizes."""
+        import torch
+
+        from vllm_ext.kernels import pod
+
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        query = torch.empty(1, heads, d, dtype=self.torch_dtype)
+        kv_cache = torch.empty(2, kv_heads, self.block_size, 2 * d, dtype=self.torch_dtype)
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(d, dim=-1)
+        seq_lens, qsl = torch.ones(1, dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+        block_m = pod.tile_for(d, self.torch_dtype, self.sharded).block_m
+        p = pod.plan(qsl, seq_lens, 1, heads, kv_heads, block_m=block_m)
+        ws = pod.Workspace.for_plan(p, 1, heads, kv_heads, d, torch.device("cpu"))
+        return pod.launch_arguments(query, key_cache, value_cache, torch.empty_like(query), ws.lse,
+                                    torch.zeros(1, 1, dtype=torch.int32), seq_lens, qsl, p, ws,
+                                    d ** -0.5, (2, 0, 1) if self.sharded else (1, 0, 1))
+
+    def key(self) -> tuple:
+        """What tells this build from any other (`launch_key`): a launch whose key is
+        one of the gate's runs a build the gate has checked."""
+        constants, options = self.launch()
+        return launch_key({**self.arguments(), **constants, **options})
 
 
 def configs() -> list[Config]:
-    return [Config(d, h, s, kvp) for kvp, d, h, s in
-            itertools.product((False, True), DTYPES, SUPPORTED_HEAD_DIMS, (1, 4))]
+    return [Config(d, h, kvp) for kvp, d, h in
+            itertools.product((False, True), DTYPES, SUPPORTED_HEAD_DIMS)]
+
+
+def specialisation(args: dict, constants: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attributes) of the build Triton makes for a launch of the
+    POD kernel with runtime `args` and `constants` (both by name), by Triton's own rule
+    for each argument, as its launcher applies it: a pointer's dtype and 16-byte
+    alignment, an integer's width and divisibility by 16, an integer 1 made a constant;
+    nothing for the arguments the kernel does not specialize on (pod.RUNTIME_ARGS)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    from vllm_ext.kernels import pod
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(_parameters()):
+        if name in constants:
+            signature[name], constexprs[(i,)] = "constexpr", constants[name]
+            continue
+        kind, attr = native_specialize_impl(BaseBackend, args[name], False,
+                                            name not in pod.RUNTIME_ARGS, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[(i,)] = attr
+        elif attr:
+            attrs[(i,)] = BaseBackend.parse_attr(attr)
+    return signature, constexprs, attrs
+
+
+def launch_key(launch: dict) -> tuple:
+    """What tells one build from another for a launch's keyword arguments (runtime
+    arguments, constexprs and options together, as the launcher passes them)."""
+    params = _parameters()
+    constants = {k: v for k, v in launch.items() if params.get(k) == "constexpr"}
+    options = {k: v for k, v in launch.items() if k not in params}
+    signature, constexprs, attrs = specialisation(launch, constants)
+    return (tuple(signature.items()), tuple(sorted(constexprs.items())),
+            tuple(sorted((k, str(v)) for k, v in attrs.items())), tuple(sorted(options.items())))
+
+
+def _parameters() -> dict[str, str]:
+    """The kernel's parameters in order: "constexpr" or "runtime"."""
+    import inspect
+
+    from vllm_ext.kernels import pod
+
+    kernel = pod.pod_attention_kernel
+    return {name: "constexpr" if "constexpr" in str(p.annotation) else "runtime"
+            for name, p in inspect.signature(kernel.fn).parameters.items()}
 
 
 def build_all(jobs: int = 2) -> list[Report]:
@@ -136,25 +217,12 @@ def build(config: Config, target: Target) -> Report:
         raise RuntimeError("this process runs Triton's interpreter (TRITON_INTERPRET), which "
                            "cannot compile: build in a fresh process (build_all does)")
     constants, options = config.launch()
-    elem = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[config.dtype]
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr"):
-            signature[name] = f"*{elem}"
-        elif name in ("lse_ptr", "part_o_ptr", "part_lse_ptr"):
-            signature[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            signature[name] = "*i32"
-        else:
-            signature[name] = "fp32" if name == "qk_scale" else "i32"
-    source = ASTSource(kernel, signature,
-                       constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+    signature, constexprs, attrs = specialisation(config.arguments(), constants)
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", target.capability, 32),
                               options=options)
     ptx = compiled.asm["ptx"]
-    arch = re.search(r"^\.target (\S+)", ptx, re.M).group(1)
+    arch = re.search(r"^\.target (\S+)", ptx, re.MULTILINE).group(1)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:

@@ -25,6 +25,7 @@ Workers (the model runner's processes):
 |---|---|---|---|---|---|
 | cpu_custom_attn | `CpuPlatform.get_attn_backend_cls` | 0.32-0.34 | `--attn pod` (CPU) | the CPU platform honours `attention_backend=CUSTOM`, so the backend is chosen per engine as on CUDA, not by re-registering CPU_ATTN for the whole process | none yet: the CPU platform honouring a selected backend (related: vllm-project/vllm#41091, open) |
 | pod_cpu_internals | nothing replaced (a `Reliance`): the CPU attention classes POD's backend extends (their constructors, `build`, `forward`, `do_kv_cache_update`, the metadata fields it reads) | 0.32-0.34 | `--attn pod` (CPU) | POD's CPU backend subclasses vLLM's CPU attention backend: declared so that a change refuses `--attn pod` by name (patches/internals.py) | none needed while the subclassed classes are vLLM's backend interface; a stable attention-backend API would make this a signature check |
+| pod_cuda_internals | nothing replaced (a `Reliance`): the metadata-builder interface and graph support levels, `CommonAttentionMetadata`'s fields, TRITON_ATTN's backend and implementation (its KV writer), vLLM's DCP merge, the config fields that size the workspace | 0.32-0.34 | `--attn pod` (CUDA) | POD's CUDA backend is TRITON_ATTN's with POD's metadata and forward: declared so that a change refuses `--attn pod` by name (patches/internals.py) | as for pod_cpu_internals |
 | kvp_slot_mapping | `ComputeSlotMappingKernel.kernel`, through vLLM's `register_kernels` | 0.32-0.33 (0.34 does it itself) | `--kvp N` (CPU) | the CPU platform's slot-mapping op asserts one rank; a rank-aware one is registered in KVP workers (one rank still goes to the platform's op) | vLLM 0.34 (`obsolete_from`) |
 | kv_pool_alloc | `allocate_kv_cache` as the V1 (`gpu_model_runner`, up to 0.33) and V2 (`gpu/attn_utils`; with the `allocate` hook from 0.34) runners import it | 0.32-0.34 | vattention | the worker's KV memory in a VirtualKVPool; no hook supplies KV memory | a KV-memory allocation hook: 0.34's `allocate(size)` and the extensible KV cache (vllm-project/vllm#47363) |
 | page_ops_worker | `Worker.execute_model` | 0.32-0.34 | vattention | the worker carries out those orders before the step | a pre-step worker hook (proposed in vllm-project/vllm#51212, open) |
@@ -56,7 +57,7 @@ from packaging.version import Version
 from vllm_ext.patches.base import Patch, PatchError, Reliance, Target, reached_in
 from vllm_ext.patches.cli_flags import CliFlags
 from vllm_ext.patches.cpu_custom_attn import CpuCustomAttention
-from vllm_ext.patches.internals import PodCpuInternals, SchedulerInternals
+from vllm_ext.patches.internals import PodCpuInternals, PodCudaInternals, SchedulerInternals
 from vllm_ext.patches.kv_pool_alloc import KVPoolAlloc
 from vllm_ext.patches.kvp_slot_mapping import KVPSlotMapping
 from vllm_ext.patches.page_ops_schedule import PageOpsSchedule
@@ -70,8 +71,8 @@ _PER_ENGINE = (SlotOwner(), PageOpsSchedule())  # installed by paged_block_pool 
 PATCHES: tuple[Patch, ...] = (
     CliFlags(),
     PagedBlockPool(per_engine=_PER_ENGINE), *_PER_ENGINE, SchedulerInternals(),
-    CpuCustomAttention(), PodCpuInternals(), KVPSlotMapping(), KVPoolAlloc(), PageOpsWorker(),
-    PPEagerBuffers(),
+    CpuCustomAttention(), PodCpuInternals(), PodCudaInternals(), KVPSlotMapping(), KVPoolAlloc(),
+    PageOpsWorker(), PPEagerBuffers(),
 )
 _BY_NAME = {p.name: p for p in PATCHES}
 # Patches that did not fit this process's vLLM, with the reason.

@@ -101,3 +101,55 @@ class PodCpuInternals(Reliance):
     )
     vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("attn=pod",)
+
+
+_BACKEND = "vllm.v1.attention.backend"
+_TRITON_ATTN = "vllm.v1.attention.backends.triton_attn"
+
+
+class PodCudaInternals(Reliance):
+    """--attn pod (CUDA): the Triton attention classes and metadata POD's backend builds on"""
+
+    name = "pod_cuda_internals"
+    process = WORKER
+    platforms = ("cuda",)
+    targets = (
+        Target(f"{_BACKEND}:AttentionMetadataBuilder.__init__",
+               ("self", "kv_cache_spec", "layer_names", "vllm_config", "device")),
+        # The graph support POD declares, and how vLLM asks for it and captures.
+        Target(f"{_BACKEND}:AttentionMetadataBuilder.get_cudagraph_support",
+               ("vllm_config", "kv_cache_spec")),
+        Target(f"{_BACKEND}:AttentionMetadataBuilder.build_for_cudagraph_capture",
+               ("self", "common_attn_metadata")),
+        Target(f"{_BACKEND}:AttentionCGSupport", attrs=("UNIFORM_SINGLE_TOKEN_DECODE", "NEVER")),
+        Target(f"{_BACKEND}:CommonAttentionMetadata", attrs=(
+            "query_start_loc", "query_start_loc_cpu", "seq_lens", "num_reqs",
+            "num_actual_tokens", "max_query_len", "max_seq_len", "block_table_tensor",
+            "slot_mapping")),
+        # TRITON_ATTN's KV layout and writer (`do_kv_cache_update`, inherited), POD's forward.
+        Target(f"{_BACKEND}:AttentionBackend.validate_configuration", (
+            "head_size", "dtype", "kv_cache_dtype", "block_size", "use_mla", "has_sink",
+            "use_sparse", "use_mm_prefix", "use_per_head_quant_scales", "device_capability",
+            "attn_type", "...")),
+        Target(f"{_TRITON_ATTN}:TritonAttentionImpl.__init__", (
+            "self", "num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes",
+            "sliding_window", "kv_cache_dtype", "logits_soft_cap", "attn_type",
+            "kv_sharing_target_layer_name", "sinks", "...")),
+        Target(f"{_TRITON_ATTN}:TritonAttentionImpl.forward", (
+            "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
+            "output_scale", "output_block_scale")),
+        Target(f"{_TRITON_ATTN}:TritonAttentionImpl", attrs=(
+            "do_kv_cache_update", "num_heads", "head_size", "scale", "dcp_world_size",
+            "dcp_rank")),
+        Target("vllm.distributed.parallel_state:get_dcp_group"),
+        Target("vllm.v1.attention.ops.dcp:cp_lse_ag_out_rs"),
+        # What sizes the builder's workspace and refuses microbatching.
+        Target("vllm.config.parallel:ParallelConfig", attrs=(
+            "decode_context_parallel_size", "cp_kv_cache_interleave_size", "use_ubatching")),
+        Target("vllm.config.scheduler:SchedulerConfig",
+               attrs=("max_num_seqs", "max_num_batched_tokens")),
+        Target("vllm.config.compilation:CompilationConfig",
+               attrs=("max_cudagraph_capture_size",)),
+    )
+    vllm_versions = SpecifierSet(">=0.32,<0.35")
+    components = ("attn=pod",)

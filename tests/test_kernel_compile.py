@@ -1,6 +1,8 @@
-"""The compile gate, with no GPU: every POD-Attention configuration the launcher can pick
-(fp16/bf16/fp32, each supported head size, split decodes or not) built by Triton for
-sm_80, sm_90 and sm_100, and ptxas's report of each read back. A build error, any
+"""The compile gate, with no GPU: every POD-Attention build the launcher can ask for
+(fp16/bf16/fp32, each supported head size, KV-sharded or not; nothing about a batch
+selects a build: tests/test_pod_kernel.py drives the launcher over 1,000 random batches
+and finds only these) built by Triton for sm_80, sm_90 and sm_100 with the signature and
+attributes a launch gives it, and ptxas's report of each read back. A build error, any
 register spill, or more shared memory than the target has fails the test; the full
 table is benchmarks/results/kernels-compile.md (python benchmarks/kernels_compile.py)."""
 

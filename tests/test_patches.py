@@ -111,7 +111,9 @@ def test_kvp_slot_mapping_is_needed_only_with_kvp():
     assert "kvp_slot_mapping" not in [p.name for p in patches.needed_by("attn", "pod", {}, "cpu")]
     assert "kvp_slot_mapping" in [p.name for p in patches.needed_by("attn", "pod", {"kvp": 2},
                                                                     "cpu")]
-    assert not patches.needed_by("attn", "pod", {"kvp": 2}, "cuda")
+    # On CUDA the only thing --attn pod needs is its declared internals (nothing patched).
+    assert [p.name for p in patches.needed_by("attn", "pod", {"kvp": 2}, "cuda")] == \
+        ["pod_cuda_internals"]
 
 
 def test_doctor_reports_every_patch_and_exits_0():

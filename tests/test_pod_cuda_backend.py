@@ -194,12 +194,134 @@ def test_the_plan_reads_only_host_metadata(configs):
     seq_lens = torch.tensor([30, 300, 40], dtype=torch.int32)
     poisoned = object()  # any use but passing it on fails
     cam = CommonAttentionMetadata(
-        query_start_loc=poisoned, query_start_loc_cpu=qsl, seq_lens=poisoned, num_reqs=3,
+        query_start_loc=poisoned, query_start_loc_cpu=qsl,
+        seq_lens=torch.empty(3, dtype=torch.int32, device="meta"),  # any read of it fails
+        num_reqs=3,
         num_actual_tokens=12, max_query_len=10, max_seq_len=300,
         block_table_tensor=torch.zeros(3, 20, dtype=torch.int32), slot_mapping=poisoned,
         seq_lens_cpu_upper_bound=seq_lens)
     md = builder.build(0, cam)
     assert md.num_decodes == 2 and md.plan.num_prefill_tiles == 8  # one 64-row tile x 8 heads
+
+
+def test_full_cuda_graphs_of_decode_steps_are_declared(configs):
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from vllm_ext.engine.pod.cuda import PodCudaBackend
+
+    builder = PodCudaBackend.get_builder_cls()
+    support = {i: builder.get_cudagraph_support(configs(8, 2, 128, impl=i), None)
+               for i in ("triton", "torch")}
+    assert support == {"triton": AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE,
+                       "torch": AttentionCGSupport.NEVER}
+
+
+class _Runner:
+    """A model runner's persistent metadata for decode steps of `slots` requests, written
+    in place each step as vLLM's runners write a full-graph step padded to a captured
+    size: padding requests have no query token (query_start_loc repeats the last real
+    entry), context 0 and the null block, block 0 (NaN here: never to be read)."""
+
+    def __init__(self, slots, heads, kv_heads, d, width=48):
+        g = torch.Generator().manual_seed(0)
+        self.slots, self.width, self.g = slots, width, g
+        self.kv_cache = torch.randn(1 + slots * width, kv_heads, BLOCK, 2 * d, generator=g)
+        self.kv_cache[0] = float("nan")
+        self.query = torch.empty(slots, heads, d)
+        self.outputs = torch.empty(slots + 2, heads, d)  # two rows past the output
+        self.qsl = torch.zeros(slots + 1, dtype=torch.int32)
+        self.seq_lens = torch.zeros(slots, dtype=torch.int32)
+        self.table = torch.zeros(slots, width, dtype=torch.int32)
+
+    def step(self, contexts):
+        """Write a step's metadata; its CommonAttentionMetadata, padded to the slots."""
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        n = len(contexts)
+        self.query.copy_(torch.randn(self.query.shape, generator=self.g))
+        self.query[n:] = float("nan")
+        self.qsl.copy_(torch.tensor([min(i, n) for i in range(self.slots + 1)]))
+        self.seq_lens.copy_(torch.tensor(contexts + [0] * (self.slots - n)))
+        self.table.zero_()
+        self.table[:n] = (1 + torch.randperm(self.slots * self.width, generator=self.g)
+                          [:n * self.width]).view(n, self.width)
+        return n, CommonAttentionMetadata(
+            query_start_loc=self.qsl, query_start_loc_cpu=self.qsl.clone(),
+            seq_lens=self.seq_lens, num_reqs=self.slots, num_actual_tokens=self.slots,
+            max_query_len=1, max_seq_len=max(contexts), block_table_tensor=self.table,
+            slot_mapping=torch.full((self.slots,), -1, dtype=torch.int64),
+            seq_lens_cpu_upper_bound=self.seq_lens.clone())
+
+
+def test_decode_graphs_replay_from_the_builders_buffers(configs, monkeypatch):
+    """A full CUDA graph of a decode step, on CPU tensors: the launch captured from the
+    builder's capture metadata (4 decodes of context 1, as vLLM captures) is run again,
+    the same tensors and scalars, after each new step of up to 4 decodes is written in
+    place and built: every build asks for the captured launch (as on a 16-SM GPU, where
+    4 decodes x 2 KV heads split 2 ways), and each replay is exact for the real requests,
+    leaving the padding rows and what lies past the output alone."""
+    from vllm_ext.kernels import pod
+    from vllm_ext.kernels import reference as ref
+
+    config = configs(8, 2, 128)
+    with monkeypatch.context() as m:  # the builder's side, as for a 16-SM GPU
+        m.setattr(pod, "_num_sms", lambda device: 16)
+        builder, impl = _backend(config, torch.float32)
+    runner = _Runner(4, impl.num_heads, impl.num_kv_heads, impl.head_size)
+    launches = []
+    kernel = pod.pod_attention_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(**kwargs):
+                launches.append((grid, kwargs))
+                if len(launches) == 1:  # the capture runs; later launches are replays
+                    kernel[grid](**kwargs)
+            return launch
+
+    monkeypatch.setattr(pod, "pod_attention_kernel", Recorder())
+    layer = SimpleNamespace(_k_scale=torch.tensor(1.0), _v_scale=torch.tensor(1.0))
+
+    def forward(cam):
+        with monkeypatch.context() as m:
+            m.setattr(pod, "_num_sms", lambda device: 16)
+            md = (builder.build(0, cam) if launches else builder.build_for_cudagraph_capture(cam))
+        impl.forward(layer, runner.query, None, None, runner.kv_cache, md, runner.outputs[:4])
+        grid, kwargs = launches[-1]
+        return md, (grid, [(k, v.data_ptr() if torch.is_tensor(v) else v)
+                           for k, v in kwargs.items()])
+
+    captured_md, captured = forward(runner.step([1] * 4)[1])
+    assert captured_md.plan.splits == 2
+    key_cache, value_cache = runner.kv_cache.transpose(1, 2).split(impl.head_size, dim=-1)
+    for contexts in ([600, 3, 530, 90], [17, 700], [5]):
+        n, cam = runner.step(contexts)
+        md, launch = forward(cam)
+        assert launch == captured and md.workspace is captured_md.workspace
+        runner.outputs[:n], runner.outputs[n:] = float("nan"), -7.0
+        kernel[launches[0][0]](**launches[0][1])  # the replay
+        want = ref.pod_attention(runner.query[:n], key_cache, value_cache, runner.table[:n],
+                                 runner.seq_lens[:n], runner.qsl[:n + 1], n, impl.scale)
+        torch.testing.assert_close(runner.outputs[:n], want, atol=TOL[torch.float32],
+                                   rtol=TOL[torch.float32])
+        assert (runner.outputs[n:] == -7.0).all()
+
+
+def test_a_step_with_prefills_is_never_captured(configs):
+    builder, _ = _backend(configs(8, 2, 128), torch.float32)
+    runner = _Runner(3, 8, 2, 128)
+    _, cam = runner.step([5, 9, 1])
+    cam.query_start_loc_cpu = torch.tensor([0, 1, 2, 12], dtype=torch.int32)
+    with pytest.raises(ValueError, match="decode-only steps in full CUDA graphs"):
+        builder.build_for_cudagraph_capture(cam)
+
+
+def test_microbatching_is_refused(configs, monkeypatch):
+    from vllm.config import ParallelConfig
+
+    monkeypatch.setattr(ParallelConfig, "use_ubatching", property(lambda self: True))
+    with pytest.raises(ValueError, match="does not run with microbatching"):
+        _backend(configs(8, 2, 128), torch.float32)
 
 
 def _reasons(monkeypatch, **config):
@@ -235,8 +357,8 @@ def test_vllm_finds_it_valid_on_cuda_with_and_without_kvp(monkeypatch):
     ({"has_sink": True}, "attention sinks (not supported)"),
     ({"has_sliding_window": True}, "sliding windows (not supported)"),
     ({"use_pcp": True}, "prefill context parallelism (not supported)"),
-    ({"kv_cache_dtype": "float16"}, "KV cache dtype float16 with a bfloat16 model (supported: "
-                                    "the model's own dtype, or auto)"),
+    ({"kv_cache_dtype": "float16"}, ("KV cache dtype float16 with a bfloat16 model (supported: "
+                                     "the model's own dtype, or auto)")),
     ({"attn_type": "encoder_only"}, "encoder_only attention (supported: decoder)"),
 ])
 def test_vllm_is_told_what_it_cannot_run_and_what_it_can(monkeypatch, config, says):
@@ -307,8 +429,8 @@ def test_kvp_ranks_merged_by_vllms_collective_are_exact(tmp_path, monkeypatch, i
     from vllm.distributed import parallel_state
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    from vllm_ext.tools.driver import engine_config
     from vllm_ext.kernels.kvp import slot_mapping
+    from vllm_ext.tools.driver import engine_config
     from vllm_ext.tools.models import make_shape
 
     _interpretable_dcp_kernel(monkeypatch)
@@ -359,7 +481,7 @@ def test_kvp_ranks_merged_by_vllms_collective_are_exact(tmp_path, monkeypatch, i
             out = torch.full_like(mine, float("nan"))
             impl.forward(layer, mine, None, None, cache, md, out)
             outs[rank] = out
-        except BaseException as e:  # reported below, from the test's thread
+        except BaseException as e:  # noqa: BLE001 (reported below, from the test's thread)
             errors.append(e)
             group.barrier.abort()
         finally:

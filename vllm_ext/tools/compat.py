@@ -31,7 +31,8 @@ def _cuda_cells(line: str, runners: str) -> tuple[str, str, str, str]:
         f"{_classes(line)}: the real Scheduler and AsyncScheduler, stepped by a driver "
         f"(property tests on both loops, no model); no served engine on the async loop yet",
         f"CPU tensors, Triton interpreter, {_classes(line)} (the CUDA backend's metadata "
-        f"builder and vLLM's KV writer); kernel {COMPILED}; {GPU_OWED}",
+        f"builder, vLLM's KV writer, a decode graph's replay as relaunches over the "
+        f"captured tensors); kernel {COMPILED}; {GPU_OWED}",
         f"CPU tensors, Triton interpreter, two DCP ranks as threads, merged by vLLM {line}'s "
         f"cp_lse_ag_out_rs in process; kernel {COMPILED}; {GPU_OWED}",
         f"CPU tensors, {_classes(line)} (the {runners} runners' own KV allocation reaches the "

@@ -83,13 +83,21 @@ class PodMetadataBuilder(CPUAttentionMetadataBuilder):
 
             patch("cpu_custom_attn").reached()
             patch("pod_cpu_internals").reached()  # the CPU classes this backend extends
-        self._plan = None
+        self._plan = self.workspace = None
         if pod_impl(vllm_config) == "triton":
             import functools
 
             pod = _triton_kernels()
             tile = pod.tile_for(kv_cache_spec.head_size, vllm_config.model_config.dtype)
-            self._plan = functools.partial(pod.plan, block_m=tile.block_m)
+            # One workspace for every launch of this builder's layers, sized for the
+            # engine's largest step, as on CUDA (vllm_ext.engine.pod.cuda).
+            sched = vllm_config.scheduler_config
+            self.workspace = pod.Workspace.for_batches(
+                device, max_seqs=sched.max_num_seqs, max_tokens=sched.max_num_batched_tokens,
+                num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                head_dim=kv_cache_spec.head_size, block_m=tile.block_m)
+            self._plan = functools.partial(pod.plan, block_m=tile.block_m,
+                                           workspace=self.workspace)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -98,6 +106,7 @@ class PodMetadataBuilder(CPUAttentionMetadataBuilder):
         md.pod_plan = (self._plan(md.query_start_loc, md.seq_lens, md.num_decode_tokens,
                                   self.num_heads, self.num_kv_heads)
                        if self._plan is not None else None)
+        md.pod_workspace = self.workspace
         return md
 
 
@@ -160,7 +169,8 @@ class PodAttentionImpl(CPUAttentionBackendImpl):
         self.kernel(query[:n].reshape(n, self.num_heads, self.head_size), key_cache, value_cache,
                     attn_metadata.block_table, attn_metadata.seq_lens,
                     attn_metadata.query_start_loc, attn_metadata.num_decode_tokens, self.scale,
-                    out=out, **({"pod_plan": attn_metadata.pod_plan}
+                    out=out, **({"pod_plan": attn_metadata.pod_plan,
+                                 "workspace": attn_metadata.pod_workspace}
                                 if attn_metadata.pod_plan is not None else {}))
         return output
 

@@ -7,7 +7,7 @@ of the last dimension) and is written by vLLM's own writer (TritonAttentionImpl'
 strided views in one POD launch per layer.
 
 The step's plan (prefill tiles, decode splits, the prefill:decode ticket ratio) is made
-once per step by the metadata builder from the host copies of the batch's metadata,
+once per step by the metadata builder from the host copy of the batch's query_start_loc,
 so no layer waits on the device. Decodes come first under both model runners: V1
 honours `reorder_batch_threshold = 1`, V2 always sorts them first. A batch that is not
 ordered so is still exact: only its leading one-token requests run as decode tiles.
@@ -21,10 +21,15 @@ the sequence, so causality is exact; a query that sees none of the share gets LS
 output rescaled, then reduce-scattered over heads) leaves each rank its heads' exact
 result.
 
-CUDA graphs: the plan's tile counts and decode splits change with every batch, so a
-full-graph capture would replay a stale plan; the builder declares NEVER and vLLM keeps
-attention out of its piecewise graphs (POD's batches, prefills and decodes together,
-are the ones full graphs never cover anyway).
+CUDA graphs: UNIFORM_SINGLE_TOKEN_DECODE. vLLM captures full graphs of decode-only steps,
+one per batch size, and replays them for every decode step it pads to a captured size;
+steps with prefills run attention eagerly between piecewise graphs. A decode step's launch
+is the same for every batch of one padded size (`kernels.pod`: its split count depends on
+the size alone; each request's context and span are read from device memory; padding
+requests, with no query token, do nothing), and it reads only vLLM's persistent metadata
+buffers and the builder's Workspace, allocated once at construction for the engine's
+largest batch and written in place: the prefill work list through one pinned staging
+buffer. `--pod-impl torch` reads the batch on the host, so it declares NEVER.
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ from typing import Any, ClassVar
 
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder
-from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
+from vllm.v1.attention.backends.triton_attn import (
+    TritonAttentionBackend,
+    TritonAttentionImpl,
+)
 
 from vllm_ext.engine.pod.support import DTYPES, check_layer, impl, refusal, unsupported
 from vllm_ext.kernels import reference
@@ -55,6 +63,7 @@ class PodCudaMetadata:
     slot_mapping: torch.Tensor
     num_decodes: int  # the leading one-token requests
     plan: Any = None  # kernels.pod.PodPlan (--pod-impl triton)
+    workspace: Any = None  # kernels.pod.Workspace, the builder's (--pod-impl triton)
 
 
 class PodCudaBackend(TritonAttentionBackend):
@@ -137,24 +146,54 @@ class PodCudaBackend(TritonAttentionBackend):
 
 
 class PodCudaMetadataBuilder(AttentionMetadataBuilder[PodCudaMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    _cudagraph_support: ClassVar[AttentionCGSupport] = (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
     reorder_batch_threshold: int | None = 1
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        if impl(vllm_config, IMPL_DEFAULT) != "triton":
+            return AttentionCGSupport.NEVER  # the reference reads the batch on the host
+        return cls._cudagraph_support
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        from vllm_ext.patches import patch
+
+        patch("pod_cuda_internals").reached()  # the vLLM classes this backend builds on
         model, parallel = vllm_config.model_config, vllm_config.parallel_config
         # With KVP a rank attends every head of its DCP group.
         self.num_heads = (model.get_num_attention_heads(parallel)
                           * parallel.decode_context_parallel_size)
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         self.device = torch.device(device)
-        self._plan = None
+        self._plan = self.workspace = None
         if impl(vllm_config, IMPL_DEFAULT) == "triton":
-            from vllm_ext.kernels import pod
+            self._plan, self.workspace = self._planner(kv_cache_spec, vllm_config)
 
-            tile = pod.tile_for(kv_cache_spec.head_size, kv_cache_spec.dtype,
-                                sharded=parallel.decode_context_parallel_size > 1)
-            self._plan = functools.partial(pod.plan, block_m=tile.block_m, device=self.device)
+    def _planner(self, kv_cache_spec, vllm_config):
+        """The step's planner and the Workspace every launch of this builder's layers
+        uses, sized for the engine's largest step (its batch limits, and any captured
+        graph's size) so that it never grows while serving."""
+        from vllm_ext.kernels import pod
+
+        parallel = vllm_config.parallel_config
+        if parallel.use_ubatching:
+            # Microbatches run their layers' launches on two streams at once, and build
+            # their metadata one after the other: one workspace cannot serve both.
+            raise ValueError("--attn pod does not run with microbatching (--enable-dbo, "
+                             "--ubatch-size): run without it, or with --attn vllm")
+        tile = pod.tile_for(kv_cache_spec.head_size, kv_cache_spec.dtype,
+                            sharded=parallel.decode_context_parallel_size > 1)
+        sched = vllm_config.scheduler_config
+        graphs = vllm_config.compilation_config.max_cudagraph_capture_size or 0
+        workspace = pod.Workspace.for_batches(
+            self.device, max_seqs=max(sched.max_num_seqs, graphs),
+            max_tokens=max(sched.max_num_batched_tokens, graphs), num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, head_dim=kv_cache_spec.head_size,
+            block_m=tile.block_m)
+        return functools.partial(pod.plan, block_m=tile.block_m, device=self.device,
+                                 workspace=workspace), workspace
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False
               ) -> PodCudaMetadata:
@@ -163,18 +202,25 @@ class PodCudaMetadataBuilder(AttentionMetadataBuilder[PodCudaMetadata]):
         num_decodes = leading_decodes(qsl)  # host memory: no device sync
         plan = None
         if self._plan is not None:
-            # Host-side context lengths; an upper bound is enough, they only size the
-            # decode splits.
-            seq_lens = cam.seq_lens_cpu_upper_bound
-            if seq_lens is None:
-                seq_lens = torch.full((cam.num_reqs,), cam.max_seq_len, dtype=torch.int32)
-            plan = self._plan(qsl, seq_lens[:cam.num_reqs], num_decodes, self.num_heads,
-                              self.num_kv_heads)
+            # Of the device's seq_lens the plan reads only their count (the kernel reads
+            # their values), so planning never waits on the device.
+            plan = self._plan(qsl, cam.seq_lens, num_decodes, self.num_heads, self.num_kv_heads)
         return PodCudaMetadata(
             num_actual_tokens=cam.num_actual_tokens, max_query_len=cam.max_query_len,
             max_seq_len=cam.max_seq_len, query_start_loc=cam.query_start_loc,
             seq_lens=cam.seq_lens, block_table=cam.block_table_tensor,
-            slot_mapping=cam.slot_mapping, num_decodes=num_decodes, plan=plan)
+            slot_mapping=cam.slot_mapping, num_decodes=num_decodes, plan=plan,
+            workspace=self.workspace)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata) -> PodCudaMetadata:
+        """vLLM captures full graphs of decode-only steps alone (the support declared). A
+        graph of a step with prefill tiles would replay their count and work list for
+        steps that have others: refused."""
+        md = self.build(0, common_attn_metadata)
+        if md.plan is not None and md.plan.num_prefill_tiles:
+            raise ValueError(f"--attn pod captures decode-only steps in full CUDA graphs; this "
+                             f"step has {md.plan.num_prefill_tiles} prefill tiles")
+        return md
 
 
 class PodCudaImpl(TritonAttentionImpl):
@@ -220,9 +266,10 @@ class PodCudaImpl(TritonAttentionImpl):
         if self.dcp_world_size > 1:
             out.copy_(self._forward_kvp(query, key_cache, value_cache, md))
             return output
-        plan = {"pod_plan": md.plan} if md.plan is not None else {}
+        launch = ({"pod_plan": md.plan, "workspace": md.workspace} if md.plan is not None
+                  else {})
         self.kernel(query, key_cache, value_cache, md.block_table, md.seq_lens,
-                    md.query_start_loc, md.num_decodes, self.scale, out=out, **plan)
+                    md.query_start_loc, md.num_decodes, self.scale, out=out, **launch)
         return output
 
     def _forward_kvp(self, query, key_cache, value_cache, md) -> torch.Tensor:
@@ -236,7 +283,8 @@ class PodCudaImpl(TritonAttentionImpl):
         if self.triton:
             part, lse = self.kernel(every_head, key_cache, value_cache, md.block_table,
                                     md.seq_lens, md.query_start_loc, md.num_decodes, self.scale,
-                                    return_lse=True, pod_plan=md.plan, kv_shard=shard)
+                                    return_lse=True, pod_plan=md.plan, kv_shard=shard,
+                                    workspace=md.workspace)
         else:
             from vllm_ext.kernels.kvp import shard_attention
 
