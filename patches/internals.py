@@ -66,6 +66,13 @@ class SchedulerInternals(Reliance):
 
 
 _CPU_ATTN = "vllm.v1.attention.backends.cpu_attn"
+# How vLLM constructs and calls an attention implementation (POD's subclass one on each
+# platform and pass these through).
+_IMPL_INIT = ("self", "num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes",
+              "sliding_window", "kv_cache_dtype", "logits_soft_cap", "attn_type",
+              "kv_sharing_target_layer_name", "sinks")
+_IMPL_FORWARD = ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
+                 "output_scale", "output_block_scale")
 
 
 class PodCpuInternals(Reliance):
@@ -84,16 +91,11 @@ class PodCpuInternals(Reliance):
         Target(f"{_CPU_ATTN}:CPUAttentionMetadata", attrs=(
             "num_actual_tokens", "query_start_loc", "seq_lens", "block_table",
             "num_decode_tokens")),
-        Target(f"{_CPU_ATTN}:CPUAttentionBackendImpl.__init__", (
-            "self", "num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes",
-            "sliding_window", "kv_cache_dtype", "logits_soft_cap", "attn_type",
-            "kv_sharing_target_layer_name", "sinks")),
+        Target(f"{_CPU_ATTN}:CPUAttentionBackendImpl.__init__", _IMPL_INIT),
         # Overridden: POD writes the rows of vLLM's CPU KV layout itself.
         Target(f"{_CPU_ATTN}:CPUAttentionBackendImpl.do_kv_cache_update",
                ("self", "layer", "key", "value", "kv_cache", "slot_mapping")),
-        Target(f"{_CPU_ATTN}:CPUAttentionBackendImpl.forward", (
-            "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
-            "output_scale", "output_block_scale")),
+        Target(f"{_CPU_ATTN}:CPUAttentionBackendImpl.forward", _IMPL_FORWARD),
         Target(f"{_CPU_ATTN}:CPUAttentionBackendImpl", attrs=(
             "num_heads", "head_size", "scale", "dcp_world_size", "dcp_rank")),
         Target("vllm.distributed.parallel_state:get_dcp_group"),
@@ -131,13 +133,8 @@ class PodCudaInternals(Reliance):
             "head_size", "dtype", "kv_cache_dtype", "block_size", "use_mla", "has_sink",
             "use_sparse", "use_mm_prefix", "use_per_head_quant_scales", "device_capability",
             "attn_type", "...")),
-        Target(f"{_TRITON_ATTN}:TritonAttentionImpl.__init__", (
-            "self", "num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes",
-            "sliding_window", "kv_cache_dtype", "logits_soft_cap", "attn_type",
-            "kv_sharing_target_layer_name", "sinks", "...")),
-        Target(f"{_TRITON_ATTN}:TritonAttentionImpl.forward", (
-            "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
-            "output_scale", "output_block_scale")),
+        Target(f"{_TRITON_ATTN}:TritonAttentionImpl.__init__", (*_IMPL_INIT, "...")),
+        Target(f"{_TRITON_ATTN}:TritonAttentionImpl.forward", _IMPL_FORWARD),
         Target(f"{_TRITON_ATTN}:TritonAttentionImpl", attrs=(
             "do_kv_cache_update", "num_heads", "head_size", "scale", "dcp_world_size",
             "dcp_rank")),
