@@ -30,7 +30,7 @@ import functools
 import importlib
 import inspect
 import os
-import textwrap
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +111,7 @@ class Target:
     def _check_class(self, cls: Any) -> None:
         if not inspect.isclass(cls):
             raise PatchError(f"{self.path} is not a class in this vLLM")
-        missing = [a for a in self.attrs if a not in instance_attributes(cls)]
+        missing = missing_attributes(cls, self.attrs)
         if missing:
             raise PatchError(f"{self.path} has no attribute {', '.join(missing)} in this vLLM")
         if self.methods is not None:
@@ -132,37 +132,57 @@ def own_methods(cls: type) -> set[str]:
             if inspect.isfunction(value) or isinstance(value, kinds)}
 
 
-@functools.cache
-def instance_attributes(cls: type) -> frozenset[str]:
-    """Every attribute an instance of `cls` has by its class's definition: class
-    attributes, properties, dataclass and msgspec fields, annotations, and the names its
-    methods (those of its bases included) assign to `self`."""
-    names: set[str] = set(dir(cls))
+def missing_attributes(cls: type, names: tuple[str, ...]) -> list[str]:
+    """Those of `names` an instance of `cls` does not have by its class's definition:
+    not a class attribute, property, dataclass or msgspec field or annotation, nor a
+    name a method of the class or its bases assigns to `self`. Sources are read only for
+    names the class itself does not list, and only until all are found: every vLLM
+    process checks these when the plugin loads."""
+    listed = set(dir(cls)).union(getattr(cls, "__struct_fields__", ()))
     if dataclasses.is_dataclass(cls):
-        names.update(f.name for f in dataclasses.fields(cls))
-    names.update(getattr(cls, "__struct_fields__", ()))
+        listed.update(f.name for f in dataclasses.fields(cls))
     for klass in cls.__mro__:
-        names.update(getattr(klass, "__annotations__", {}))
+        listed.update(getattr(klass, "__annotations__", {}))
+    wanted = [n for n in names if n not in listed]
+    for klass in cls.__mro__:
+        if not wanted:
+            break
         if klass.__module__ != "builtins":
-            names.update(_assigned_to_self(klass))
-    return frozenset(names)
+            assigned = _assigned_to_self(klass)
+            wanted = [n for n in wanted if n not in assigned]
+    return wanted
 
 
-def _assigned_to_self(klass: type) -> set[str]:
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-    except (OSError, TypeError, SyntaxError):  # no source (a C type): its dir() is all
-        return set()
+@functools.cache
+def _assigned_to_self(klass: type) -> frozenset[str]:
+    """The names a class's own methods assign to `self`, from its module's source."""
+    tree = _module_tree(klass.__module__)
+    node = tree
+    for part in klass.__qualname__.split("."):
+        node = next((n for n in getattr(node, "body", ()) if isinstance(n, ast.ClassDef)
+                     and n.name == part), None)
+        if node is None:  # no source (a C type), or a class made at run time: dir() is all
+            return frozenset()
     found = set()
-    for node in ast.walk(tree):
-        targets = (node.targets if isinstance(node, ast.Assign) else
-                   [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else [])
+    for sub in ast.walk(node):
+        targets = (sub.targets if isinstance(sub, ast.Assign) else
+                   [sub.target] if isinstance(sub, (ast.AnnAssign, ast.AugAssign)) else [])
         for target in targets:
             for leaf in ast.walk(target):
                 if isinstance(leaf, ast.Attribute) and isinstance(leaf.value, ast.Name) \
                         and leaf.value.id == "self":
                     found.add(leaf.attr)
-    return found
+    return frozenset(found)
+
+
+@functools.cache
+def _module_tree(module_name: str) -> ast.Module:
+    """A module's syntax tree, parsed once for all its classes (an empty one without
+    source)."""
+    try:
+        return ast.parse(inspect.getsource(sys.modules[module_name]))
+    except (KeyError, OSError, TypeError, SyntaxError):
+        return ast.Module(body=[], type_ignores=[])
 
 
 class Patch:
