@@ -135,10 +135,11 @@ class CudaBackend:
         return True
 
     def _physical(self, nbytes: int):
-        for i, (handle, size) in enumerate(self._spare):
-            if size == nbytes:
-                del self._spare[i]
-                return handle
+        # From the end: with every page provisioned (tens of thousands kept), taking
+        # from the front would shift the whole list on each map.
+        for i in range(len(self._spare) - 1, -1, -1):
+            if self._spare[i][1] == nbytes:
+                return self._spare.pop(i)[0]
         try:
             return self._call("cuMemCreate", self._cu.cuMemCreate, nbytes, self._prop, 0)
         except PhysicalMemoryError:
