@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_ext.ab.metron import Timeline, percentile, pooled_gaps
+from vllm_ext.machine import cpu_model
 
 ARMS = {
     "vllm": {"scheduler": "vllm"},
@@ -146,9 +147,7 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                if l.startswith("model name")), platform.processor())
-    return f"{os.cpu_count()} cores, {cpu}"
+    return f"{os.cpu_count()} cores, {cpu_model() or platform.processor()}"
 
 
 def main() -> None:

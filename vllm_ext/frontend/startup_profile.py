@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vllm_ext._version import __version__
+from vllm_ext.machine import cpu_model
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +128,7 @@ def device_identity() -> dict[str, str]:
     if current_platform.device_type == "cuda":
         found["driver"] = _nvidia_driver()
     elif current_platform.device_type == "cpu":
-        found["device"] = _cpu_model() or found["device"]
+        found["device"] = cpu_model() or platform.processor() or found["device"]
     return found
 
 
@@ -150,17 +151,6 @@ def _nvidia_driver() -> str:
     except Exception as e:  # noqa: BLE001 - no NVML: the key says so
         return f"unknown ({type(e).__name__})"
     return version.decode() if isinstance(version, bytes) else str(version)
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def vllm_version() -> str:
