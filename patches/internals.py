@@ -2,7 +2,8 @@
 
 A scheduler class is vLLM's supported hook (`scheduler_cls`), but what the policies do
 inside it touches vLLM's own state: they set a request's decode-eligibility step to sit
-a prefill out, rewrite the step's token budget, and reorder the waiting queue in place.
+a prefill (or, for a stricter SLO class, a decode) out, read its sampling parameters'
+`extra_args` (the request's `vllm_xargs`), rewrite the step's token budget, and reorder the waiting queue in place.
 An attention backend is a supported hook too, but POD's CPU backend subclasses vLLM's
 CPU classes and overrides their KV writer. None of that is API. Declared here, a vLLM
 that renamed or reshaped any of it refuses the component by name (`vllm-ext doctor` shows
@@ -45,7 +46,9 @@ class SchedulerInternals(Reliance):
             "request_id", "arrival_time", "status", "num_prompt_tokens", "num_tokens",
             "num_output_tokens", "num_output_placeholders", "num_computed_tokens",
             "is_prefill_chunk", "max_tokens", "num_preemptions", "next_decode_eligible_step",
-            "block_hashes")),
+            "block_hashes", "sampling_params", "is_finished")),
+        # A request's vllm_xargs, where per-request SLOs travel (vllm_ext.schedulers.slo).
+        Target("vllm.sampling_params:SamplingParams", attrs=("extra_args",)),
         Target(f"{_SCHED}.output:SchedulerOutput", attrs=(
             "num_scheduled_tokens", "total_num_scheduled_tokens", "preempted_req_ids")),
         # Called with the request alone (0.33 added an optional cap on the hit).

@@ -1,9 +1,11 @@
 """Deadline-aware prefill order on Sarathi's stall-free steps (Mnemosyne's scheduler).
 
 Every request has a first-token deadline, Metron's: arrival + TTFT SLO + an allowance
-per prompt token (so a long document is owed its first token later than a chat turn),
-and a slack: the deadline less now less the predicted time of the prompt tokens still
-to compute (from the step-time model when one is given, else the allowance per token).
+per prompt token (so a long document is owed its first token later than a chat turn);
+the TTFT SLO is the request's own where it states one (`vllm_ext.schedulers.slo`: its
+values, or its class's), else the server's. Its slack is the deadline less now less the
+predicted time of the prompt tokens still to compute (from the step-time model when one
+is given, else the allowance per token).
 Every step still serves every running decode first (Sarathi's stall-free rule); the
 rest of the token budget goes to prefills, partial and new alike, in this order:
 
@@ -28,7 +30,9 @@ request leaves group 2 for 3 when it falls behind, and 3 for 1 when it is overdu
 does not come back, so the order does not flap.
 
 No request starves: a late request is passed over only until it is overdue; from then on
-only overdue requests that arrived before it go first. When every deadline can still be
+only overdue requests that arrived before it go first. With per-request SLOs a decode of a
+looser class may also give its slot to a stricter class's prefill that is due, within
+its own next-token deadline and a bound of steps (`vllm_ext.schedulers.decode_deadlines`). When every deadline can still be
 met and all deadlines are arrival + the same offset (no allowance), the order is first
 come first served. Preemption takes victims from the end of the same order.
 """
@@ -40,6 +44,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from vllm_ext.schedulers.request import ReqState
+from vllm_ext.schedulers.slo import SLO, request_slo
 
 # Defaults, stated: a chat first token within 2 s of arrival (Metron's interactive
 # SLO scale), plus 1 ms per prompt token, roughly a 7B model's prefill rate on one
@@ -51,6 +56,10 @@ DEFAULT_PREFILL_MS_PER_TOKEN = 1.0
 # among late requests to work through a burst, short enough that a document passed
 # over waits a bounded, stated time.
 OVERDUE_SLOS = 8.0
+# A decode of a looser class gives its slot to a stricter class's prefill for at most
+# this many steps in a row (each within its own TBT deadline): its reader sees at most
+# one gap of this many steps, however long its slack.
+DEFAULT_MAX_DEFER_STEPS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +68,17 @@ class MnemosyneConfig:
 
     ttft_slo_s: float = DEFAULT_TTFT_SLO_S
     prefill_ms_per_token: float = DEFAULT_PREFILL_MS_PER_TOKEN
-    starvation_s: float | None = None  # None: OVERDUE_SLOS x ttft_slo_s
+    starvation_s: float | None = None  # None: OVERDUE_SLOS x each request's TTFT SLO
+    # Each later token's deadline for requests that set none (None: no TBT deadline).
+    tbt_slo_s: float | None = None
+    # The operator's named classes (--mnemosyne-slo-class), in the order given.
+    classes: tuple[tuple[str, SLO], ...] = ()
+    max_defer_steps: int = DEFAULT_MAX_DEFER_STEPS
 
     def __post_init__(self) -> None:
+        if not self.max_defer_steps >= 0:
+            raise ValueError(f"--mnemosyne-max-defer-steps must be >= 0, got "
+                             f"{self.max_defer_steps}")
         if self.starvation_s is not None and not self.starvation_s >= 0:
             raise ValueError(f"--mnemosyne-starvation-s must be >= 0, got {self.starvation_s}")
         if not self.ttft_slo_s > 0:
@@ -69,11 +86,6 @@ class MnemosyneConfig:
         if not self.prefill_ms_per_token >= 0:
             raise ValueError(f"--mnemosyne-prefill-ms-per-token must be >= 0, got "
                              f"{self.prefill_ms_per_token}")
-
-    @property
-    def overdue_s(self) -> float:
-        """How far past its deadline a request may be passed over (the starvation bound)."""
-        return OVERDUE_SLOS * self.ttft_slo_s if self.starvation_s is None else self.starvation_s
 
 
 class MnemosynePolicy:
@@ -84,10 +96,29 @@ class MnemosynePolicy:
                  remaining_s: Callable[[ReqState], float] | None = None) -> None:
         self.config = config
         self._remaining = remaining_s
+        self._classes = dict(config.classes)
+
+    def request_slo(self, extra_args) -> tuple[str, SLO]:
+        """The class a request is counted under and its deadlines, the server's defaults
+        where it set none (raises SLOError naming a bad field)."""
+        c = self.config
+        name, own = request_slo(extra_args, self._classes)
+        return name, own.over(SLO(c.ttft_slo_s, c.tbt_slo_s))
+
+    def ttft_slo_s(self, req: ReqState) -> float:
+        slo = req.slo
+        return self.config.ttft_slo_s if slo is None or slo.ttft_s is None else slo.ttft_s
 
     def deadline(self, req: ReqState) -> float:
         c = self.config
-        return req.arrival + c.ttft_slo_s + req.num_prompt_tokens * c.prefill_ms_per_token / 1e3
+        return req.arrival + self.ttft_slo_s(req) \
+            + req.num_prompt_tokens * c.prefill_ms_per_token / 1e3
+
+    def overdue_s(self, req: ReqState) -> float:
+        """How far past its deadline `req` may be passed over (the starvation bound): the
+        operator's, else OVERDUE_SLOS of the request's own TTFT SLO."""
+        starvation = self.config.starvation_s
+        return OVERDUE_SLOS * self.ttft_slo_s(req) if starvation is None else starvation
 
     def remaining_s(self, req: ReqState) -> float:
         left = max(0, req.num_prompt_tokens - req.num_computed)
@@ -101,7 +132,7 @@ class MnemosynePolicy:
         return self.deadline(req) - now - self.remaining_s(req)
 
     def overdue(self, req: ReqState, now: float) -> bool:
-        return now - self.deadline(req) > self.config.overdue_s
+        return now - self.deadline(req) > self.overdue_s(req)
 
     def order_key(self, req: ReqState, now: float) -> tuple:
         """Decodes first, in arrival order; then prefills by group (module docstring),
@@ -119,7 +150,7 @@ class MnemosynePolicy:
         if self.overdue(req, now):
             return (1, req.arrival, 0.0, req.req_id), math.inf
         deadline, remaining = self.deadline(req), self.remaining_s(req)
-        overdue_after = deadline + self.config.overdue_s
+        overdue_after = deadline + self.overdue_s(req)
         if deadline - now - remaining >= 0:  # slack >= 0
             return (2, deadline, req.arrival, req.req_id), \
                 min(deadline - remaining, overdue_after)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_ext.schedulers.slo import SLO
+
 
 @dataclass(frozen=True, slots=True)
 class ReqState:
@@ -19,6 +21,8 @@ class ReqState:
     num_prompt_tokens: int
     num_tokens: int
     num_computed: int
+    # The request's own deadlines (a deadline-aware policy's defaults where None).
+    slo: SLO | None = None
 
     @property
     def is_decode(self) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 _MAGIC = 0x5645_5854_5354_4550  # "VEXTSTEP"
-_VERSION = 4
+_VERSION = 5
 _HEADER = struct.Struct("<QQQQ")  # magic, version, ring capacity, steps written
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -56,12 +56,16 @@ class StepRecord:
     min_slack_s: float = 0.0
     first_tokens: int = 0
     deadline_misses: int = 0
+    # Running decodes that gave their slot to a stricter class's prefill this step
+    # (Mnemosyne with per-request SLOs).
+    decodes_deferred: int = 0
 
 
 _FIELDS = tuple(f.name for f in fields(StepRecord))
 _NF = len(_FIELDS)
 _TOTALS = ("decode_tokens", "prefill_tokens", "prefill_reqs", "partial_prefills", "preempted",
-           "wall_s", "predicted_s", "pipelined_chunks", "first_tokens", "deadline_misses")
+           "wall_s", "predicted_s", "pipelined_chunks", "first_tokens", "deadline_misses",
+           "decodes_deferred")
 # An append runs every engine step: fields read and written as whole structs.
 _RECORD, _RECORD_VALUES = struct.Struct(f"<{_NF}d"), operator.attrgetter(*_FIELDS)
 _SUMS, _TOTAL_VALUES = struct.Struct(f"<{len(_TOTALS)}d"), operator.attrgetter(*_TOTALS)

@@ -129,11 +129,14 @@ def run_engine(engine_host, tmp_path_factory):
     return run
 
 
-# The one `vllm serve` of the session, shared by the serve, vattention-serve and A/B
-# tests: Sarathi with a small budget (prompts get chunked) over a vattention KV cache
-# with no look-ahead and no kept pages (mapped memory is exactly the live pages).
+# The one `vllm serve` of the session, shared by the serve, SLO, vattention-serve and A/B
+# tests: Mnemosyne (Sarathi's steps, prefills in deadline order) with a small budget
+# (prompts get chunked) and two SLO classes, over a vattention KV cache with no
+# look-ahead and no kept pages (mapped memory is exactly the live pages).
 SHARED_SERVE_ARGS = (*CPU_SERVE_ARGS, "--max-model-len", "1024", "--block-size", "32",
-                     "--scheduler", "sarathi", "--sarathi-token-budget", "64",
+                     "--scheduler", "mnemosyne", "--mnemosyne-token-budget", "64",
+                     "--mnemosyne-slo-class", "chat=ttft:60s,tbt:10s",
+                     "--mnemosyne-slo-class", "batch=ttft:120s",
                      "--kv-allocator", "vattention", "--vattention-page-size", "16KiB",
                      "--vattention-premap", "0", "--vattention-watermark", "0")
 

@@ -23,7 +23,8 @@ def ab_run(tiny_model, tmp_path_factory, shared_server):
     out = tmp_path_factory.mktemp("ab") / "report"
     dead = f"http://127.0.0.1:{free_port()}"
     serve = " ".join([*CPU_SERVE_ARGS, "--max-model-len", "1024"])
-    # The sarathi arm is the session's running server (Sarathi, budget 64, over vattention):
+    # The sarathi arm is the session's running server (Mnemosyne: Sarathi's steps with
+    # prefills in deadline order, budget 64, over vattention):
     # the harness measures an endpoint the same way as a server it starts.
     cmd = [sys.executable, "-m", "vllm_ext", "bench", "ab", "--model", str(tiny_model),
            "--serve-args", serve,

@@ -73,6 +73,29 @@ def test_mnemosyne_folds_deadlines_and_sarathi_options_into_engine_arguments(ser
         "prefill_ms_per_token": 1.0, "starvation_s": 3.0}}}
 
 
+SLO_INTAKE = "vllm_ext.frontend.slo_middleware.SLOIntake"
+
+
+def test_mnemosyne_slo_classes_fold_and_bring_the_servers_slo_intake(serve_parser):
+    ns, engine_args = serve_parser("--scheduler", "mnemosyne",
+                                   "--mnemosyne-slo-class", "interactive=ttft:500ms,tbt:100ms",
+                                   "--mnemosyne-slo-class", "batch=ttft:30s",
+                                   "--mnemosyne-max-defer-steps", "0")
+    record = engine_args.additional_config["vllm_ext"]["scheduler"]
+    assert record["slo_classes"] == {"interactive": {"ttft_ms": 500.0, "tbt_ms": 100.0},
+                                     "batch": {"ttft_ms": 30000.0}}
+    assert record["max_defer_steps"] == 0
+    assert ns.middleware == [SLO_INTAKE]
+
+
+def test_the_slo_intake_is_added_once_after_the_operators_middleware(serve_parser):
+    ns, _ = serve_parser("--scheduler", "mnemosyne", "--middleware", "my.Mw",
+                         "--middleware", SLO_INTAKE)
+    assert ns.middleware == ["my.Mw", SLO_INTAKE]
+    ns, _ = serve_parser("--scheduler", "sarathi")
+    assert ns.middleware == []  # and the parser's default list was not changed in place
+
+
 def test_prefill_first_turns_chunking_off(serve_parser):
     _, engine_args = serve_parser("--scheduler", "prefill-first")
     assert engine_args.scheduler_cls == "vllm_ext.engine.scheduling.PrefillFirstScheduler"
@@ -144,9 +167,18 @@ def test_vattention_sizes_are_checked_by_the_parser(serve_parser, capsys):
     (["--scheduler", "mnemosyne", "--mnemosyne-token-budget", "64",
       "--max-num-batched-tokens", "128"],
      "--mnemosyne-token-budget 64 contradicts --max-num-batched-tokens 128"),
+    (["--scheduler", "mnemosyne", "--mnemosyne-slo-class", "batch=ttft:30"],
+     "--mnemosyne-slo-class batch ttft: expected a duration like 1.5s or 200ms, got '30'"),
+    (["--scheduler", "mnemosyne", "--mnemosyne-slo-class", "batch"],
+     "--mnemosyne-slo-class: 'batch' is not NAME=ttft:DURATION[,tbt:DURATION]"),
+    (["--scheduler", "mnemosyne", "--mnemosyne-max-defer-steps", "-1"],
+     "--mnemosyne-max-defer-steps must be >= 0, got -1"),
+    (["--scheduler", "sarathi", "--mnemosyne-slo-class", "batch=ttft:1s"],
+     "--mnemosyne-slo-class applies to --scheduler mnemosyne, which is not selected"),
 ], ids=["with-scheduler-cls", "option-without-scheduler", "budget-conflict", "bad-admission",
         "prefill-first-chunked", "vattention-premap", "attn-conflict", "mnemosyne-priority",
-        "mnemosyne-slo", "mnemosyne-budget-conflict"])
+        "mnemosyne-slo", "mnemosyne-budget-conflict", "slo-class-duration", "slo-class-form",
+        "max-defer-steps", "slo-class-without-mnemosyne"])
 def test_bad_flags_exit_2_with_one_error_line(serve_parser, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         serve_parser(*args)

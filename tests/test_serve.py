@@ -1,6 +1,7 @@
-"""`vllm serve --scheduler sarathi` end to end: a real server on 127.0.0.1 (the session's
-shared one, which also runs vattention), the openai client streaming several completions
-at once, /metrics, and a bad flag refused before any engine starts."""
+"""`vllm serve` with a vllm-ext scheduler end to end: a real server on 127.0.0.1 (the
+session's shared one: Mnemosyne on Sarathi's steps, over vattention), the openai client
+streaming several completions at once, /metrics, and a bad flag refused before any engine
+starts."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_streams_concurrent_completions_none_lost(server, tiny_model):
     assert results == [(24, "length")] * len(prompts)
 
     log = log_path.read_text()
-    assert "vllm-ext active: scheduler=sarathi(token_budget=64, kv_admission=full)" in log
+    assert "vllm-ext active: scheduler=mnemosyne(token_budget=64, kv_admission=full, " in log
 
 
 def _ext_metrics(base: str) -> dict[str, float]:

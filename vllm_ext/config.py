@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_ext.allocators.settings import VAttentionSettings
-from vllm_ext.schedulers.mnemosyne import (DEFAULT_PREFILL_MS_PER_TOKEN, DEFAULT_TTFT_SLO_S,
-                                           MnemosyneConfig)
+from vllm_ext.schedulers.mnemosyne import (DEFAULT_MAX_DEFER_STEPS, DEFAULT_PREFILL_MS_PER_TOKEN,
+                                           DEFAULT_TTFT_SLO_S, MnemosyneConfig)
 from vllm_ext.schedulers.sarathi import SarathiConfig
+from vllm_ext.schedulers.slo import SLO
 
 CONFIG_KEY = "vllm_ext"  # the key of `additional_config` that holds the record
 KINDS = ("scheduler", "attn", "kv_allocator")
@@ -58,6 +59,9 @@ class MnemosyneSettings:
     ttft_slo_s: float = DEFAULT_TTFT_SLO_S
     prefill_ms_per_token: float = DEFAULT_PREFILL_MS_PER_TOKEN
     starvation_s: float | None = None
+    # --mnemosyne-slo-class, by name: {"ttft_ms": ..., "tbt_ms": ...} (either may be absent).
+    slo_classes: dict | None = None
+    max_defer_steps: int = DEFAULT_MAX_DEFER_STEPS
 
     def __post_init__(self) -> None:
         _ = (self.sarathi, self.deadlines)  # each half checks its own values
@@ -70,7 +74,20 @@ class MnemosyneSettings:
 
     @property
     def deadlines(self) -> MnemosyneConfig:
-        return MnemosyneConfig(self.ttft_slo_s, self.prefill_ms_per_token, self.starvation_s)
+        classes = tuple((name, _slo(name, record))
+                        for name, record in (self.slo_classes or {}).items())
+        tbt = None if self.tbt_slo_ms is None else self.tbt_slo_ms / 1e3
+        return MnemosyneConfig(self.ttft_slo_s, self.prefill_ms_per_token, self.starvation_s,
+                               tbt, classes, self.max_defer_steps)
+
+
+def _slo(name: str, record: Any) -> SLO:
+    if not isinstance(record, Mapping) or not set(record) <= {"ttft_ms", "tbt_ms"} or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            for v in record.values()):
+        raise ValueError(f"slo_classes[{name!r}] must map ttft_ms and/or tbt_ms to positive "
+                         f"numbers, got {record!r}")
+    return SLO.from_record(record)
 
 
 POD_IMPLS = ("torch", "triton")

@@ -34,8 +34,11 @@ from vllm_ext.engine.waiting_order import OrderedWaiting
 from vllm_ext.schedulers import (MnemosynePolicy, PrefillFirstPolicy, ReqState, SarathiConfig,
                                  SarathiPolicy)
 from vllm_ext.schedulers.adaptive import AdaptiveChunking, OnlineCorrection
+from vllm_ext.schedulers.decode_deadlines import DecodeDeadlines
 from vllm_ext.schedulers.latency import LatencyModel, StepShape
 from vllm_ext.schedulers.request import blocks_for, is_decode
+from vllm_ext.schedulers.slo import SLO, SLOError
+from vllm_ext.schedulers.slo_counts import SLOCounts
 from vllm_ext.schedulers.steplog import StepLogWriter, StepRecord
 
 logger = logging.getLogger("vllm_ext")
@@ -445,6 +448,15 @@ class MnemosyneScheduler(SarathiScheduler):
         # The waiting queue's order, kept from step to step (see OrderedWaiting).
         self._order = OrderedWaiting(self._key, self._keys.last, self._keys.holds_until)
         self._running_until = -math.inf
+        # Each request's SLO class and deadlines (its own, its class's, the defaults).
+        self._slo: dict[str, tuple[str, SLO]] = {}
+        self._default_slo = self.deadlines.request_slo(None)
+        self._decode_deadlines = DecodeDeadlines(self.deadlines.config.max_defer_steps)
+        self._slo_counts = SLOCounts(envs.stats_dir())
+        self._recent_steps: collections.deque[float] = collections.deque(maxlen=8)
+        self._deferred = 0  # decodes the step being scheduled defers
+        self._walked: list[tuple[Request, int]] = []
+        self._firsts_in_flight: collections.deque[tuple[str, ...]] = collections.deque()
 
     def sarathi_config(self) -> SarathiConfig:
         # Without a TBT target its step-time model only predicts prefill times.
@@ -462,7 +474,7 @@ class MnemosyneScheduler(SarathiScheduler):
         factor = self.correction.factor if self.adaptive is not None else 1.0
         key = self._keys.get(req, self._now, factor)
         if key is None:
-            state = req_state(req)
+            state = self._state(req)
             key, until = self.deadlines.order_key_until(state, self._now)
             self._keys.put(req, key, state.is_decode, until, factor)
         return key
@@ -492,7 +504,25 @@ class MnemosyneScheduler(SarathiScheduler):
         else:
             self._order.expire(waiting, self._now, lambda req: req.status in _WAITING)
 
+    def _state(self, req: Request) -> ReqState:
+        """`req_state` with the request's own deadlines."""
+        entry = self._slo.get(req.request_id)
+        return ReqState(req.request_id, req.arrival_time, req.num_prompt_tokens, tokens(req),
+                        req.num_computed_tokens, None if entry is None else entry[1])
+
+    def _read_slo(self, request: Request) -> tuple[str, SLO]:
+        params = request.sampling_params
+        try:
+            return self.deadlines.request_slo(params.extra_args if params is not None else None)
+        except SLOError as e:
+            # The API server refuses these with a 400 (vllm_ext.frontend.slo_middleware);
+            # one reaching the engine came another way (the Python API): served on the
+            # defaults rather than failed mid-batch.
+            logger.warning("request %s: %s; served with the default SLO", request.request_id, e)
+            return self._default_slo
+
     def add_request(self, request: Request) -> None:
+        self._slo[request.request_id] = self._read_slo(request)
         super().add_request(request)
         waiting = self.waiting
         # vLLM appended it; placed now, or the next step sorts the queue.
@@ -541,29 +571,129 @@ class MnemosyneScheduler(SarathiScheduler):
     def prefills_in_order(self) -> list[ReqState]:
         return [s for s in super().prefills_in_order() if s.req_id not in self._held]
 
+    def before_schedule(self) -> None:
+        if len(self._slo) > 2 * len(self.requests) + 64:
+            self._forget_finished()
+        super().before_schedule()  # the order, the holds and the budget
+        self._deferred = self._defer_decodes() if len(self._decode_deadlines) else 0
+
+    def _forget_finished(self) -> None:
+        live = self.requests
+        for req_id in [r for r in self._slo if r not in live]:
+            del self._slo[req_id]
+            self._decode_deadlines.forget(req_id)
+
+    def _first_prefill(self) -> Request | None:
+        """The prefill this step serves first: the first partial prefill in the running
+        list that is not held, else the head of the waiting queue when it may be admitted."""
+        step = self.current_step + 1  # schedule() is about to advance current_step
+        for req in self.running:
+            if not decoding(req) and req.request_id not in self._held \
+                    and req.num_computed_tokens < tokens(req) \
+                    and req.next_decode_eligible_step <= step:
+                return req
+        if self.waiting and len(self.running) < self.max_num_active_reqs \
+                and isinstance(self.waiting, collections.deque):
+            return self.waiting[0]
+        return None
+
+    def _defer_decodes(self) -> int:
+        """Give the slots of looser classes' decodes that are ahead of their deadlines to
+        the first prefill, when it is of a stricter class, due, and short of budget (see
+        `vllm_ext.schedulers.decode_deadlines`). Returns how many sat out."""
+        prefill = self._first_prefill()
+        if prefill is None or not self._recent_steps:
+            return 0
+        _, slo = self._slo.get(prefill.request_id, self._default_slo)
+        if slo.tbt_s is None:
+            return 0
+        step = self.current_step + 1
+        decodes = [r for r in self.running if decoding(r) and not last_token_in_flight(r)
+                   and r.next_decode_eligible_step <= step]
+        want = (tokens(prefill) - prefill.num_computed_tokens) - (
+            self.max_num_scheduled_tokens - len(decodes))
+        if want <= 0:
+            return 0
+        # Sitting this step out, a decode's token comes a step later than it would: after
+        # this step and the next (and, on the async loop, the step already in flight).
+        step_s = max(self._recent_steps)
+        chosen = self._decode_deadlines.choose(
+            step, ((r.request_id, r.num_output_placeholders) for r in decodes), slo.tbt_s,
+            self.deadlines.deadline(self._state(prefill)),
+            self._now + (2 + self._ahead) * step_s, want)
+        hold = self.current_step + 2
+        for req_id in chosen:
+            req = self.requests[req_id]
+            req.next_decode_eligible_step = max(req.next_decode_eligible_step, hold)
+            self._slo_counts.add(self._slo[req_id][0], decodes_deferred=1)
+        return len(chosen)
+
+    def step_done(self, rec: StepRecord) -> None:
+        super().step_done(rec)
+        self._recent_steps.append(rec.wall_s)
+
     def _record(self, out: SchedulerOutput, t0: float):
         rec, prefilling = super()._record(out, t0)
         now = self.arrival_clock()  # deadlines are on the arrival clock, not the step timer
-        slacks = [self.deadlines.slack(state_before(self.requests[r], out.num_scheduled_tokens[r],
-                                                    self._ahead), now) for r in prefilling]
-        return (dataclasses.replace(rec, min_slack_s=min(slacks)) if slacks else rec), prefilling
+        slacks = [self.deadlines.slack(dataclasses.replace(
+            state_before(self.requests[r], out.num_scheduled_tokens[r], self._ahead),
+            slo=self._slo.get(r, self._default_slo)[1]), now) for r in prefilling]
+        if slacks:
+            rec = dataclasses.replace(rec, min_slack_s=min(slacks))
+        if self._deferred:
+            rec = dataclasses.replace(rec, decodes_deferred=self._deferred)
+        # The requests whose first token this step samples: its chunk ends the prompt
+        # (on the async loop, read now: by the step's output the next step has advanced
+        # the counts again).
+        requests, scheduled = self.requests, out.num_scheduled_tokens
+        self._firsts_in_flight.append(tuple(
+            r for r in prefilling if (req := requests[r]).num_output_tokens == 0
+            and req.num_computed_tokens >= req.num_prompt_tokens
+            > req.num_computed_tokens - scheduled[r]))
+        return rec, prefilling
 
     def update_from_output(self, scheduler_output, model_runner_output):
         # The requests whose first token this step samples (a request may finish on it
         # and leave `self.requests` during the update): among the step's prefills only,
         # which the oldest step in flight is (not among the batch's hundreds of decodes).
-        prefilling = (self._prefills_in_flight[0]
-                      if scheduler_output.total_num_scheduled_tokens else ())
-        self._first_due = [
-            req_state(req) for r in prefilling
-            if (req := self.requests.get(r)) is not None and req.num_output_tokens == 0
-            and req.num_computed_tokens >= req.num_prompt_tokens]
+        firsts = (self._firsts_in_flight.popleft()
+                  if scheduler_output.total_num_scheduled_tokens else ())
+        self._first_due = [self._state(req) for r in firsts
+                           if (req := self.requests.get(r)) is not None
+                           and req.num_output_tokens == 0]
+        # The decodes with a TBT deadline this step served, and their tokens so far (a
+        # pass over the step's requests only while some request has such a deadline).
+        walks, requests = self._decode_deadlines, self.requests
+        self._walked = [(req, req.num_output_tokens) for r in scheduler_output.num_scheduled_tokens
+                        if r in walks and (req := requests.get(r)) is not None] \
+            if len(walks) else []
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def step_outcome(self, scheduler_output: SchedulerOutput) -> dict:
-        now = self.arrival_clock()
-        missed = sum(self.deadlines.missed_first_token(s, now) for s in self._first_due)
+        now, counts, walks = self.arrival_clock(), self._slo_counts, self._decode_deadlines
+        missed = 0
+        for state in self._first_due:
+            deadline = self.deadlines.deadline(state)
+            late = now > deadline
+            missed += late
+            name, slo = self._slo.get(state.req_id, self._default_slo)
+            counts.add(name, first_met=not late, first_missed=late)
+            walks.first_token(state.req_id, now, slo.tbt_s, deadline)
+        for req, before in self._walked:
+            new = req.num_output_tokens - before
+            if new > 0:
+                met, late = walks.tokens(req.request_id, now, new)
+                counts.add(self._slo[req.request_id][0], tokens_met=met, tokens_missed=late)
+            if req.is_finished():
+                walks.forget(req.request_id)
+        # At most once a second while busy; at once when the engine goes idle, so that
+        # /metrics shows the last requests' counts without waiting for another step.
+        counts.flush(force=not self.requests)
         return {"first_tokens": len(self._first_due), "deadline_misses": missed}
+
+    def shutdown(self) -> None:
+        self._slo_counts.flush(force=True)
+        super().shutdown()
 
 
 class PrefillFirstScheduler(StockScheduler):

@@ -32,6 +32,9 @@ class Option:
     help: str
     default: Any = None  # None: the component picks (e.g. a per-platform default)
     choices: tuple[Any, ...] | None = None
+    # Given several times, its values are collected into a list (argparse's "append"):
+    # one flag per item, e.g. one SLO class per --mnemosyne-slo-class.
+    repeat: bool = False
 
     def flag(self, component: str) -> str:
         return f"--{component}-{self.name}"
@@ -42,6 +45,12 @@ class Option:
     def check(self, component: str, value: Any) -> Any:
         if value is None:
             return None
+        if self.repeat:  # from Python one value may stand alone
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [self._check_one(component, item) for item in items]
+        return self._check_one(component, value)
+
+    def _check_one(self, component: str, value: Any) -> Any:
         try:
             value = self.type(value)
         except (TypeError, ValueError):
@@ -89,3 +98,7 @@ class Component:
     summary: str
     configure: Callable[[dict[str, Any], ConfigureContext], tuple[dict[str, Any], dict[str, Any]]]
     options: tuple[Option, ...] = field(default=())
+    # ASGI middleware, by import path, that `vllm serve`'s API server runs when this
+    # component is chosen (added to vLLM's own --middleware list; other commands, which
+    # serve no HTTP, ignore it).
+    api_middleware: tuple[str, ...] = field(default=())

@@ -10,7 +10,8 @@ from typing import Any
 
 from vllm_ext.frontend.components import KINDS
 from vllm_ext.frontend.registry import components
-from vllm_ext.frontend.selection import SHORTHANDS, current_platform_name, option_dests, resolve
+from vllm_ext.frontend.selection import (SHORTHANDS, api_middleware, current_platform_name,
+                                         option_dests, resolve)
 
 GROUP = "vllm-ext"
 
@@ -33,7 +34,9 @@ def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             for opt in comp.options:
                 group.add_argument(opt.flag(comp.name), dest=opt.dest(comp.name), type=opt.type,
                                    choices=opt.choices, default=None,
-                                   help=f"[{flag} {comp.name}] {opt.help}")
+                                   action="append" if opt.repeat else "store",
+                                   help=f"[{flag} {comp.name}] {opt.help}"
+                                        + (" (repeatable)" if opt.repeat else ""))
     for short, (_, _, _, type_, help_) in SHORTHANDS.items():
         group.add_argument(f"--{short.replace('_', '-')}", dest=short, type=type_, default=None,
                            help=help_)
@@ -55,4 +58,15 @@ def fold(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> bool:
         explicit["model"] = ns.model_tag
     for key, value in resolve(selected, options, explicit, current_platform_name()).items():
         setattr(ns, key, value)
+    _add_middleware(ns, api_middleware(selected, options))
     return True
+
+
+def _add_middleware(ns: argparse.Namespace, paths: list[str]) -> None:
+    """The chosen components' API-server middleware, on vLLM's own `--middleware` list.
+    Only `vllm serve` has that list; each path is added once, whoever gave it first."""
+    given = getattr(ns, "middleware", None)
+    if not isinstance(given, list):
+        return
+    # A new list: without --middleware, argparse hands out the parser's default list itself.
+    ns.middleware = given + [p for p in dict.fromkeys(paths) if p not in given]

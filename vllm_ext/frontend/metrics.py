@@ -28,6 +28,8 @@ _COUNTERS = {
     "first_tokens": "First tokens delivered (deadline-aware schedulers)",
     "deadline_misses": "First tokens delivered after their request's deadline (--scheduler "
                        "mnemosyne: arrival + TTFT SLO + allowance per prompt token)",
+    "decodes_deferred": "Running decodes that gave their slot to a stricter SLO class's "
+                        "prefill (--scheduler mnemosyne, per-request SLOs)",
 }
 _collector_registered = False
 
@@ -86,7 +88,34 @@ class _StepCollector:
                      "predicted_s", "min_slack_s"):
             yield GaugeMetricFamily(f"{PREFIX}last_step_{name}", f"{name} of the latest step",
                                     value=getattr(last, name) if last else 0)
+        yield from _slo_class_metrics(envs.stats_dir())
         yield from _kv_pool_metrics(envs.stats_dir())
+
+
+def _slo_class_metrics(directory):
+    from prometheus_client.core import CounterMetricFamily
+
+    from vllm_ext.schedulers.slo_counts import read_counts
+
+    counts = read_counts(directory)
+    if not counts:
+        return
+    first = CounterMetricFamily(
+        f"{PREFIX}slo_first_tokens", "First tokens by SLO class, on time or past the "
+        "request's first-token deadline (--scheduler mnemosyne)", labels=("slo_class", "outcome"))
+    later = CounterMetricFamily(
+        f"{PREFIX}slo_tokens", "Later tokens of requests with a TBT deadline, by SLO class, on "
+        "time or late (Metron's walk: time saved is banked)", labels=("slo_class", "outcome"))
+    deferred = CounterMetricFamily(
+        f"{PREFIX}slo_decodes_deferred", "Decode slots given to a stricter class's prefill, by "
+        "the deferred request's SLO class", labels=("slo_class",))
+    for name, row in sorted(counts.items()):
+        first.add_metric((name, "met"), row["first_met"])
+        first.add_metric((name, "missed"), row["first_missed"])
+        later.add_metric((name, "met"), row["tokens_met"])
+        later.add_metric((name, "missed"), row["tokens_missed"])
+        deferred.add_metric((name,), row["decodes_deferred"])
+    yield from (first, later, deferred)
 
 
 _KV_GAUGES = {

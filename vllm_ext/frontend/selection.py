@@ -17,7 +17,7 @@ from vllm_ext.config import CONFIG_KEY, ConfigError, ExtConfig
 from vllm_ext.frontend.components import KINDS, Component, ConfigureContext, SelectionError
 from vllm_ext.frontend.registry import components
 
-__all__ = ["SelectionError", "engine_kwargs", "resolve"]
+__all__ = ["SelectionError", "api_middleware", "engine_kwargs", "resolve"]
 
 
 def _choose(kind: str, name: str) -> Component:
@@ -116,6 +116,15 @@ def resolve(selected: Mapping[str, str | None], options: Mapping[str, Any],
 
     metrics.prepare_front_end()
     return overrides
+
+
+def api_middleware(selected: Mapping[str, str | None], options: Mapping[str, Any]) -> list[str]:
+    """The API-server middleware (import paths) of the components a selection chooses,
+    shorthands included; for a selection `resolve` accepted."""
+    selected, options = dict(selected), dict(options)
+    _expand_shorthands(selected, options)
+    return [path for kind, name in selected.items() if name is not None
+            for path in _choose(kind, name).api_middleware]
 
 
 def _refuse_if_unpatched(kind: str, name: str, settings: dict, platform: str) -> None:

@@ -32,7 +32,7 @@ import collections
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -128,20 +128,29 @@ class Req:
     prompt: tuple[int, ...]  # token ids; prompts that share a prefix share its KV blocks
     max_tokens: int
     cache_salt: str | None = None
+    # The request's SamplingParams.extra_args, as vLLM's server fills them from its
+    # `vllm_xargs` (per-request SLOs: vllm_ext.schedulers.slo).
+    extra_args: Mapping[str, Any] | None = None
+    priority: int = 0  # vLLM's request priority (lower first; a priority-policy scheduler)
 
     @classmethod
     def of(cls, req_id: str, arrival: float, prompt: int | Sequence[int],
-           max_tokens: int) -> Req:
+           max_tokens: int, extra_args: Mapping[str, Any] | None = None,
+           priority: int = 0) -> Req:
         """A prompt given by its length shares no prefix with any other request (its
         prefix-cache hashes are salted with its id)."""
         if isinstance(prompt, int):
-            return cls(req_id, arrival, (0,) * prompt, max_tokens, cache_salt=req_id)
-        return cls(req_id, arrival, tuple(prompt), max_tokens)
+            return cls(req_id, arrival, (0,) * prompt, max_tokens, cache_salt=req_id,
+                       extra_args=extra_args, priority=priority)
+        return cls(req_id, arrival, tuple(prompt), max_tokens, extra_args=extra_args,
+                   priority=priority)
 
     def __repr__(self) -> str:
         salt = f", cache_salt={self.cache_salt!r}" if self.cache_salt else ""
+        extra = f", extra_args={dict(self.extra_args)!r}" if self.extra_args else ""
+        extra += f", priority={self.priority}" if self.priority else ""
         return (f"Req({self.req_id!r}, {self.arrival!r}, {_runs(self.prompt)}, "
-                f"{self.max_tokens}{salt})")
+                f"{self.max_tokens}{salt}{extra})")
 
     def _repr_pretty_(self, printer, cycle) -> None:  # IPython's and Hypothesis's printer
         printer.text(repr(self))
@@ -290,10 +299,11 @@ class Driver:
         return bool(self.scheduler.vllm_config.scheduler_config.async_scheduling)
 
     def add(self, req: Req) -> None:
-        params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True)
+        params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True,
+                                extra_args=dict(req.extra_args) if req.extra_args else None)
         self.scheduler.add_request(Request(
             req.req_id, list(req.prompt), params, None, arrival_time=req.arrival,
-            cache_salt=req.cache_salt, block_hasher=self._block_hasher))
+            cache_salt=req.cache_salt, priority=req.priority, block_hasher=self._block_hasher))
         self.outputs[req.req_id] = []
 
     def advance(self) -> Tick:

@@ -9,9 +9,10 @@ from dataclasses import replace
 
 from vllm_ext.frontend.components import Component, ConfigureContext, Option, SelectionError
 from vllm_ext.frontend.hookspecs import hookimpl
-from vllm_ext.schedulers.mnemosyne import (DEFAULT_PREFILL_MS_PER_TOKEN, DEFAULT_TTFT_SLO_S,
-                                           MnemosyneConfig)
+from vllm_ext.schedulers.mnemosyne import (DEFAULT_MAX_DEFER_STEPS, DEFAULT_PREFILL_MS_PER_TOKEN,
+                                           DEFAULT_TTFT_SLO_S, MnemosyneConfig)
 from vllm_ext.schedulers.sarathi import KV_ADMISSION, SarathiConfig
+from vllm_ext.schedulers.slo import CLASS_FORM, SLOError, parse_classes
 
 # Each class runs on the loop vLLM chooses (async on CUDA unless --no-async-scheduling):
 # see vllm_ext.engine.scheduling.async_variant.
@@ -80,6 +81,11 @@ def _configure_mnemosyne(settings: dict, ctx: ConfigureContext) -> tuple[dict, d
                  else allowance}
     if settings.get("starvation_s") is not None:
         deadlines["starvation_s"] = settings["starvation_s"]
+    try:
+        classes = parse_classes(settings.get("slo_class"))
+    except SLOError as e:
+        raise SelectionError(str(e)) from None
+    defer = settings.get("max_defer_steps")
     settings, predictor = dict(settings), {}
     if settings.get("tbt_slo_ms") is None and settings.get("latency_model") is not None:
         # Without adaptive chunking a step-time model only predicts prefill times.
@@ -87,9 +93,15 @@ def _configure_mnemosyne(settings: dict, ctx: ConfigureContext) -> tuple[dict, d
         predictor["latency_model"] = _read_latency_model(path, "--mnemosyne-latency-model")
     resolved, overrides = _configure_sarathi(settings, ctx, "mnemosyne", "MnemosyneScheduler")
     try:
-        MnemosyneConfig(**deadlines)
+        MnemosyneConfig(**deadlines, classes=tuple(classes.items()),
+                        max_defer_steps=DEFAULT_MAX_DEFER_STEPS if defer is None else defer)
     except ValueError as e:
         raise SelectionError(str(e)) from None
+    # Recorded only when given, so a record without them reads as it did before.
+    if classes:
+        deadlines["slo_classes"] = {name: slo.to_record() for name, slo in classes.items()}
+    if defer is not None:
+        deadlines["max_defer_steps"] = defer
     # Deadlines are the order; a client-given priority order would fight it.
     overrides.update(ctx.require("--scheduler mnemosyne", {"scheduling_policy": "fcfs"}))
     return {**resolved, **predictor, **deadlines}, overrides
@@ -127,6 +139,9 @@ def vllm_ext_schedulers() -> list[Component]:
             "Mnemosyne: Sarathi's stall-free steps, prefills ordered by their first-token "
             "deadlines",
             _configure_mnemosyne,
+            # Refuses a request's bad SLO with a 400 and merges the x-slo-* headers into
+            # its vllm_xargs, where the scheduler reads them.
+            api_middleware=("vllm_ext.frontend.slo_middleware.SLOIntake",),
             options=(
                 Option("ttft-slo-s", float, "first-token deadline after arrival, before the "
                        "per-token allowance (default 2)"),
@@ -135,6 +150,13 @@ def vllm_ext_schedulers() -> list[Component]:
                 Option("starvation-s", float, "the starvation bound: a request this many "
                        "seconds past its deadline is served in arrival order before every "
                        "request that is not (default 8 x --mnemosyne-ttft-slo-s)"),
+                Option("slo-class", str, f"a named SLO class, {CLASS_FORM}; a request "
+                       "chooses it with vllm_xargs slo_class or the x-slo-class header, and "
+                       "its own ttft_slo_ms / tbt_slo_ms override the class's", repeat=True),
+                Option("max-defer-steps", int, "a decode of a looser-TBT class may give its "
+                       "slot to a stricter class's prefill that is due, never past its own "
+                       "next-token deadline and at most N steps in a row (default "
+                       f"{DEFAULT_MAX_DEFER_STEPS}; 0: decodes are never deferred)"),
                 *(o for o in _SARATHI_OPTIONS if o.name != "latency-model"),
                 Option("latency-model", str,
                        "a step-time model (from `vllm-ext profile`): predicts the prefill "
