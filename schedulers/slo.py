@@ -32,7 +32,7 @@ HEADERS = {"x-slo-ttft-ms": XARG_TTFT, "x-slo-tpot-ms": XARG_TBT, "x-slo-class":
 MAX_MS = 86_400_000.0
 DEFAULT_CLASS = "default"  # requests that name no class and set no value
 CUSTOM_CLASS = "custom"  # requests that set their own values and name no class
-_CLASS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
+CLASS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
 _DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s)\s*")
 CLASS_FORM = "NAME=ttft:DURATION[,tbt:DURATION] (DURATION: 1.5s or 200ms)"
 
@@ -98,7 +98,7 @@ def parse_class(spec: str) -> tuple[str, SLO]:
     flag = "--mnemosyne-slo-class"
     name, eq, body = spec.partition("=")
     name = name.strip()
-    if not eq or not _CLASS_NAME.fullmatch(name):
+    if not eq or not CLASS_NAME.fullmatch(name):
         raise SLOError(flag, f"{spec!r} is not {CLASS_FORM}; a name starts with a letter "
                              f"and has at most 32 letters, digits, '_', '-', '.'")
     if name in (DEFAULT_CLASS, CUSTOM_CLASS):

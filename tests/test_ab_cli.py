@@ -28,6 +28,16 @@ def model_dir(tmp_path):
     (["--arm", "a=", "--capacity", "--capacity-qps", "5:1"], "0 < LO < HI"),
     (["--arm", "a=", "--capacity", "--capacity-qps", "fast"], "expected LO:HI"),
     ([], "no arms"),
+    (["--arm", "a=", "--slo-mix", "chat=0.9,doc=0.2"], "--slo-mix: shares sum to 1.1, not 1"),
+    (["--arm", "a=", "--slo-mix", "chat=1", "--trace-csv", "t.csv"], "a --trace-csv states them"),
+    (["--arm", "a=", "--slo-priority", "chat=first"], "--slo-priority 'chat=first': expected"),
+    (["--arm", "a=--scheduler vllm", "--slo-mix", "chat=1", "--slo-priority", "chat=0"],
+     "no arm is served with --scheduling-policy priority"),
+    (["--arm", "a=--scheduling-policy priority", "--slo-mix", "chat=0.5,doc=0.5",
+      "--slo-priority", "chat=0"], "gives no priority to the trace's class doc"),
+    (["--arm", "a=", "--slo-priority", "default=0", "--slo-priority-arms", "b"],
+     "--slo-priority-arms: no arm named b"),
+    (["--arm", "a=", "--slo-priority-arms", "a"], "--slo-priority-arms needs --slo-priority"),
 ])
 def test_bad_configuration_exits_2_before_starting_anything(model_dir, capsys, extra, says):
     assert main(["bench", "ab", "--model", model_dir, *extra]) == 2

@@ -95,7 +95,7 @@ def test_terminal_gets_a_bar_with_the_token_count():
 
 def test_runner_feeds_the_replay_progress(monkeypatch):
     """_replay_measured wires the client's callbacks to the reporter."""
-    def fake_replay(url, model, trace, vocab, on_done=None, on_tokens=None):
+    def fake_replay(url, model, trace, vocab, on_done=None, on_tokens=None, sending=None):
         for i, _ in enumerate(trace.requests):
             on_tokens(2)
             on_tokens(1)

@@ -13,7 +13,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from test_scheduler_properties import (BUDGETS, EXAMPLES, LOOPS, check_all_finish,
-                                       check_blocks_free, check_budget, workloads)
+                                       check_blocks_free, workloads)
 from test_scheduler_properties import config  # noqa: F401  (fixture)
 from vllm_ext.tools.driver import Driver, Req
 

@@ -263,3 +263,53 @@ def test_a_profile_without_its_engines_record_is_compared_by_its_target(shape_di
     assert profiled_traits(legacy) == {"max_num_batched_tokens": 256, "attn": "pod"}
     config = arm_config(shape_dir, ["--max-model-len", "1024", "--max-num-batched-tokens", "256"])
     assert mismatches(legacy, config) == ["attention vllm (profiled at pod)"]
+
+
+# Per-request SLOs ------------------------------------------------------------------------
+
+@pytest.mark.release
+def test_a_requests_slos_reach_vllms_request(shape_dir):
+    """What the API server makes of vllm_xargs and priority, on vLLM's own Request."""
+    from vllm_ext.tools.driver import Driver, Req
+
+    config = arm_config(shape_dir, ["--max-model-len", "512", "--scheduling-policy", "priority"])
+    with Driver(config, 64) as driver:
+        driver.add(Req.of("a", 0.0, 10, 2, {"ttft_slo_ms": 1000, "slo_class": "chat"}, priority=1))
+        driver.add(Req.of("b", 0.0, 10, 2))
+        a, b = driver.scheduler.requests["a"], driver.scheduler.requests["b"]
+        assert a.sampling_params.extra_args == {"ttft_slo_ms": 1000, "slo_class": "chat"}
+        assert a.priority == 1 and b.priority == 0 and b.sampling_params.extra_args is None
+
+
+TWO_CLASSES = ("arrival,prompt_tokens,output_tokens,slo_class,ttft_slo_ms,tbt_slo_ms\n"
+               "0,200,4,doc,60000,5000\n0,200,4,doc,60000,5000\n"
+               "0,20,2,chat,5000,2000\n0,20,2,chat,5000,2000\n")
+
+
+def test_two_classes_through_the_real_scheduler_report_per_class(shape_dir, tmp_path, capsys):
+    """Two documents then two chats, all waiting at once, one request at a time: first come
+    first served runs the documents first; a priority arm given chat=0, doc=1 runs the
+    chats first. Each class is judged by its own deadlines, and compared per class."""
+    trace = tmp_path / "two.csv"
+    trace.write_text(TWO_CLASSES)
+    out = tmp_path / "report"
+    serve = "--max-model-len 512 --max-num-seqs 1 --max-num-batched-tokens 256"
+    assert _cli("--model", shape_dir, "--step-time", "step_times:per_token", "--serve-args", serve,
+                "--host-time-scale", "0", "--trace-csv", str(trace), "--arm", "fcfs=",
+                "--arm", "prio=--scheduling-policy priority", "--slo-priority", "chat=0,doc=1",
+                "--num-gpu-blocks", "200", "--out", str(out)) == 0
+    rep = json.loads((out / "report.json").read_text())
+    fcfs, prio = (a["summary"]["per_class"] for a in rep["arms"])
+    assert list(fcfs) == ["doc", "chat"] and fcfs["chat"]["requests"] == 2
+    # fcfs: each request alone, a 200-token prompt 1 + 200/64 s, each decode 1 + 1/64 s:
+    # the chats wait for both documents (over 14 s) and miss their 5 s first token.
+    assert fcfs["chat"]["ttft_p50_s"] > 10 and fcfs["chat"]["slo_attainment"] == 0
+    assert prio["chat"]["ttft_p99_s"] < 5 and prio["chat"]["slo_attainment"] == 1
+    assert fcfs["doc"]["deadline_miss_rate"] == prio["doc"]["deadline_miss_rate"] == 0
+    assert (prio["doc"]["ttft_deadline_s"], prio["doc"]["tbt_deadline_ms"]) == (60.0, 5000.0)
+    cis = rep["comparisons"]["prio"]["per_class"]["chat"]
+    assert cis["goodput_req_s"]["estimate"] > 0 and cis["ttft_p99_s"]["estimate"] < -8
+    summary = (out / "summary.md").read_text()
+    assert "## Per SLO class" in summary and "Arm prio was also sent vLLM's request priority" \
+        in summary
+    assert "Per SLO class" in capsys.readouterr().out

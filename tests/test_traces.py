@@ -3,11 +3,18 @@ distributions they claim, and clear errors for bad specs and files."""
 
 from __future__ import annotations
 
+import re
 import statistics
 
 import pytest
 
-from vllm_ext.ab.traces import LengthDist, TraceError, load_csv, synthesize
+from vllm_ext.ab.traces import (
+    LengthDist,
+    TraceError,
+    load_csv,
+    parse_slo_mix,
+    synthesize,
+)
 
 FIXED = LengthDist.parse("64")
 
@@ -119,3 +126,104 @@ def test_malformed_csv_names_the_line_and_the_problem(tmp_path, text, says):
 def test_missing_csv(tmp_path):
     with pytest.raises(TraceError, match="No such file"):
         load_csv(tmp_path / "nope.csv")
+
+
+# SLO classes -------------------------------------------------------------------------------
+
+ISSUE_MIX = "interactive=0.8:ttft=1s:tbt=200ms,batch=0.2:ttft=30s:tbt=2s"
+
+
+def test_slo_mix_parses_the_issues_form_and_per_class_lengths():
+    from vllm_ext.ab.traces import SLOClass
+
+    assert parse_slo_mix(ISSUE_MIX) == (SLOClass("interactive", 0.8, 1000.0, 200.0),
+                                        SLOClass("batch", 0.2, 30000.0, 2000.0))
+    docs = parse_slo_mix("chat=0.8:ttft=1s:tbt=200ms:prompt=lognormal/300/0.5:output=uniform/8/64,"
+                         "doc=0.2:ttft=30s:prompt=4000:output=fixed/16")
+    assert docs[0].prompt == LengthDist("lognormal", 300, 0.5)
+    assert docs[0].output == LengthDist("uniform", 8, 64)
+    assert (docs[1].prompt, docs[1].output) == (LengthDist("fixed", 4000), LengthDist("fixed", 16))
+    assert docs[1].tbt_slo_ms is None  # not stated: the server's default applies
+    # Shares within 0.01 of 1 are scaled to exactly 1.
+    assert sum(c.share for c in parse_slo_mix("a=0.33,b=0.33,c=0.33")) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("a=0.5,b=0.4", "shares sum to 0.9, not 1"),
+    ("a", "expected NAME=SHARE"),
+    ("a=x", "share 'x' must be a number > 0"),
+    ("a=1,a=0", "class 'a' given twice"),
+    ("a=1:ttft=5", "a ttft: expected a duration like 1.5s or 200ms, got '5'"),
+    ("a=1:tbt=0ms", "must be > 0"),
+    ("a=1:ttft=1s:ttft=2s", "ttft given twice"),
+    ("a=1:deadline=1s", "expected ttft=, tbt=, prompt= or output="),
+    # ':' separates a class's options: a length in a mix is written with '/'
+    ("a=1:prompt=lognormal:300", "a prompt 'lognormal': numbers expected; use N | fixed/N"),
+    ("a=1:prompt=gauss/3", "a prompt 'gauss/3': use N | fixed/N"),
+    ("default=1", "'default' is reserved"),
+    ("9lives=1", "must start with a letter"),
+])
+def test_bad_slo_mix_says_what_is_allowed(spec, says):
+    with pytest.raises(TraceError, match=re.escape(says)):
+        parse_slo_mix(spec)
+
+
+def test_mixed_trace_is_seeded_and_leaves_arrivals_alone():
+    mix = parse_slo_mix("chat=0.8:ttft=1s:tbt=200ms:prompt=uniform/10/20,"
+                        "doc=0.2:ttft=30s:tbt=2s:prompt=uniform/3000/4000:output=7")
+    plain = synthesize(2000, "poisson", FIXED, FIXED, seed=5, qps=4.0)
+    a = synthesize(2000, "poisson", FIXED, FIXED, seed=5, qps=4.0, classes=mix)
+    assert a == synthesize(2000, "poisson", FIXED, FIXED, seed=5, qps=4.0, classes=mix)
+    assert [r.arrival for r in a.requests] == [r.arrival for r in plain.requests]
+    chat = [r for r in a.requests if r.slo_class == "chat"]
+    doc = [r for r in a.requests if r.slo_class == "doc"]
+    assert len(chat) + len(doc) == 2000 and len(doc) / 2000 == pytest.approx(0.2, abs=0.03)
+    assert all(10 <= r.prompt_tokens <= 20 and r.output_tokens == 64 for r in chat)
+    assert all(3000 <= r.prompt_tokens <= 4000 and r.output_tokens == 7 for r in doc)
+    assert {(r.ttft_slo_ms, r.tbt_slo_ms) for r in chat} == {(1000.0, 200.0)}
+    assert {(r.ttft_slo_ms, r.tbt_slo_ms) for r in doc} == {(30000.0, 2000.0)}
+    assert "SLO classes chat 80% (TTFT 1 s, TBT 200 ms, prompt uniform 10..20)" in a.description
+    # the class drawn for request i does not depend on the arrival process
+    closed = synthesize(2000, "concurrency", FIXED, FIXED, seed=5, concurrency=3, classes=mix)
+    assert [r.slo_class for r in closed.requests] == [r.slo_class for r in a.requests]
+
+
+def test_a_trace_without_slos_writes_the_same_json_as_before():
+    import json
+
+    plain = synthesize(3, "poisson", FIXED, FIXED, seed=0, qps=1.0)
+    assert all(len(row) == 3 for row in plain.to_dict()["requests"])
+    assert not plain.states_slos
+    mixed = synthesize(3, "poisson", FIXED, FIXED, seed=0, qps=1.0,
+                       classes=parse_slo_mix(ISSUE_MIX))
+    assert mixed.states_slos
+    rows = json.loads(json.dumps(mixed.to_dict()))["requests"]
+    assert all(len(row) == 6 and row[3] in ("interactive", "batch") for row in rows)
+
+
+def test_csv_trace_with_slo_columns(tmp_path):
+    f = tmp_path / "t.csv"
+    f.write_text("arrival,prompt_tokens,output_tokens,tbt_slo_ms,slo_class\n"
+                 "0,100,10,200,chat\n0.5,200,20,,\n1,5,1,1500.5,\n2,5,1,,batch\n")
+    t = load_csv(f)
+    assert [(r.slo_class, r.ttft_slo_ms, r.tbt_slo_ms) for r in t.requests] == [
+        ("chat", None, 200.0), (None, None, None), (None, None, 1500.5), ("batch", None, None)]
+    assert t.states_slos
+
+
+@pytest.mark.parametrize("text, says", [
+    ("arrival,prompt_tokens,output_tokens,deadline\n0,1,1,5\n", "optionally followed by any of"),
+    ("arrival,prompt_tokens,output_tokens,slo_class,slo_class\n0,1,1,a,b\n", "optionally"),
+    ("arrival,prompt_tokens,output_tokens,ttft_slo_ms\n0,1,1\n", "line 2: 4 values expected, got 3"),
+    ("arrival,prompt_tokens,output_tokens,ttft_slo_ms\n0,1,1,5\n1,1,1,fast\n",
+     "line 3, column ttft_slo_ms: expected a number of milliseconds, got 'fast'"),
+    ("arrival,prompt_tokens,output_tokens,tbt_slo_ms\n0,1,1,-3\n", "line 2, column tbt_slo_ms: must be > 0"),
+    ("arrival,prompt_tokens,output_tokens,slo_class\n0,1,1,two words\n",
+     "line 2, column slo_class: class name 'two words' must start with a letter"),
+    ("arrival,prompt_tokens,output_tokens,slo_class\n0,1,1,custom\n", "'custom' is reserved"),
+])
+def test_bad_csv_slo_values_name_the_line_and_the_column(tmp_path, text, says):
+    f = tmp_path / "bad.csv"
+    f.write_text(text)
+    with pytest.raises(TraceError, match=re.escape(says)):
+        load_csv(f)

@@ -12,7 +12,8 @@ from pathlib import Path
 from vllm_ext.ab.capacity import CapacityTarget
 from vllm_ext.ab.equivalence import default_prompts, load_prompts
 from vllm_ext.ab.summary import SLO
-from vllm_ext.ab.traces import ARRIVALS, LENGTH_FORMS, LengthDist, TraceError, load_csv, synthesize
+from vllm_ext.ab.traces import (ARRIVALS, CSV_SLO_COLUMNS, LENGTH_FORMS, LengthDist, TraceError,
+                                load_csv, parse_slo_mix, synthesize)
 
 EXAMPLE = """example:
   vllm-ext bench ab --model DIR --serve-args "--dtype float32 --enforce-eager" \\
@@ -90,7 +91,13 @@ def add_trace_args(p: argparse.ArgumentParser):
     t.add_argument("--max-output-tokens", type=int, default=1 << 30, metavar="N",
                    help="clip sampled output lengths")
     t.add_argument("--trace-csv", metavar="FILE",
-                   help="replay arrival,prompt_tokens,output_tokens rows instead of synthesizing")
+                   help="replay arrival,prompt_tokens,output_tokens rows instead of synthesizing "
+                        f"(optionally followed by columns {','.join(CSV_SLO_COLUMNS)})")
+    t.add_argument("--slo-mix", metavar="NAME=SHARE[:ttft=D][:tbt=D][:prompt=L][:output=L],...",
+                   help="split the requests into SLO classes by share (shares sum to 1), each "
+                        "stating its deadlines (D: 1s, 200ms) and drawing its own lengths (L: "
+                        "a length form with '/' for ':'), e.g. interactive=0.8:ttft=1s:tbt=200ms,"
+                        "batch=0.2:ttft=30s:tbt=2s:prompt=lognormal/4000/0.3")
     t.add_argument("--seeds", type=int, default=1, help="paired traces per arm")
     t.add_argument("--first-seed", type=int, default=0,
                    help="seeds run from here; change it to replay against a server that has "
@@ -98,12 +105,54 @@ def add_trace_args(p: argparse.ArgumentParser):
     return t
 
 
-def add_slo_args(p: argparse.ArgumentParser) -> None:
-    s = p.add_argument_group("SLOs (deadlines, fluidity, goodput)")
+def add_slo_args(p: argparse.ArgumentParser, client: bool = True) -> None:
+    """The SLO flags; `client`: also how a request carries its SLOs over HTTP."""
+    from vllm_ext.ab.client import SLO_SEND
+
+    s = p.add_argument_group("SLOs (deadlines, fluidity, goodput; a request the trace gives "
+                             "SLOs is judged by its own)")
     s.add_argument("--ttft-slo-s", type=float, default=2.0)
     s.add_argument("--tbt-slo-ms", type=float, default=100.0)
     s.add_argument("--prefill-ms-per-token", type=float, default=0.0,
                    help="predicted prefill time per prompt token, added to the TTFT deadline")
+    if client:
+        s.add_argument("--slo-send", choices=SLO_SEND, default="xargs",
+                       help="how a request states its trace's SLOs: vllm_xargs ttft_slo_ms, "
+                            "tbt_slo_ms (default) or headers x-slo-ttft-ms, x-slo-tpot-ms")
+    s.add_argument("--slo-send-class", action="store_true",
+                   help="also send each request's class name (slo_class / x-slo-class); only "
+                        "for servers that define every class (--mnemosyne-slo-class), which "
+                        "refuse an unknown one")
+    s.add_argument("--slo-priority", metavar="CLASS=N,...",
+                   help="also send vLLM's request priority by class (lower first; 'default': "
+                        "requests without a class) to the arms served with --scheduling-policy "
+                        "priority, e.g. interactive=0,batch=1")
+    s.add_argument("--slo-priority-arms", metavar="NAME,...",
+                   help="the arms --slo-priority applies to instead (an --endpoint's policy "
+                        "cannot be seen)")
+
+
+def slo_options(a: argparse.Namespace) -> dict:
+    """The ABConfig fields of the SLO-sending flags."""
+    from vllm_ext.ab.client import SLOSending
+
+    priorities = None
+    if a.slo_priority is not None:
+        priorities = {}
+        for item in a.slo_priority.split(","):
+            name, eq, value = item.partition("=")
+            try:
+                if not eq or not name.strip():
+                    raise ValueError
+                priorities[name.strip()] = int(value)
+            except ValueError:
+                raise TraceError(f"--slo-priority {item!r}: expected CLASS=INTEGER,... "
+                                 f"(e.g. interactive=0,batch=1)") from None
+    arms = None
+    if a.slo_priority_arms is not None:
+        arms = tuple(n.strip() for n in a.slo_priority_arms.split(",") if n.strip())
+    return {"slo_sending": SLOSending(getattr(a, "slo_send", "xargs"), a.slo_send_class),
+            "slo_priority": priorities, "slo_priority_arms": arms}
 
 
 def add_capacity_args(p: argparse.ArgumentParser) -> None:
@@ -138,7 +187,7 @@ def build_config(a: argparse.Namespace):
     from vllm_ext.ab.config import ABConfig, Arm
 
     arms = [Arm.parse(s) for s in a.arm] + [Arm.parse(s, endpoint=True) for s in a.endpoint]
-    traces, prompt, output = traces_from(a)
+    traces, prompt, output, mix = traces_from(a)
     capacity = capacity_from(a)
     prompts = None
     if not a.no_equivalence:
@@ -152,27 +201,33 @@ def build_config(a: argparse.Namespace):
                    capacity=capacity, prompt_len=prompt, output_len=output,
                    max_prompt_tokens=a.max_prompt_tokens, max_output_tokens=a.max_output_tokens,
                    bootstrap_iterations=a.bootstrap, startup_timeout=a.startup_timeout,
-                   progress=Progress(enabled=not a.no_progress))
+                   progress=Progress(enabled=not a.no_progress), slo_mix=mix, **slo_options(a))
     cfg.check()
     cfg.vocab_size = vocab_size_of(a.model, a.vocab_size)
     return cfg
 
 
 def traces_from(a: argparse.Namespace):
-    """(one trace per seed, prompt lengths, output lengths) from the trace flags."""
+    """(one trace per seed, prompt lengths, output lengths, SLO classes) from the trace
+    flags."""
     if a.seeds < 1:
         raise TraceError(f"--seeds must be >= 1, got {a.seeds}")
     seeds = range(a.first_seed, a.first_seed + a.seeds)
     prompt = LengthDist.parse(a.prompt_len, "--prompt-len")
     output = LengthDist.parse(a.output_len, "--output-len")
+    mix = parse_slo_mix(a.slo_mix) if a.slo_mix else ()
     if a.trace_csv:
+        if mix:
+            raise TraceError("--slo-mix draws classes for a generated trace; a --trace-csv "
+                             f"states them in its columns ({','.join(CSV_SLO_COLUMNS)})")
         traces = [load_csv(a.trace_csv, seed=s) for s in seeds]
     else:
         traces = [synthesize(a.num_requests, a.arrival, prompt, output, seed=s, qps=a.qps,
                              burstiness=a.burstiness, concurrency=a.concurrency,
-                             max_prompt=a.max_prompt_tokens, max_output=a.max_output_tokens)
+                             max_prompt=a.max_prompt_tokens, max_output=a.max_output_tokens,
+                             classes=mix)
                   for s in seeds]
-    return traces, prompt, output
+    return traces, prompt, output, mix
 
 
 def capacity_from(a: argparse.Namespace):
@@ -210,10 +265,13 @@ def run(a: argparse.Namespace) -> int:
 
 def print_headline(cfg, results, comparisons) -> None:
     from vllm_ext.ab.plots import missing
-    from vllm_ext.ab.report import headline_rows, md_table
+    from vllm_ext.ab.report import class_rows, headline_rows, md_table
 
     print()
     print(md_table(*headline_rows(results, comparisons, compact=True)))
+    if (per_class := class_rows(results, compact=True)) is not None:
+        print("\nPer SLO class (each request judged by its own deadlines):")
+        print(md_table(*per_class))
     for entry in comparisons.values():
         if "equivalence" in entry:
             print(entry["equivalence"]["verdict"])

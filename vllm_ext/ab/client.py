@@ -4,6 +4,11 @@ Each request asks for `logprobs=0`, so every streamed event lists the tokens it
 carries: an event of k tokens is recorded as (arrival time, k), which is how
 Metron counts a coalesced chunk (one gap, then k-1 zero gaps). Counting text
 pieces instead undercounts when the server coalesces tokens (see REFERENCES).
+
+A request whose trace gives it SLOs states them as a client would (`SLOSending`): its
+deadlines in `vllm_xargs` or in llm-d's `x-slo-*` headers, its class name only when
+asked (a server that does not define the class refuses it), and, for an arm served with
+`--scheduling-policy priority`, vLLM's own `priority` field mapped from its class.
 """
 
 from __future__ import annotations
@@ -13,11 +18,15 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 from vllm_ext.ab.metron import Timeline
-from vllm_ext.ab.traces import Trace
+from vllm_ext.ab.traces import Trace, TraceRequest, counted_class
+from vllm_ext.schedulers import slo
+
+SLO_SEND = ("xargs", "headers")
+_HEADER_OF = {field: header for header, field in slo.HEADERS.items()}
 
 TOKEN_COUNTING = ("tokens counted per streamed event from its logprobs entries (logprobs=0); "
                   "an event of k tokens is one gap followed by k-1 zero gaps; events without "
@@ -40,16 +49,78 @@ class RequestRecord:
     finish_reason: str | None = None
     usage_tokens: int | None = None  # the server's own count of output tokens
     error: str | None = None
+    # The SLOs its trace gave it (None: none; the figures then use the run's --*-slo-*).
+    slo_class: str | None = None
+    ttft_slo_ms: float | None = None
+    tbt_slo_ms: float | None = None
+
+    @classmethod
+    def planned(cls, index: int, req: TraceRequest, sent: float) -> RequestRecord:
+        return cls(index, req.arrival, sent, req.prompt_tokens, req.output_tokens,
+                   slo_class=req.slo_class, ttft_slo_ms=req.ttft_slo_ms,
+                   tbt_slo_ms=req.tbt_slo_ms)
 
     def timeline(self) -> Timeline:
         return Timeline.of(self.sent, self.events, self.completed)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for key in ("slo_class", "ttft_slo_ms", "tbt_slo_ms"):  # raw files as before SLOs
+            if d[key] is None:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "RequestRecord":
         return cls(**{**d, "events": [tuple(e) for e in d["events"]]})
+
+
+@dataclass(frozen=True, slots=True)
+class SLOSending:
+    """How each request states the SLOs its trace gives it."""
+
+    via: str = "xargs"  # "xargs": in the body's vllm_xargs; "headers": x-slo-* headers
+    # Also the class name (slo_class / x-slo-class). Off by default: a server that does not
+    # define the class refuses the request (HTTP 400), while deadlines alone are understood
+    # by an SLO-aware server and ignored by any other.
+    send_class: bool = False
+    # Class (as reports count it: a name, "custom" or "default") -> vLLM's request
+    # `priority` (lower is served first), for an arm served with --scheduling-policy
+    # priority; None sends no priority, nor does a class it leaves out (vLLM's default, 0:
+    # a capacity probe of a CSV trace's arm, say; the trace's own classes are checked).
+    priorities: Mapping[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.via not in SLO_SEND:
+            raise ValueError(f"--slo-send {self.via!r}: choose from {', '.join(SLO_SEND)}")
+
+    def fields(self, req: TraceRequest) -> dict[str, int | float | str]:
+        """The SLO fields the request states, as vllm_xargs names them (what the server's
+        SamplingParams.extra_args holds once it accepted them)."""
+        out: dict[str, int | float | str] = {}
+        for key, ms in ((slo.XARG_TTFT, req.ttft_slo_ms), (slo.XARG_TBT, req.tbt_slo_ms)):
+            if ms is not None:
+                out[key] = int(ms) if ms == int(ms) else ms
+        if self.send_class and req.slo_class is not None:
+            out[slo.XARG_CLASS] = req.slo_class
+        return out
+
+    def request(self, req: TraceRequest) -> tuple[dict, dict[str, str]]:
+        """(fields added to the request's JSON body, HTTP headers) for one request."""
+        fields = self.fields(req)
+        body: dict = {}
+        headers: dict[str, str] = {}
+        if fields and self.via == "xargs":
+            body["vllm_xargs"] = fields
+        elif fields:
+            headers = {_HEADER_OF[k]: str(v) for k, v in fields.items()}
+        priority = (self.priorities or {}).get(counted_class(req))
+        if priority is not None:
+            body["priority"] = priority
+        return body, headers
+
+
+SEND_VALUES = SLOSending()  # the default: deadlines in vllm_xargs, no class, no priority
 
 
 def get_json(url: str, timeout: float = 5.0) -> dict:
@@ -76,15 +147,17 @@ def get_text(url: str, timeout: float = 5.0) -> str | None:
 
 
 async def _one(client, model: str, trace: Trace, i: int, vocab_size: int, t0: float,
-               record: RequestRecord, on_tokens: Callable[[int], None] | None) -> None:
+               record: RequestRecord, on_tokens: Callable[[int], None] | None,
+               sending: SLOSending) -> None:
     req = trace.requests[i]
     prompt = trace.prompt_ids(i, vocab_size)
+    body, headers = sending.request(req)
     record.sent = time.perf_counter() - t0
     try:
         stream = await client.completions.create(
             model=model, prompt=prompt, max_tokens=req.output_tokens, temperature=0.0,
             stream=True, logprobs=0, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True})
+            extra_body={"ignore_eos": True, **body}, extra_headers=headers or None)
         async for chunk in stream:
             now = time.perf_counter() - t0
             if chunk.choices:
@@ -107,7 +180,8 @@ async def _one(client, model: str, trace: Trace, i: int, vocab_size: int, t0: fl
 
 async def _replay(base_url: str, model: str, trace: Trace, vocab_size: int,
                   on_done: Callable[[RequestRecord], None] | None,
-                  on_tokens: Callable[[int], None] | None) -> list[RequestRecord]:
+                  on_tokens: Callable[[int], None] | None,
+                  sending: SLOSending) -> list[RequestRecord]:
     import httpx
     from openai import AsyncOpenAI
 
@@ -120,12 +194,11 @@ async def _replay(base_url: str, model: str, trace: Trace, vocab_size: int,
                          timeout=httpx.Timeout(None, connect=30.0),
                          http_client=httpx.AsyncClient(limits=httpx.Limits(
                              max_connections=None, keepalive_expiry=2.0)))
-    records = [RequestRecord(i, r.arrival, float("nan"), r.prompt_tokens, r.output_tokens)
-               for i, r in enumerate(trace.requests)]
+    records = [RequestRecord.planned(i, r, float("nan")) for i, r in enumerate(trace.requests)]
     t0 = time.perf_counter()
 
     async def run(i: int) -> None:
-        await _one(client, model, trace, i, vocab_size, t0, records[i], on_tokens)
+        await _one(client, model, trace, i, vocab_size, t0, records[i], on_tokens, sending)
         if on_done is not None:
             on_done(records[i])
 
@@ -152,10 +225,12 @@ async def _replay(base_url: str, model: str, trace: Trace, vocab_size: int,
 
 def replay(base_url: str, model: str, trace: Trace, vocab_size: int,
            on_done: Callable[[RequestRecord], None] | None = None,
-           on_tokens: Callable[[int], None] | None = None) -> list[RequestRecord]:
+           on_tokens: Callable[[int], None] | None = None,
+           sending: SLOSending = SEND_VALUES) -> list[RequestRecord]:
     """Send every request of `trace` at its arrival time (or through a closed loop) as a
-    greedy streamed completion of exactly its output length; one record per request,
-    failed ones included, with times in seconds from the start of the replay.
-    `on_tokens(k)` hears of each streamed event's k tokens, `on_done` of each finished
-    request."""
-    return asyncio.run(_replay(base_url, model, trace, vocab_size, on_done, on_tokens))
+    greedy streamed completion of exactly its output length, stating its SLOs as
+    `sending` says; one record per request, failed ones included, with times in seconds
+    from the start of the replay. `on_tokens(k)` hears of each streamed event's k tokens,
+    `on_done` of each finished request."""
+    return asyncio.run(_replay(base_url, model, trace, vocab_size, on_done, on_tokens,
+                               sending))

@@ -38,6 +38,8 @@ def draw(results: list[ArmResult], cfg: ABConfig, outdir: Path) -> list[Path]:
     outdir.mkdir(parents=True, exist_ok=True)
     figures = [(_tbt(plt, ok, cfg), "tbt_ccdf.png"), (_ttft(plt, ok), "ttft_cdf.png"),
                (_timelines(plt, ok), "token_timelines.png")]
+    if any(r.summary and "per_class" in r.summary for r in ok):
+        figures.append((_ttft_by_class(plt, ok), "ttft_cdf_by_class.png"))
     if any(r.capacity for r in ok):
         figures.append((_capacity(plt, ok, cfg), "capacity.png"))
     mark = "SIMULATED: " + cfg.simulation["source"] if cfg.simulation else None
@@ -78,6 +80,30 @@ def _ttft(plt, results):
                     label=r.arm.name)
     ax.set(xlabel="time to first token (s)", ylabel="fraction of requests", title="TTFT CDF")
     ax.legend()
+    return fig
+
+
+def _ttft_by_class(plt, results):
+    """One panel per SLO class, each arm's TTFT CDF, the class's TTFT deadline marked
+    where all its requests share one."""
+    from vllm_ext.ab.traces import counted_class
+
+    names = list(dict.fromkeys(counted_class(x) for r in results for run in r.runs for x in run))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for r in results:
+            ttft = sorted(t for run in r.runs for x in run if counted_class(x) == name
+                          and (t := x.timeline().ttft) is not None)
+            if ttft:
+                ax.step(ttft, [(i + 1) / len(ttft) for i in range(len(ttft))], where="post",
+                        label=r.arm.name)
+        deadline = next((r.summary["per_class"][name]["ttft_deadline_s"] for r in results
+                         if r.summary and name in r.summary.get("per_class", {})), None)
+        if deadline is not None:
+            ax.axvline(deadline, color="grey", linestyle=":", label=f"deadline {deadline:g} s")
+        ax.set(xlabel="time to first token (s)", ylabel="fraction of requests",
+               title=f"TTFT CDF, class {name}")
+        ax.legend(fontsize=8)
     return fig
 
 

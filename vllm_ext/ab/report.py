@@ -20,7 +20,7 @@ from vllm_ext.ab import plots
 from vllm_ext.ab.config import ABConfig, ArmResult
 from vllm_ext.ab.client import TOKEN_COUNTING
 from vllm_ext.ab.equivalence import KL_METHOD
-from vllm_ext.ab.summary import HEADLINE
+from vllm_ext.ab.summary import CLASS_METRICS, HEADLINE
 from vllm_ext.machine import cpu_model
 
 # The headline table: (summary key, column title, format).
@@ -110,18 +110,74 @@ def headline_rows(results: list[ArmResult], comparisons: dict,
     return head, rows
 
 
+# The per-class table: (key in a class's summary, column title, format).
+CLASS_COLUMNS = (
+    ("requests", "requests", "{}"),
+    ("ttft_p50_s", "TTFT P50 s", "{:.2f}"), ("ttft_p99_s", "TTFT P99 s", "{:.2f}"),
+    ("tbt_p50_ms", "TBT P50 ms", "{:.0f}"), ("tbt_p99_ms", "TBT P99 ms", "{:.0f}"),
+    ("deadline_miss_rate", "deadline miss %", "{:.1%}"), ("slo_attainment", "SLO attained", "{:.0%}"),
+    ("goodput_req_s", "goodput req/s", "{:.2f}"), ("out_tok_per_s", "output tok/s", "{:.1f}"),
+)
+CLASS_COMPACT = ("ttft_p99_s", "tbt_p99_ms", "deadline_miss_rate", "slo_attainment",
+                 "goodput_req_s")
+CLASS_DEFINITIONS = (
+    "Each request is judged by its own deadlines: those its trace gives it, else the run's "
+    "SLOs; a class's SLO column shows them where all its requests share them. Deadline miss "
+    "%: Metron's missed token deadlines over all the class's token deadlines. SLO attained: "
+    "the share of the class's requests that completed with no deadline missed. Goodput: "
+    "those requests per second of the arm's run time (all seeds); output tok/s: the class's "
+    "tokens per second of the same time. Requests without a class are counted as 'default', "
+    "those with deadlines of their own and no class as 'custom'.")
+
+
+def class_rows(results: list[ArmResult], compact: bool = False
+               ) -> tuple[list[str], list[list[str]]] | None:
+    """One row per class and arm, or None when no request stated an SLO."""
+    ok = [r for r in results if r.summary and "per_class" in r.summary]
+    if not ok:
+        return None
+    columns = [c for c in CLASS_COLUMNS if not compact or c[0] in CLASS_COMPACT]
+    head = ["class", "arm", *(["SLO (TTFT / TBT)"] * (not compact)),
+            *(title for _, title, _ in columns)]
+    names = list(dict.fromkeys(n for r in ok for n in r.summary["per_class"]))
+    rows = []
+    for name in names:
+        for r in ok:
+            c = r.summary["per_class"].get(name)
+            if c is None:
+                continue
+            slo = "varies" if c["ttft_deadline_s"] is None else (
+                f"{c['ttft_deadline_s']:g} s / {c['tbt_deadline_ms']:g} ms")
+            rows.append([name, r.arm.name, *([slo] * (not compact)),
+                         *(fmt(c.get(k), f) for k, _, f in columns)])
+    return head, rows
+
+
+def _class_diff_rows(results: list[ArmResult], comparisons: dict
+                     ) -> tuple[list[str], list[list[str]]]:
+    base = results[0].arm.name
+    head = ["class", "arm", *(f"Δ {label} vs {base}" for label, _, _ in CLASS_METRICS.values())]
+    rows = []
+    names = list(dict.fromkeys(n for e in comparisons.values() for n in e.get("per_class", {})))
+    for name in names:
+        for arm, entry in comparisons.items():
+            cis = entry.get("per_class", {}).get(name)
+            if cis is not None:
+                rows.append([name, arm, *(_ci(cis[key]) for key in CLASS_METRICS)])
+    return head, rows
+
+
+def _ci(ci: dict) -> str:
+    star = " *" if ci["low"] is not None and (ci["low"] > 0 or ci["high"] < 0) else ""
+    return f"{_signed(ci['estimate'])} [{_signed(ci['low'])}, {_signed(ci['high'])}]{star}"
+
+
 def _diff_rows(results: list[ArmResult], comparisons: dict) -> tuple[list[str], list[list[str]]]:
     base = results[0]
     head = ["arm", *(f"Δ {label} vs {base.arm.name}" for label, _, _ in HEADLINE.values())]
     rows = []
     for name, entry in comparisons.items():
-        cells = []
-        for key in HEADLINE:
-            ci = entry["ci"][key]
-            star = " *" if ci["low"] is not None and (ci["low"] > 0 or ci["high"] < 0) else ""
-            cells.append(f"{_signed(ci['estimate'])} [{_signed(ci['low'])}, "
-                         f"{_signed(ci['high'])}]{star}")
-        rows.append([name, *cells])
+        rows.append([name, *(_ci(entry["ci"][key]) for key in HEADLINE)])
     return head, rows
 
 
@@ -151,7 +207,7 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
                  f"source predicts for its batch: {sim['source']}. Every latency below is that "
                  f"forecast. Assumptions:"), ("ul", sim["assumptions"])] if sim else []),
         ("p", f"Model {cfg.model}. Trace: {cfg.traces[0].description}; seeds {seeds}, the same "
-              f"in every arm. SLOs: {cfg.slo.describe()}."),
+              f"in every arm. SLOs: {cfg.slo.describe()}." + sending_note(cfg)),
         *([("p", note)] if note else []),
         ("h2", "Arms"),
         ("ul", [f"{r.arm.name}: `{r.arm.describe()}`" + (f" (log: logs/{r.arm.name}.log)"
@@ -164,6 +220,13 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
                 ("p", f"Paired bootstrap over requests ({cfg.bootstrap_iterations} resamples, the "
                       f"same requests drawn in both arms); * marks an interval that excludes 0."),
                 ("table", _diff_rows(results, comparisons))]
+    per_class = class_rows(results)
+    if per_class is not None:
+        out += [("h2", "Per SLO class"), ("p", CLASS_DEFINITIONS), ("table", per_class)]
+        if any("per_class" in e for e in comparisons.values()):
+            out += [("p", f"Differences from {results[0].arm.name} per class, paired bootstrap "
+                          f"over the class's requests; * marks an interval that excludes 0."),
+                    ("table", _class_diff_rows(results, comparisons))]
     verdicts = [e["equivalence"]["verdict"] for e in comparisons.values() if "equivalence" in e]
     if verdicts:
         eqs = [(n, e["equivalence"]) for n, e in comparisons.items() if "equivalence" in e]
@@ -230,6 +293,23 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
                     "buckets; servers started here get buckets from 5 ms up); n/a when the server "
                     "does not export it."])]
     return out
+
+
+def sending_note(cfg: ABConfig) -> str:
+    """What requests told the servers of their SLOs ('' when the trace gives none)."""
+    if not any(t.states_slos for t in cfg.traces):
+        return ""
+    how = cfg.slo_sending
+    where = ("in the simulated request's SamplingParams.extra_args" if cfg.simulation else
+             "in vllm_xargs" if how.via == "xargs" else "in x-slo-* headers")
+    note = (f" Requests the trace gives SLOs are judged by their own, and state them {where}: "
+            f"their deadlines, {'and' if how.send_class else 'not'} their class name.")
+    prio = [a.name for a in cfg.arms if cfg.gets_priority(a)]
+    if prio:
+        arms = f"Arms {', '.join(prio)} were" if len(prio) > 1 else f"Arm {prio[0]} was"
+        note += (f" {arms} also sent vLLM's request priority by class ("
+                 + ", ".join(f"{k} {v}" for k, v in cfg.slo_priority.items()) + ").")
+    return note
 
 
 SIMULATED = [

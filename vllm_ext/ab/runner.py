@@ -13,12 +13,12 @@ from pathlib import Path
 from vllm_ext.ab import capacity as cap
 from vllm_ext.ab import equivalence as eq
 from vllm_ext.ab import promtext, report
-from vllm_ext.ab.client import EndpointError, replay, served_models
+from vllm_ext.ab.client import SEND_VALUES, EndpointError, replay, served_models
 from vllm_ext.ab.config import ABConfig, ABError, Arm, ArmResult, CapacitySearch
 from vllm_ext.ab.report import write_json as _write_json
 from vllm_ext.ab.server_view import ServerView
 from vllm_ext.ab.stats import paired_bootstrap
-from vllm_ext.ab.summary import HEADLINE, summarize
+from vllm_ext.ab.summary import CLASS_METRICS, HEADLINE, class_items, judge, summarize
 from vllm_ext.ab.traces import LengthDist, Trace, TraceError, synthesize
 
 # vLLM's default request-latency buckets start at 0.3 s, too coarse to read a P50
@@ -51,12 +51,14 @@ def _serving(arm: Arm, cfg: ABConfig, log: Path) -> Iterator[tuple[str, str]]:
         yield url, str(cfg.model)
 
 
-def _replay_measured(url: str, model: str, trace: Trace, cfg: ABConfig, desc: str):
+def _replay_measured(url: str, model: str, trace: Trace, cfg: ABConfig, desc: str,
+                     arm: Arm | None = None):
     """Replay, showing its progress, and what the server's metrics saw of it."""
     before = ServerView.scrape(url)
+    sending = cfg.sending(arm) if arm is not None else SEND_VALUES
     with cfg.progress.replay(desc, len(trace.requests)) as shown:
         records = replay(url, model, trace, cfg.vocab_size, on_done=shown.request_done,
-                         on_tokens=shown.tokens)
+                         on_tokens=shown.tokens, sending=sending)
     time.sleep(0.5)  # vLLM records finished requests' stats just after their last token
     return records, ServerView.scrape(url).since(before)
 
@@ -66,7 +68,8 @@ def probe_trace(cfg: ABConfig, qps: float, index: int) -> Trace:
     # same server, so the prefix cache cannot flatter later probes.
     return synthesize(cfg.capacity.requests, "poisson", cfg.prompt_len, cfg.output_len,
                       seed=10_000 + 100 * cfg.traces[0].seed + index, qps=qps,
-                      max_prompt=cfg.max_prompt_tokens, max_output=cfg.max_output_tokens)
+                      max_prompt=cfg.max_prompt_tokens, max_output=cfg.max_output_tokens,
+                      classes=cfg.slo_mix)
 
 
 def run_arm(arm: Arm, cfg: ABConfig, say=print) -> ArmResult:
@@ -85,7 +88,7 @@ def run_arm(arm: Arm, cfg: ABConfig, say=print) -> ArmResult:
             seen = ServerView()
             for i, trace in enumerate(cfg.traces, start=1):
                 desc = f"[{arm.name}] seed {trace.seed} ({i}/{len(cfg.traces)})"
-                records, view = _replay_measured(url, model, trace, cfg, desc)
+                records, view = _replay_measured(url, model, trace, cfg, desc, arm)
                 result.runs.append(records)
                 seen = seen + view
                 _write_json(cfg.out / "raw" / arm.name / f"seed{trace.seed}.json",
@@ -105,7 +108,7 @@ def run_arm(arm: Arm, cfg: ABConfig, say=print) -> ArmResult:
                                  for o in result.outputs])
             if cfg.capacity is not None:
                 with _part(result, "capacity search", say):
-                    result.capacity = _search_capacity(url, model, cfg, arm.name, say)
+                    result.capacity = _search_capacity(url, model, cfg, arm, say)
     except Exception as e:
         # Whatever broke (ServerError carries the log tail), this arm is recorded as
         # failed and the others still run.
@@ -124,8 +127,8 @@ def _part(result: ArmResult, part: str, say) -> Iterator[None]:
         say(f"[{result.arm.name}] {result.problems[-1]}")
 
 
-def _search_capacity(url: str, model: str, cfg: ABConfig, name: str, say) -> cap.Capacity:
-    search = cfg.capacity
+def _search_capacity(url: str, model: str, cfg: ABConfig, arm: Arm, say) -> cap.Capacity:
+    search, name = cfg.capacity, arm.name
     count = iter(range(search.iterations))
     probes = f"{search.iterations} probe" + "s" * (search.iterations != 1)
     cfg.progress.phase(f"[{name}] capacity search: {probes} of {search.requests} requests, "
@@ -135,7 +138,7 @@ def _search_capacity(url: str, model: str, cfg: ABConfig, name: str, say) -> cap
         index = next(count)
         trace = probe_trace(cfg, qps, index)
         records, view = _replay_measured(url, model, trace, cfg, f"[{name}] capacity probe "
-                                         f"{index + 1}/{search.iterations} at {qps:.3g} QPS")
+                                         f"{index + 1}/{search.iterations} at {qps:.3g} QPS", arm)
         s = summarize([records], cfg.slo)
         return search.target.judge(qps, s["tbt_p99_ms"], promtext.quantile(view.queue_time, 0.5),
                                    s["failed"])
@@ -146,7 +149,8 @@ def _search_capacity(url: str, model: str, cfg: ABConfig, name: str, say) -> cap
 
 def compare_arms(results: list[ArmResult], cfg: ABConfig, known: dict | None = None) -> dict:
     """Each arm against the first (the base): bootstrap intervals on the headline
-    metrics, and output equivalence. Arms already in `known` are not redone."""
+    metrics (and, when requests have SLOs, on each class's), and output equivalence.
+    Arms already in `known` are not redone."""
     base, out = results[0], dict(known or {})
     if base.error or not base.runs:
         return out
@@ -157,11 +161,24 @@ def compare_arms(results: list[ArmResult], cfg: ABConfig, known: dict | None = N
         tls = [[r.timeline() for r in run] for run in res.runs]
         entry = {"ci": {key: paired_bootstrap(base_tls, tls, fn, cfg.bootstrap_iterations).to_dict()
                         for key, (_, fn, _) in HEADLINE.items()}}
+        if "per_class" in (base.summary or {}):
+            entry["per_class"] = class_intervals(base.runs, res.runs, cfg)
         if base.outputs is not None and res.outputs is not None:
             cmp = eq.compare(cfg.prompts, base.outputs, res.outputs)
             entry["equivalence"] = {**cmp, "verdict": eq.verdict(res.arm.name, base.arm.name, cmp)}
         out[res.arm.name] = entry
     return out
+
+
+def class_intervals(base_runs, arm_runs, cfg: ABConfig) -> dict[str, dict]:
+    """class -> metric -> the paired-bootstrap interval of arm minus base, over that
+    class's requests (each judged by its own deadlines)."""
+    base = class_items(base_runs, judge(base_runs, cfg.slo))
+    arm = class_items(arm_runs, judge(arm_runs, cfg.slo))
+    return {name: {key: paired_bootstrap(base[name], arm[name], fn,
+                                         cfg.bootstrap_iterations).to_dict()
+                   for key, (_, fn, _) in CLASS_METRICS.items()}
+            for name in base}
 
 
 def run_ab(cfg: ABConfig, say=print) -> tuple[list[ArmResult], dict]:

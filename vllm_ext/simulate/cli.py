@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from vllm_ext.ab.cli import (add_capacity_args, add_output_args, add_slo_args, add_trace_args,
-                             capacity_from, out_dir, traces_from)
+                             capacity_from, out_dir, slo_options, traces_from)
 from vllm_ext.ab.summary import SLO
 from vllm_ext.ab.traces import TraceError
 
@@ -73,7 +73,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     k.add_argument("--kv-memory", type=float, metavar="GIB", help="KV memory per GPU (GiB)")
     k.add_argument("--num-gpu-blocks", type=int, metavar="N", help="KV blocks")
     add_trace_args(p)
-    add_slo_args(p)
+    add_slo_args(p, client=False)
     add_capacity_args(p)
     # Probes cost seconds here, not minutes: search finer by default.
     p.set_defaults(capacity_probes=8, capacity_requests=256)
@@ -166,7 +166,7 @@ def build(a: argparse.Namespace):
     from vllm_ext.simulate.sources import fitted_for_adaptive, write_fitted
 
     arms = [Arm.parse(s) for s in a.arm]
-    traces, prompt, output = traces_from(a)
+    traces, prompt, output, mix = traces_from(a)
     if a.sweep and not a.capacity:
         a.capacity = True
     capacity = capacity_from(a)
@@ -179,7 +179,7 @@ def build(a: argparse.Namespace):
                    capacity=capacity, prompt_len=prompt, output_len=output,
                    max_prompt_tokens=a.max_prompt_tokens, max_output_tokens=a.max_output_tokens,
                    bootstrap_iterations=a.bootstrap,
-                   progress=Progress(enabled=not a.no_progress))
+                   progress=Progress(enabled=not a.no_progress), slo_mix=mix, **slo_options(a))
     cfg.check()
     sim = Simulation(source, model, kv, target, Sweep.parse(a.sweep) if a.sweep else None,
                      host_scale=a.host_time_scale)

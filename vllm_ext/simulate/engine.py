@@ -14,11 +14,12 @@ output is processed; nothing else (network, detokenization, the API server) take
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vllm_ext.ab.client import RequestRecord
+from vllm_ext.ab.client import SEND_VALUES, RequestRecord, SLOSending
 from vllm_ext.ab.traces import Trace
 from vllm_ext.schedulers.latency import StepShape
 
@@ -52,17 +53,20 @@ class SimRun:
 
 
 def simulate_trace(config, num_blocks: int, trace: Trace, step_time: Callable[[StepShape], float],
-                   on_done: Callable[[], None] | None = None, host_scale: float = 0.0) -> SimRun:
+                   on_done: Callable[[], None] | None = None, host_scale: float = 0.0,
+                   sending: SLOSending = SEND_VALUES) -> SimRun:
     """Every request of `trace` through a fresh scheduler of `config`: open-loop traces
-    at their arrival times, closed loops (`trace.concurrency`) one in as one finishes."""
+    at their arrival times, closed loops (`trace.concurrency`) one in as one finishes.
+    A request's SLOs reach the scheduler as a served request's do once the API server
+    has taken them, as `sending` says: in its SamplingParams.extra_args, and its priority."""
     from vllm_ext.tools.driver import Driver, Req
 
     started = time.perf_counter()
-    reqs = [Req.of(f"{trace.seed}-{i}", r.arrival, r.prompt_tokens, r.output_tokens)
+    reqs = [Req.of(f"{trace.seed}-{i}", r.arrival, r.prompt_tokens, r.output_tokens,
+                   sending.fields(r) or None, sending.request(r)[0].get("priority", 0))
             for i, r in enumerate(trace.requests)]
     index = {r.req_id: i for i, r in enumerate(reqs)}
-    records = [RequestRecord(i, r.arrival, r.arrival, r.prompt_tokens, r.output_tokens)
-               for i, r in enumerate(trace.requests)]
+    records = [RequestRecord.planned(i, r, r.arrival) for i, r in enumerate(trace.requests)]
     first_scheduled: dict[str, float] = {}
     # A server refuses a request that cannot fit its context (HTTP 400): so does this.
     limit = config.model_config.max_model_len
@@ -101,9 +105,7 @@ def simulate_trace(config, num_blocks: int, trace: Trace, step_time: Callable[[S
                 rec.completed, rec.finish_reason = True, "length"
                 rec.usage_tokens = sum(n for _, n in rec.events)
                 if later:  # closed loop: the next request is sent as this one ends
-                    pending.append(Req(later[0].req_id, end, later[0].prompt,
-                                       later[0].max_tokens, later[0].cache_salt))
-                    later.popleft()
+                    pending.append(dataclasses.replace(later.popleft(), arrival=end))
                 if on_done is not None:
                     on_done()
             if tick.output.total_num_scheduled_tokens:

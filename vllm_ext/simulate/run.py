@@ -136,7 +136,8 @@ def _simulate(cfg: ABConfig, sim: Simulation, arm: Arm, trace: Trace, desc: str)
     config = sim.configs[arm.name]
     with cfg.progress.replay(desc, len(trace.requests)) as shown:
         return simulate_trace(config, sim.kv.num_blocks(config), trace, sim.source,
-                              on_done=shown.request_done, host_scale=sim.host_scale)
+                              on_done=shown.request_done, host_scale=sim.host_scale,
+                              sending=cfg.sending(arm))
 
 
 def run_arm(arm: Arm, cfg: ABConfig, sim: Simulation, say) -> ArmResult:
