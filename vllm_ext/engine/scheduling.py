@@ -587,11 +587,17 @@ class MnemosyneScheduler(SarathiScheduler):
         """The prefill this step serves first: the first partial prefill in the running
         list that is not held, else the head of the waiting queue when it may be admitted."""
         step = self.current_step + 1  # schedule() is about to advance current_step
-        for req in self.running:
-            if not decoding(req) and req.request_id not in self._held \
-                    and req.num_computed_tokens < tokens(req) \
+        # The running list is in the policy's order, decodes first: its prefills are its
+        # tail, read from the end (not a pass over hundreds of decodes every step).
+        first = None
+        for req in reversed(self.running):
+            if decoding(req):
+                break
+            if req.request_id not in self._held and req.num_computed_tokens < tokens(req) \
                     and req.next_decode_eligible_step <= step:
-                return req
+                first = req
+        if first is not None:
+            return first
         if self.waiting and len(self.running) < self.max_num_active_reqs \
                 and isinstance(self.waiting, collections.deque):
             return self.waiting[0]
