@@ -278,6 +278,7 @@ def main() -> int:
     text = markdown(result, command, float(timing.read_text()), simulated)
     print(text)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     stem = "slo-classes-simulated-cpu" if simulated else "slo-classes-cpu"
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))

@@ -62,9 +62,11 @@ def cache_path(target: ProfileTarget) -> Path:
     return cache / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def profile_for(target: ProfileTarget) -> str:
+def profile_for(target: ProfileTarget,
+                why: str = "no --sarathi-latency-model given") -> str:
     """The quick profile of the engine `target` describes, measured once on this machine
-    (in a child process: this one is about to start the real engine) and cached."""
+    (in a child process: this one is about to start the real engine) and cached. `why`
+    opens the line that says so."""
     import subprocess
     import sys
 
@@ -75,7 +77,7 @@ def profile_for(target: ProfileTarget) -> str:
         return str(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     limit = envs.profile_timeout_s()
-    print(f"vllm-ext: no --sarathi-latency-model given; profiling {target.model} once, up to "
+    print(f"vllm-ext: {why}; profiling {target.model} once, up to "
           f"{limit:.0f} s (cached in {path})", file=sys.stderr, flush=True)
     partial = path.with_suffix(f".{os.getpid()}.part")
     cmd = [sys.executable, "-m", "vllm_ext", "profile", *target.cli_args(), "--quick",

@@ -45,7 +45,10 @@ def _doctor(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from vllm_ext.tools.demo import run
 
-    return run(args.workdir)
+    if args.qps is not None and not args.qps > 0:
+        print(f"vllm-ext demo: error: --qps must be > 0, got {args.qps}", file=sys.stderr)
+        return 2
+    return run(args.workdir, qps=args.qps, sizing=not args.no_sizing)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,9 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     mk.set_defaults(run=_make_model)
     ls = sub.add_parser("components", help="list the selectable components and their flags")
     ls.set_defaults(run=_components)
-    demo = sub.add_parser("demo", help="A/B of the schedulers (vllm, prefill-first, sarathi) on "
-                                       "the small synthetic model on CPU, ~10 minutes")
+    demo = sub.add_parser("demo", help="A/B of stock vLLM, prefill-first, sarathi and mnemosyne "
+                                       "on the small synthetic model on CPU, load and SLOs sized "
+                                       "to this machine, ~10 minutes")
     demo.add_argument("--workdir", default="demo", help="where the model and the report go")
+    demo.add_argument("--qps", type=float, help="request rate (default: 80%% of stock vLLM's "
+                                                "capacity here, simulated from a profile)")
+    demo.add_argument("--no-sizing", action="store_true",
+                      help="neither profile nor simulate: the SLOs and rate sizing chose on "
+                           "this project's 2-core CI machine (or --qps)")
     demo.set_defaults(run=_demo)
     prof = sub.add_parser("profile", help="measure this engine's step times here and fit the "
                                           "step-time model for --sarathi-tbt-slo-ms")
