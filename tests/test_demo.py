@@ -120,7 +120,7 @@ def _sized(tmp_path, capacity: cap.Capacity | None, qps=None) -> tuple[demo.Sizi
                                                   "model": str(model)}).to_json())
     said, budgets = [], []
 
-    def profile_for(target):
+    def profile_for(target, why=""):
         budgets.append(target.budget)
         return str(profile)
 
