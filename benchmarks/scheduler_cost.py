@@ -57,7 +57,14 @@ ARMS = {
     "sarathi": ["--scheduler", "sarathi"],
     "mnemosyne": ["--scheduler", "mnemosyne"],
     "prefill-first": ["--scheduler", "prefill-first"],
+    # Every request with its own SLO class: each decode's next-token deadline is walked
+    # every step, and a stricter class's prefill may take looser decodes' slots.
+    "mnemosyne, SLO classes": ["--scheduler", "mnemosyne",
+                               "--mnemosyne-slo-class", "chat=ttft:1s,tbt:100ms",
+                               "--mnemosyne-slo-class", "batch=ttft:30s,tbt:2s"],
 }
+# The requests' vllm_xargs per arm (by request index): half of each class.
+XARGS = {"mnemosyne, SLO classes": lambda i: {"slo_class": ("chat", "batch")[i % 2]}}
 RUNNING = (64, 256, 1024)
 WAITING = (0, 1024, 4096)
 # The virtual clock (deadlines, mnemosyne's order) moves as on a GPU: a decode step of
@@ -117,15 +124,16 @@ def measure(shape_dir: str, loop: str, running: int, waiting: int, steps: int,
                                                    running * per_request + 64,
                                                    step_time=lambda shape: STEP_S, step_log=True))
                    for arm in names[first:] + names[:first]}
-        for driver in drivers.values():
+        for arm, driver in drivers.items():
+            xargs = XARGS.get(arm, lambda i: None)
             for i in range(running):
-                driver.add(Req.of(f"r{i}", 0.0, PROMPT, MAX_MODEL_LEN - PROMPT))
+                driver.add(Req.of(f"r{i}", 0.0, PROMPT, MAX_MODEL_LEN - PROMPT, xargs(i)))
             while any(r.num_computed_tokens < r.num_prompt_tokens
                       for r in driver.scheduler.running) or driver.scheduler.waiting:
                 driver.advance()  # prefill the batch: measured steps decode it
             for i in range(waiting):
                 driver.add(Req.of(f"w{i}", driver.now - (waiting - i) / ARRIVALS_PER_S, PROMPT,
-                                  16))
+                                  16, xargs(i)))
         # As vLLM's engine core does once started: what exists now is frozen out of the
         # collector's scans, so set-up garbage does not time the measured steps.
         gc.collect()
