@@ -18,20 +18,18 @@ directory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from vllm_ext.ab.metron import Timeline
+import engine_ab
 
-HERE = Path(__file__).resolve().parent
+from vllm_ext.ab.metron import Timeline
 
 # Deadlines (Metron's): first token due TTFT slack + predicted prefill time. The
 # prediction is this machine's: `vllm-ext profile` of the small model at a 256-token
@@ -250,59 +248,29 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--work", default="deadlines-work")
-    ap.add_argument("--qps", type=float, default=QPS)
-    ap.add_argument("--requests", type=int, default=REQUESTS)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bootstrap", type=int, default=1000)
-    ap.add_argument("--latency-model", help="simulate the arms with this step-time model "
-                    "(`vllm-ext profile`) instead of running them")
-    ap.add_argument("--reuse", action="store_true", help="analyse the report in the work "
-                    "directory, running nothing")
-    args = ap.parse_args()
+    args = engine_ab.parser(__doc__, "deadlines-work", QPS, REQUESTS)
+    args.add_argument("--seed", type=int, default=0)
+    args = args.parse_args()
 
-    from vllm_ext.tools.cli import main as cli
-    from vllm_ext.tools.models import make_model
-    from vllm_ext.tools.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV
+    def traffic(model: str, work: Path) -> list[str]:
+        trace = write_trace(work / f"mixed-{args.qps:g}qps.csv", args.qps, args.requests,
+                            args.seed)
+        return ["--trace-csv", str(trace), "--ttft-slo-s", f"{TTFT_SLO_S:g}",
+                "--tbt-slo-ms", f"{TBT_SLO_MS:g}",
+                "--prefill-ms-per-token", f"{PREFILL_MS_PER_TOKEN:g}"]
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    model = str(make_model(Path("models") / "small", preset="small"))
-    trace = write_trace(work / f"mixed-{args.qps:g}qps.csv", args.qps, args.requests, args.seed)
-    simulated = args.latency_model is not None
-    report = work / ("simulated" if simulated else "measured")
-    argv = ["--model", model, "--trace-csv", str(trace),
-            *(a for n, flags in ARMS.items() for a in ("--arm", f"{n}={flags}")),
-            "--ttft-slo-s", f"{TTFT_SLO_S:g}", "--tbt-slo-ms", f"{TBT_SLO_MS:g}",
-            "--prefill-ms-per-token", f"{PREFILL_MS_PER_TOKEN:g}", "--out", str(report)]
-    if simulated:
-        argv = ["simulate", *argv, "--latency-model", args.latency_model,
-                "--kv-memory", CPU_SERVE_ENV["VLLM_CPU_KVCACHE_SPACE"]]
-    else:
-        argv = ["bench", "ab", *argv, "--no-equivalence",
-                "--serve-args", shlex.join([*CPU_SERVE_ARGS, "--max-model-len", "4096"])]
-    started, timing = time.monotonic(), work / "minutes.txt"
-    if not args.reuse:
-        print("$ vllm-ext " + shlex.join(argv), flush=True)
-        if cli(argv):
-            return 1
-        timing.write_text(f"{(time.monotonic() - started) / 60:.1f}")
+    ran = engine_ab.run(args, traffic, ARMS)
+    if ran is None:
+        return 1
+    report, minutes, command = ran
     result = analyse(report, args.bootstrap)
-    result["command"] = "vllm-ext " + shlex.join(argv)
-    command = "python benchmarks/deadlines.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in (("qps", args.qps), ("requests", args.requests),
-                                                      ("latency_model", args.latency_model))
-        if v is not None and v != {"qps": QPS, "requests": REQUESTS}.get(k))
-    text = markdown(result, command, float(timing.read_text()), simulated)
-    print(text)
-    out = Path(args.out)
-    stem = "deadlines-simulated-cpu" if simulated else "deadlines-cpu"
-    (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / f"{stem}.png")
-    print(f"wrote {out / stem}.md, .json, .png")
+    result["command"] = command
+    simulated = args.latency_model is not None
+    text = markdown(result, engine_ab.command("deadlines.py", args,
+                                              {"qps": QPS, "requests": REQUESTS}),
+                    minutes, simulated)
+    engine_ab.write(args.out, "deadlines-simulated-cpu" if simulated else "deadlines-cpu",
+                    text, result, plot)
     return 0
 
 

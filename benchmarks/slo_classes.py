@@ -18,16 +18,14 @@ report stays in the work directory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+import engine_ab
 
 BUDGET = 256  # vllm-ext's CPU default for Sarathi's budget, given to every arm
 PREFILL_MS_PER_TOKEN = 1.5  # this machine's prefill rate for the small model (deadlines.py)
@@ -231,59 +229,25 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--work", default="slo-classes-work")
-    ap.add_argument("--qps", type=float, default=QPS)
-    ap.add_argument("--requests", type=int, default=REQUESTS)
-    ap.add_argument("--bootstrap", type=int, default=1000)
-    ap.add_argument("--latency-model", help="simulate the arms with this step-time model "
-                    "(`vllm-ext profile`) instead of running them")
-    ap.add_argument("--reuse", action="store_true", help="analyse the report in the work "
-                    "directory, running nothing")
-    args = ap.parse_args()
+    args = engine_ab.parser(__doc__, "slo-classes-work", QPS, REQUESTS).parse_args()
 
-    from vllm_ext.tools.cli import main as cli
-    from vllm_ext.tools.models import make_model
-    from vllm_ext.tools.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV
+    def traffic(model: str, work: Path) -> list[str]:
+        return ["--num-requests", str(args.requests), "--qps", f"{args.qps:g}",
+                "--slo-mix", MIX, "--prefill-ms-per-token", f"{PREFILL_MS_PER_TOKEN:g}",
+                "--slo-send-class", "--slo-priority", PRIORITY]
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    model = str(make_model(Path("models") / "small", preset="small"))
-    simulated = args.latency_model is not None
-    report = work / ("simulated" if simulated else "measured")
-    argv = ["--model", model, "--num-requests", str(args.requests), "--qps", f"{args.qps:g}",
-            "--slo-mix", MIX, "--prefill-ms-per-token", f"{PREFILL_MS_PER_TOKEN:g}",
-            "--slo-send-class", "--slo-priority", PRIORITY,
-            *(a for n, flags in ARMS.items() for a in ("--arm", f"{n}={flags}")),
-            "--out", str(report)]
-    if simulated:
-        argv = ["simulate", *argv, "--latency-model", args.latency_model,
-                "--kv-memory", CPU_SERVE_ENV["VLLM_CPU_KVCACHE_SPACE"]]
-    else:
-        argv = ["bench", "ab", *argv, "--no-equivalence",
-                "--serve-args", shlex.join([*CPU_SERVE_ARGS, "--max-model-len", "4096"])]
-    started, timing = time.monotonic(), work / f"{report.name}-minutes.txt"
-    if not args.reuse:
-        print("$ vllm-ext " + shlex.join(argv), flush=True)
-        if cli(argv):
-            return 1
-        timing.write_text(f"{(time.monotonic() - started) / 60:.1f}")
+    ran = engine_ab.run(args, traffic, ARMS)
+    if ran is None:
+        return 1
+    report, minutes, command = ran
     result = analyse(report, args.bootstrap)
-    result["command"] = "vllm-ext " + shlex.join(argv)
-    command = "python benchmarks/slo_classes.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in (("qps", args.qps), ("requests", args.requests),
-                                                      ("latency_model", args.latency_model))
-        if v is not None and v != {"qps": QPS, "requests": REQUESTS}.get(k))
-    text = markdown(result, command, float(timing.read_text()), simulated)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "slo-classes-simulated-cpu" if simulated else "slo-classes-cpu"
-    (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / f"{stem}.png")
-    print(f"wrote {out / stem}.md, .json, .png")
+    result["command"] = command
+    simulated = args.latency_model is not None
+    text = markdown(result, engine_ab.command("slo_classes.py", args,
+                                              {"qps": QPS, "requests": REQUESTS}),
+                    minutes, simulated)
+    engine_ab.write(args.out, "slo-classes-simulated-cpu" if simulated else "slo-classes-cpu",
+                    text, result, plot)
     return 0
 
 
