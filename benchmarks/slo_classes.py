@@ -124,6 +124,9 @@ def analyse(report_dir: Path, bootstrap: int) -> dict:
         arm["unfinished"] = sum(not j.completed for j in flat)
         batch = [j.tl.ttft for j in flat if j.cls == "batch" and j.tl.ttft is not None]
         arm["batch_ttft_max_s"] = max(batch, default=math.nan)
+        # From the server's /metrics (recorded by bench ab since this benchmark's first run).
+        spec = next(a for a in report["arms"] if a["name"] == name)
+        arm["decodes_deferred"] = (spec["summary"] or {}).get("decodes_deferred")
         for cls in classes:
             def keep(js, cls=cls):
                 return [j for j in js if cls is None or j.cls == cls]
@@ -153,6 +156,10 @@ def verdicts(result: dict) -> list[str]:
         lines.append(f"- {cls or 'all requests'}, {labels[key]}: mnemosyne / priority = "
                      f"{r['estimate']:.2f} [{r['low']:.2f}, {r['high']:.2f}], target "
                      f"{'<=' if at_most else '>='} {bound:g}: {'met' if ok else 'MISSED'}")
+    deferred = arm.get("decodes_deferred")
+    if deferred is not None and not math.isnan(deferred):
+        lines.append(f"- decodes mnemosyne deferred for a stricter class's prefill: "
+                     f"{deferred:.0f} (its /metrics)")
     lines.append(f"- requests unfinished: {arm['unfinished']} of {arm['requests']}, target 0: "
                  f"{'met' if arm['unfinished'] == 0 else 'MISSED'}")
     bound = 8 * 30.0 + 30.0 + 2560 * PREFILL_MS_PER_TOKEN / 1e3  # deadline + starvation bound

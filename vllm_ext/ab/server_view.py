@@ -1,6 +1,7 @@
 """What a vLLM server's /metrics saw of a replay: the scheduling delays (time from
 arrival to first scheduling), prefix-cache hits and, under a vllm-ext scheduler, the
-engine's steps and their summed time, as differences between scrapes."""
+engine's steps, their summed time and the decodes it deferred for a stricter SLO class,
+as differences between scrapes."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class ServerView:
     cache_queries: float | None = None
     steps: float | None = None  # engine steps (vllm-ext schedulers only)
     step_seconds: float | None = None  # their wall time, summed
+    decodes_deferred: float | None = None  # --scheduler mnemosyne with per-request SLOs
 
     @classmethod
     def scrape(cls, url: str) -> "ServerView":
@@ -30,7 +32,8 @@ class ServerView:
                    promtext.counter(text, "vllm:prefix_cache_hits"),
                    promtext.counter(text, "vllm:prefix_cache_queries"),
                    promtext.counter(text, "vllm_ext_steps"),
-                   promtext.counter(text, "vllm_ext_step_seconds_sum"))
+                   promtext.counter(text, "vllm_ext_step_seconds_sum"),
+                   promtext.counter(text, "vllm_ext_decodes_deferred"))
 
     def since(self, before: "ServerView") -> "ServerView":
         sub = lambda a, b: None if a is None else a - (b or 0.0)
@@ -38,7 +41,8 @@ class ServerView:
                           sub(self.cache_hits, before.cache_hits),
                           sub(self.cache_queries, before.cache_queries),
                           sub(self.steps, before.steps),
-                          sub(self.step_seconds, before.step_seconds))
+                          sub(self.step_seconds, before.step_seconds),
+                          sub(self.decodes_deferred, before.decodes_deferred))
 
     def __add__(self, other: "ServerView") -> "ServerView":
         add = lambda a, b: b if a is None else a if b is None else a + b
@@ -46,11 +50,13 @@ class ServerView:
                           add(self.cache_hits, other.cache_hits),
                           add(self.cache_queries, other.cache_queries),
                           add(self.steps, other.steps),
-                          add(self.step_seconds, other.step_seconds))
+                          add(self.step_seconds, other.step_seconds),
+                          add(self.decodes_deferred, other.decodes_deferred))
 
     def figures(self) -> dict:
         delay = promtext.quantile(self.queue_time, 0.5)
         hit = self.cache_hits / self.cache_queries if self.cache_queries else None
         nan = lambda x: math.nan if x is None else x
         return {"sched_delay_p50_s": nan(delay), "prefix_cache_hit_rate": nan(hit),
-                "engine_steps": nan(self.steps), "engine_step_s": nan(self.step_seconds)}
+                "engine_steps": nan(self.steps), "engine_step_s": nan(self.step_seconds),
+                "decodes_deferred": nan(self.decodes_deferred)}
