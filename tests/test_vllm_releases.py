@@ -5,7 +5,7 @@ pytest per release (a process imports one vLLM):
   marked `release`: the patch targets, the real-Scheduler property tests on both engine
   loops, every scheduler's class on a GPU config's async loop, the CUDA
   POD backend on CPU tensors, the simulator's arms on that release's serve parser,
-  Mnemosyne's deadline order on that release's Scheduler;
+  Mnemosyne's deadline order and per-request SLOs on that release's Scheduler;
 - the installed 0.32: only the tests that run vLLM's Triton code on CPU tensors
   (`vllm_triton`), which the main run cannot: it keeps vLLM's CPU build as it is.
 """
@@ -25,7 +25,8 @@ HERE = Path(__file__).parent
 ALLOWED_SKIPS = ("no V1 runner from vLLM 0.34", "no allocation hook before vLLM 0.34")
 FILES = ("test_patches.py", "test_scheduler_properties.py", "test_pod_cuda_backend.py",
          "test_kv_pool_runners.py", "test_simulate.py", "test_simulate_gpu.py",
-         "test_mnemosyne.py", "test_async_loop.py", "test_vattention_capacity.py")
+         "test_mnemosyne.py", "test_mnemosyne_slo.py", "test_async_loop.py",
+         "test_vattention_capacity.py")
 
 
 def _run(tmp_path: Path, env: dict, marker: str) -> tuple[dict, str]:
