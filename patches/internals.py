@@ -49,6 +49,8 @@ class SchedulerInternals(Reliance):
             "block_hashes", "sampling_params", "is_finished")),
         # A request's vllm_xargs, where per-request SLOs travel (vllm_ext.schedulers.slo).
         Target("vllm.sampling_params:SamplingParams", attrs=("extra_args",)),
+        # The tokens a step sampled, per request: what per-request TBT deadlines walk.
+        Target("vllm.v1.outputs:ModelRunnerOutput", attrs=("req_ids", "sampled_token_ids")),
         Target(f"{_SCHED}.output:SchedulerOutput", attrs=(
             "num_scheduled_tokens", "total_num_scheduled_tokens", "preempted_req_ids")),
         # Called with the request alone (0.33 added an optional cap on the hit).

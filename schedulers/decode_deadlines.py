@@ -18,7 +18,7 @@ Here a decode may give its slot to a prefill when all of these hold:
 Deadlines follow Metron's walk: a request's first token at t, due at D, sets the next
 one due at max(t, D) + TBT; a token on time moves the deadline on by TBT (time saved is banked), a late one
 restarts it from that token (the bank is empty). Plain data, no engine import: the
-scheduler calls `first_token`, `tokens` and `choose` with what vLLM tells it.
+scheduler calls `first_token`, `delivered` and `choose` with what vLLM tells it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 class _Walk:
     tbt_s: float
     due: float  # when the next token not yet delivered is due
+    slo_class: str = ""  # what its tokens are counted under
     deferred: int = 0  # steps in a row this decode has sat out, up to `last_deferred`
     last_deferred: int = -2  # the step it last sat out
 
@@ -47,28 +48,35 @@ class DecodeDeadlines:
         return req_id in self._walks
 
     def first_token(self, req_id: str, t: float, tbt_s: float | None,
-                    deadline: float = -float("inf")) -> None:
+                    deadline: float = -float("inf"), slo_class: str = "") -> None:
         """A request delivered its first token at `t`, due at `deadline`: the next is due a
         TBT after the later of the two (time saved on the first token is banked too);
         without a TBT SLO it is not walked."""
         if tbt_s is not None:
-            self._walks[req_id] = _Walk(tbt_s, max(t, deadline) + tbt_s)
+            self._walks[req_id] = _Walk(tbt_s, max(t, deadline) + tbt_s, slo_class)
 
-    def tokens(self, req_id: str, t: float, n: int) -> tuple[int, int]:
-        """`n` later tokens delivered at `t` (more than one: speculative decoding):
-        (on time, late). A request not walked counts none."""
-        walk = self._walks.get(req_id)
-        if walk is None:
-            return 0, 0
-        met = late = 0
-        for _ in range(n):
-            if t <= walk.due:
-                met += 1
-                walk.due += walk.tbt_s
-            else:
-                late += 1
-                walk.due = t + walk.tbt_s
-        return met, late
+    def delivered(self, outputs: Iterable[tuple[str, int]], t: float) -> dict[str, list[int]]:
+        """A step's new output tokens, (req_id, how many), delivered at `t`: each walked,
+        on time or late (several at once: speculative decoding). Returns [on time, late]
+        per class. Once per step over the whole batch, so one token, the common case, takes
+        the short way, and counts are summed per class, not per request."""
+        walks, per_class = self._walks, {}
+        for req_id, n in outputs:
+            walk = walks.get(req_id)
+            if walk is None or not n:
+                continue
+            row = per_class.get(walk.slo_class)
+            if row is None:
+                row = per_class[walk.slo_class] = [0, 0]
+            for _ in range(n):
+                due = walk.due
+                if t <= due:
+                    row[0] += 1
+                    walk.due = due + walk.tbt_s
+                else:
+                    row[1] += 1
+                    walk.due = t + walk.tbt_s
+        return per_class
 
     def forget(self, req_id: str) -> None:
         self._walks.pop(req_id, None)

@@ -10,18 +10,22 @@ from vllm_ext.schedulers.slo_counts import SLOCounts, read_counts
 
 def test_the_walk_banks_early_tokens_and_restarts_after_a_late_one():
     d = DecodeDeadlines(max_defer_steps=4)
-    d.first_token("early", 10.0, 1.0, deadline=10.5)
+    d.first_token("early", 10.0, 1.0, deadline=10.5, slo_class="a")
     assert d.due("early") == 11.5  # the first token's slack is banked too
-    d.first_token("r", 10.0, 1.0, deadline=9.0)
+    d.first_token("r", 10.0, 1.0, deadline=9.0, slo_class="a")
     assert d.due("r") == 11.0
-    assert d.tokens("r", 10.2, 1) == (1, 0)  # early: the next is due at 12, not 11.2
+    assert d.delivered([("r", 1)], 10.2) == {"a": [1, 0]}  # early: next due at 12, not 11.2
     assert d.due("r") == 12.0 and d.due("r", ahead=2) == 14.0
-    assert d.tokens("r", 13.5, 1) == (0, 1)  # late: restarts from the late token
+    assert d.delivered([("r", 0)], 99.0) == {}  # nothing new
+    assert d.delivered([("r", 1)], 13.5) == {"a": [0, 1]}  # late: restarts from it
     assert d.due("r") == 14.5
-    assert d.tokens("r", 14.5, 2) == (2, 0)  # two tokens at once (speculative decoding)
+    assert d.delivered([("r", 2)], 14.5) == {"a": [2, 0]}  # two at once (speculative)
     assert d.due("r") == 16.5
+    d.first_token("b", 10.0, 2.0, slo_class="b")
+    assert d.delivered([("r", 1), ("b", 1), ("early", 1), ("none", 9)], 12.0) == \
+        {"a": [1, 1], "b": [1, 0]}  # r on time, early late (due 11.5)
     d.first_token("no-tbt", 10.0, None)
-    assert "no-tbt" not in d and d.tokens("no-tbt", 99.0, 3) == (0, 0)
+    assert "no-tbt" not in d and d.delivered([("no-tbt", 3)], 99.0) == {}
 
 
 def test_the_walk_counts_a_token_late_when_metron_counts_a_miss():
@@ -30,7 +34,7 @@ def test_the_walk_counts_a_token_late_when_metron_counts_a_miss():
     times = [1.0, 1.4, 1.9, 3.5, 3.6, 5.0, 5.1]
     d = DecodeDeadlines(0)
     d.first_token("r", times[0], 0.5, deadline=2.0)
-    late_tokens = [d.tokens("r", t, 1)[1] for t in times[1:]]
+    late_tokens = [d.delivered([("r", 1)], t)[""][1] for t in times[1:]]
     for k in range(1, len(times)):
         before = deadline_misses(Timeline.of(0.0, [(t, 1) for t in times[:k]]), 2.0, 0.5)[0]
         after = deadline_misses(Timeline.of(0.0, [(t, 1) for t in times[:k + 1]]), 2.0, 0.5)[0]

@@ -455,7 +455,7 @@ class MnemosyneScheduler(SarathiScheduler):
         self._slo_counts = SLOCounts(envs.stats_dir())
         self._recent_steps: collections.deque[float] = collections.deque(maxlen=8)
         self._deferred = 0  # decodes the step being scheduled defers
-        self._walked: list[tuple[Request, int]] = []
+        self._sampled = None  # the step's ModelRunnerOutput, while decodes are walked
         self._firsts_in_flight: collections.deque[tuple[str, ...]] = collections.deque()
 
     def sarathi_config(self) -> SarathiConfig:
@@ -667,16 +667,20 @@ class MnemosyneScheduler(SarathiScheduler):
         self._first_due = [self._state(req) for r in firsts
                            if (req := self.requests.get(r)) is not None
                            and req.num_output_tokens == 0]
-        # The decodes with a TBT deadline this step served, and their tokens so far (a
-        # pass over the step's requests only while some request has such a deadline).
-        walks, requests = self._decode_deadlines, self.requests
-        self._walked = [(req, req.num_output_tokens) for r in scheduler_output.num_scheduled_tokens
-                        if r in walks and (req := requests.get(r)) is not None] \
-            if len(walks) else []
+        # The tokens the step sampled, per request: what the decode deadlines walk (read
+        # only while some request has a TBT deadline).
+        self._sampled = model_runner_output if len(self._decode_deadlines) else None
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def step_outcome(self, scheduler_output: SchedulerOutput) -> dict:
         now, counts, walks = self.arrival_clock(), self._slo_counts, self._decode_deadlines
+        if self._sampled is not None:
+            # Later tokens first: a first token below starts its request's walk after.
+            # Finished requests' walks go with their SLO entries (`_forget_finished`).
+            sampled = self._sampled
+            for name, (met, late) in walks.delivered(
+                    zip(sampled.req_ids, map(len, sampled.sampled_token_ids)), now).items():
+                counts.add(name, tokens_met=met, tokens_missed=late)
         missed = 0
         for state in self._first_due:
             deadline = self.deadlines.deadline(state)
@@ -684,14 +688,7 @@ class MnemosyneScheduler(SarathiScheduler):
             missed += late
             name, slo = self._slo.get(state.req_id, self._default_slo)
             counts.add(name, first_met=not late, first_missed=late)
-            walks.first_token(state.req_id, now, slo.tbt_s, deadline)
-        for req, before in self._walked:
-            new = req.num_output_tokens - before
-            if new > 0:
-                met, late = walks.tokens(req.request_id, now, new)
-                counts.add(self._slo[req.request_id][0], tokens_met=met, tokens_missed=late)
-            if req.is_finished():
-                walks.forget(req.request_id)
+            walks.first_token(state.req_id, now, slo.tbt_s, deadline, name)
         # At most once a second while busy; at once when the engine goes idle, so that
         # /metrics shows the last requests' counts without waiting for another step.
         counts.flush(force=not self.requests)
