@@ -613,11 +613,14 @@ class MnemosyneScheduler(SarathiScheduler):
         _, slo = self._slo.get(prefill.request_id, self._default_slo)
         if slo.tbt_s is None:
             return 0
-        step = self.current_step + 1
+        step, left = self.current_step + 1, tokens(prefill) - prefill.num_computed_tokens
+        # Short of budget even if every running request were a decode to serve? If not, no
+        # pass over the batch.
+        if left <= self.max_num_scheduled_tokens - len(self.running):
+            return 0
         decodes = [r for r in self.running if decoding(r) and not last_token_in_flight(r)
                    and r.next_decode_eligible_step <= step]
-        want = (tokens(prefill) - prefill.num_computed_tokens) - (
-            self.max_num_scheduled_tokens - len(decodes))
+        want = left - (self.max_num_scheduled_tokens - len(decodes))
         if want <= 0:
             return 0
         # Sitting this step out, a decode's token comes a step later than it would: after
