@@ -259,19 +259,9 @@ def main() -> int:
                 "--tbt-slo-ms", f"{TBT_SLO_MS:g}",
                 "--prefill-ms-per-token", f"{PREFILL_MS_PER_TOKEN:g}"]
 
-    ran = engine_ab.run(args, traffic, ARMS)
-    if ran is None:
-        return 1
-    report, minutes, command = ran
-    result = analyse(report, args.bootstrap)
-    result["command"] = command
-    simulated = args.latency_model is not None
-    text = markdown(result, engine_ab.command("deadlines.py", args,
-                                              {"qps": QPS, "requests": REQUESTS}),
-                    minutes, simulated)
-    engine_ab.write(args.out, "deadlines-simulated-cpu" if simulated else "deadlines-cpu",
-                    text, result, plot)
-    return 0
+    return engine_ab.main(args, traffic, ARMS, script="deadlines.py", stem="deadlines",
+                          defaults={"qps": QPS, "requests": REQUESTS}, analyse=analyse,
+                          markdown=markdown, plot=plot)
 
 
 if __name__ == "__main__":

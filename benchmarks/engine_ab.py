@@ -73,6 +73,24 @@ def command(script: str, args: argparse.Namespace, defaults: dict) -> str:
         if v is not None and v != defaults.get(k))
 
 
+def main(args: argparse.Namespace, traffic: Callable[[str, Path], Sequence[str]],
+         arms: dict[str, str], *, script: str, stem: str, defaults: dict,
+         analyse: Callable[[Path, int], dict], markdown: Callable[[dict, str, float, bool], str],
+         plot: Callable[[dict, Path], None]) -> int:
+    """Run (or simulate, or with --reuse only read) the arms, analyse the report and write
+    OUT/<stem>-cpu.{md,json,png} (<stem>-simulated-cpu when simulated)."""
+    ran = run(args, traffic, arms)
+    if ran is None:
+        return 1
+    report, minutes, argv = ran
+    result = analyse(report, args.bootstrap)
+    result["command"] = argv
+    simulated = args.latency_model is not None
+    text = markdown(result, command(script, args, defaults), minutes, simulated)
+    write(args.out, f"{stem}-simulated-cpu" if simulated else f"{stem}-cpu", text, result, plot)
+    return 0
+
+
 def write(out: str | Path, stem: str, text: str, result: dict,
           plot: Callable[[dict, Path], None]) -> None:
     print(text)

@@ -243,19 +243,9 @@ def main() -> int:
                 "--slo-mix", MIX, "--prefill-ms-per-token", f"{PREFILL_MS_PER_TOKEN:g}",
                 "--slo-send-class", "--slo-priority", PRIORITY]
 
-    ran = engine_ab.run(args, traffic, ARMS)
-    if ran is None:
-        return 1
-    report, minutes, command = ran
-    result = analyse(report, args.bootstrap)
-    result["command"] = command
-    simulated = args.latency_model is not None
-    text = markdown(result, engine_ab.command("slo_classes.py", args,
-                                              {"qps": QPS, "requests": REQUESTS}),
-                    minutes, simulated)
-    engine_ab.write(args.out, "slo-classes-simulated-cpu" if simulated else "slo-classes-cpu",
-                    text, result, plot)
-    return 0
+    return engine_ab.main(args, traffic, ARMS, script="slo_classes.py", stem="slo-classes",
+                          defaults={"qps": QPS, "requests": REQUESTS}, analyse=analyse,
+                          markdown=markdown, plot=plot)
 
 
 if __name__ == "__main__":
