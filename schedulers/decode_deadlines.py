@@ -58,8 +58,8 @@ class DecodeDeadlines:
     def delivered(self, outputs: Iterable[tuple[str, int]], t: float) -> dict[str, list[int]]:
         """A step's new output tokens, (req_id, how many), delivered at `t`: each walked,
         on time or late (several at once: speculative decoding). Returns [on time, late]
-        per class. Once per step over the whole batch, so one token, the common case, takes
-        the short way, and counts are summed per class, not per request."""
+        per class. Once per step over the whole batch: one dict lookup per output, and the
+        counts summed per class, not per request."""
         walks, per_class = self._walks, {}
         for req_id, n in outputs:
             walk = walks.get(req_id)
@@ -95,14 +95,14 @@ class DecodeDeadlines:
         token is due at `prefill_due`; each may if its next token is due no earlier than
         `earliest_due` (module docstring). The latest due go first. A run of deferrals is
         of consecutive steps: one served in between ends it."""
-        if want <= 0 or prefill_tbt_s is None or not self._walks:
+        walks, bound = self._walks, self.max_defer_steps
+        if want <= 0 or bound == 0 or prefill_tbt_s is None or not walks:
             return []
         picks: list[tuple[float, str]] = []
-        walks, bound = self._walks, self.max_defer_steps
         for req_id, ahead in decodes:
             walk = walks.get(req_id)
             if walk is None or walk.tbt_s <= prefill_tbt_s or (
-                    walk.last_deferred == step - 1 and walk.deferred >= bound) or bound == 0:
+                    walk.last_deferred == step - 1 and walk.deferred >= bound):
                 continue
             due = walk.due + ahead * walk.tbt_s
             if due >= earliest_due and due > prefill_due:

@@ -158,6 +158,3 @@ class MnemosynePolicy:
 
     def order(self, reqs: Iterable[ReqState], now: float) -> list[ReqState]:
         return sorted(reqs, key=lambda r: self.order_key(r, now))
-
-    def missed_first_token(self, req: ReqState, first_token_at: float) -> bool:
-        return first_token_at > self.deadline(req)
