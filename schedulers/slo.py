@@ -127,6 +127,15 @@ def parse_classes(specs: list[str] | tuple[str, ...] | None) -> dict[str, SLO]:
     return classes
 
 
+def counted_as(slo_class: str | None, states_deadlines: bool) -> str:
+    """The class a request is counted under, by the server and by reports alike: its
+    class's name; `custom` when it states deadlines of its own and no class; `default`
+    when it states nothing."""
+    if slo_class is not None:
+        return slo_class
+    return CUSTOM_CLASS if states_deadlines else DEFAULT_CLASS
+
+
 def request_slo(extra_args: Mapping[str, Any] | None,
                 classes: Mapping[str, SLO]) -> tuple[str, SLO]:
     """The class a request is counted under and the SLO it asked for (its own values over
@@ -137,7 +146,7 @@ def request_slo(extra_args: Mapping[str, Any] | None,
     own = SLO(*(None if args.get(f) is None else milliseconds(f, args[f])
                 for f in (XARG_TTFT, XARG_TBT)))
     if name is None:
-        return (DEFAULT_CLASS if own == SLO() else CUSTOM_CLASS), own
+        return counted_as(None, own != SLO()), own
     if not isinstance(name, str) or name not in classes:
         allowed = ", ".join(sorted(classes)) or "none are defined (--mnemosyne-slo-class)"
         raise SLOError(XARG_CLASS, f"unknown class {name!r}; allowed: {allowed}")

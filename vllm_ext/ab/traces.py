@@ -53,14 +53,9 @@ class TraceRequest:
 
 
 def counted_class(r) -> str:
-    """The class a request (a TraceRequest or a RequestRecord) is counted under: its
-    class's name; `custom` when it states deadlines and no class; `default` when it
-    states nothing (the server's own names, schedulers/slo.py)."""
-    if r.slo_class is not None:
-        return r.slo_class
-    if r.ttft_slo_ms is None and r.tbt_slo_ms is None:
-        return slo.DEFAULT_CLASS
-    return slo.CUSTOM_CLASS
+    """The class a request (a TraceRequest or a RequestRecord) is counted under, as the
+    server counts it (`vllm_ext.schedulers.slo.counted_as`)."""
+    return slo.counted_as(r.slo_class, r.ttft_slo_ms is not None or r.tbt_slo_ms is not None)
 
 
 @dataclass(frozen=True, slots=True)
