@@ -23,6 +23,7 @@ _HEADER = struct.Struct("<QQQ")  # magic, ring capacity, samples written
 EXTRA = ("live_bytes", "live_page_bytes", "slot_requests", "slot_breaks")  # from the caller
 TOTALS = (*EXTRA, *(f.name for f in fields(PoolStats)))
 SAMPLE = ("t", "live_bytes", "live_page_bytes", "mapped_bytes")
+_MAXIMA = frozenset({"max_map_seconds"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,18 +65,33 @@ class PoolStatsWriter:
 
 
 def read_pool_dir(directory: str | os.PathLike | None) -> PoolSnapshot:
+    """Every pool's statistics under `directory` (all engines, all ranks), combined."""
     totals = dict.fromkeys(TOTALS, 0.0)
     samples: list[tuple[float, ...]] = []
-    for path in sorted(Path(directory).glob("kvpool-*.bin")) if directory else ():
-        data = path.read_bytes()
-        magic, capacity, count = _HEADER.unpack_from(data, 0)
-        if magic != _MAGIC:
-            raise ValueError(f"{path} is not a vllm-ext KV pool statistics file")
-        doubles = memoryview(data)[_HEADER.size:].cast("d")
-        for i, name in enumerate(TOTALS):
-            totals[name] += doubles[i]
-        ring = doubles[len(TOTALS):]
-        for n in range(max(0, count - capacity), count):
-            at = len(SAMPLE) * (n % capacity)
-            samples.append(tuple(ring[at:at + len(SAMPLE)]))
+    for pool in read_pool_files(directory):
+        for name, value in pool.totals.items():
+            # A slowest map is a maximum over pools (tensor-parallel ranks), not a sum.
+            totals[name] = max(totals[name], value) if name in _MAXIMA else totals[name] + value
+        samples.extend(pool.samples)
     return PoolSnapshot(totals, tuple(sorted(samples)))
+
+
+def read_pool_files(directory: str | os.PathLike | None) -> list[PoolSnapshot]:
+    """Each pool's statistics under `directory` on its own (one per worker process)."""
+    return [_read_file(path) for path in
+            (sorted(Path(directory).glob("**/kvpool-*.bin")) if directory else ())]
+
+
+def _read_file(path: Path) -> PoolSnapshot:
+    data = path.read_bytes()
+    magic, capacity, count = _HEADER.unpack_from(data, 0)
+    if magic != _MAGIC:
+        raise ValueError(f"{path} is not a vllm-ext KV pool statistics file")
+    doubles = memoryview(data)[_HEADER.size:].cast("d")
+    totals = {name: doubles[i] for i, name in enumerate(TOTALS)}
+    ring = doubles[len(TOTALS):]
+    samples = []
+    for n in range(max(0, count - capacity), count):
+        at = len(SAMPLE) * (n % capacity)
+        samples.append(tuple(ring[at:at + len(SAMPLE)]))
+    return PoolSnapshot(totals, tuple(samples))

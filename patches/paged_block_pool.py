@@ -69,10 +69,14 @@ class PagedBlockPool(Patch):
     vllm_versions = SpecifierSet(">=0.32,<0.35")
     components = ("kv_allocator=vattention",)
 
-    def __init__(self, per_engine: tuple[Patch, ...] = ()) -> None:
+    def __init__(self, per_engine: tuple[Patch, ...] = (),
+                 relies_on: tuple[Patch, ...] = ()) -> None:
         super().__init__()
         # Patches installed on each vattention engine's scheduler once its pool is paged.
         self.per_engine = per_engine
+        # Declarations in force for a vattention engine whatever its scheduler: the
+        # engine's statistics folder, where its workers tell it their pages.
+        self.relies_on = relies_on
 
     def wrap(self, original: Any) -> Any:
         @functools.wraps(original)
@@ -83,6 +87,8 @@ class PagedBlockPool(Patch):
             settings = vattention.settings_for(vllm_config)
             if settings is not None:
                 self.reached()
+                for reliance in self.relies_on:
+                    reliance.reached()
                 make_paged(sched.kv_cache_manager.block_pool, kv_cache_config,
                            vllm_config.model_config.max_model_len, settings,
                            vattention.provisioned_pages(vllm_config))

@@ -53,7 +53,7 @@ class SLOCounts:
 def read_counts(directory: str | os.PathLike | None) -> dict[str, dict[str, int]]:
     """Every engine process's counts in `directory`, summed per class."""
     total: dict[str, dict[str, int]] = {}
-    for path in sorted(Path(directory).glob("slo-*.json")) if directory else ():
+    for path in sorted(Path(directory).glob("**/slo-*.json")) if directory else ():
         try:
             data: Mapping[str, Mapping[str, int]] = json.loads(path.read_text())
         except (OSError, ValueError):

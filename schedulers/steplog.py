@@ -129,7 +129,7 @@ def read_dir(directory: str | os.PathLike | None) -> StepStats:
     totals = dict.fromkeys(_TOTALS, 0.0)
     buckets = [0] * (len(STEP_SECONDS_BUCKETS) + 1)
     recent: list[StepRecord] = []
-    for path in sorted(Path(directory).glob("steps-*.bin")) if directory else ():
+    for path in sorted(Path(directory).glob("**/steps-*.bin")) if directory else ():
         count, file_totals, file_buckets, records = _read_file(path)
         steps += count
         for name, v in zip(_TOTALS, file_totals):

@@ -74,6 +74,8 @@ def test_mnemosyne_folds_deadlines_and_sarathi_options_into_engine_arguments(ser
 
 
 SLO_INTAKE = "vllm_ext.frontend.slo_middleware.SLOIntake"
+# With any selection: vllm-ext's series on /metrics also with several API servers.
+METRICS = "vllm_ext.frontend.metrics_middleware.MetricsAppend"
 
 
 def test_mnemosyne_slo_classes_fold_and_bring_the_servers_slo_intake(serve_parser):
@@ -85,15 +87,17 @@ def test_mnemosyne_slo_classes_fold_and_bring_the_servers_slo_intake(serve_parse
     assert record["slo_classes"] == {"interactive": {"ttft_ms": 500.0, "tbt_ms": 100.0},
                                      "batch": {"ttft_ms": 30000.0}}
     assert record["max_defer_steps"] == 0
-    assert ns.middleware == [SLO_INTAKE]
+    assert ns.middleware == [METRICS, SLO_INTAKE]
 
 
-def test_the_slo_intake_is_added_once_after_the_operators_middleware(serve_parser):
+def test_middleware_is_added_once_after_the_operators_middleware(serve_parser):
     ns, _ = serve_parser("--scheduler", "mnemosyne", "--middleware", "my.Mw",
                          "--middleware", SLO_INTAKE)
-    assert ns.middleware == ["my.Mw", SLO_INTAKE]
+    assert ns.middleware == ["my.Mw", SLO_INTAKE, METRICS]
     ns, _ = serve_parser("--scheduler", "sarathi")
-    assert ns.middleware == []  # and the parser's default list was not changed in place
+    assert ns.middleware == [METRICS]
+    ns, _ = serve_parser()
+    assert ns.middleware == []  # stock: and the parser's default list was not changed in place
 
 
 def test_prefill_first_turns_chunking_off(serve_parser):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from vllm_ext.frontend import metrics
 from vllm_ext.allocators.poolstats import PoolStatsWriter, read_pool_dir
 from vllm_ext.allocators.pool import PoolStats
+from vllm_ext.statsdir import engine_folder
 
 
 def _stats(mapped: int, maps: int) -> PoolStats:
@@ -14,7 +15,7 @@ def _stats(mapped: int, maps: int) -> PoolStats:
 
 
 def test_samples_and_totals_round_trip_and_feed_metrics(tmp_path, monkeypatch):
-    writer = PoolStatsWriter(tmp_path, capacity=4)
+    writer = PoolStatsWriter(engine_folder(tmp_path, 0, "m"), capacity=4)
     for i in range(6):  # wraps the ring: the latest 4 remain, in order
         writer.write(_stats((i + 1) << 16, i + 1), live_bytes=i << 16,
                      live_page_bytes=i << 16, slot_breaks=0)
@@ -26,6 +27,8 @@ def test_samples_and_totals_round_trip_and_feed_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
     families = {f.name: f for f in metrics._StepCollector().collect()}
     assert families["vllm_ext_kv_mapped_bytes"].samples[0].value == 6 << 16
+    assert families["vllm_ext_kv_mapped_bytes"].samples[0].labels == {"model_name": "m",
+                                                                      "engine": "0"}
     assert families["vllm_ext_kv_live_bytes"].samples[0].value == 5 << 16
     assert families["vllm_ext_kv_reserved_bytes"].samples[0].value == 1 << 30
     assert families["vllm_ext_kv_provisioned_bytes"].samples[0].value == 1 << 24

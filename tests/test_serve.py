@@ -50,9 +50,23 @@ def test_streams_concurrent_completions_none_lost(server, tiny_model):
 
 
 def _ext_metrics(base: str) -> dict[str, float]:
+    """The step counters, each from its one sample, labelled as vLLM labels engine 0's
+    series (the per-class SLO counters have labels of their own: tests/test_serve_slo.py)."""
     text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
-    return {k: float(v) for k, v in
-            re.findall(r"^(vllm_ext_[a-z_]+(?:_total|_count|_sum)) ([0-9.e+]+)$", text, re.M)}
+    found = {}
+    for name, labels, value in re.findall(
+            r"^(vllm_ext_[a-z_]+(?:_total|_count|_sum))\{([^}]*)\} ([0-9.e+]+)$", text, re.M):
+        if name.startswith("vllm_ext_slo_"):
+            continue
+        assert name not in found and dict(re.findall(r'(\w+)="([^"]*)"', labels)) == \
+            {"engine": "0", "model_name": _model_label(text)}, (name, labels)
+        found[name] = float(value)
+    return found
+
+
+def _model_label(text: str) -> str:
+    """The model name vLLM's own per-engine series carry."""
+    return re.search(r'^vllm:num_requests_running\{.*model_name="([^"]*)"', text, re.M).group(1)
 
 
 def test_metrics_endpoint_exports_step_stats(server, tiny_model):

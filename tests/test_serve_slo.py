@@ -36,6 +36,7 @@ def _slo_counts(text: str) -> dict[tuple[str, str, str], float]:
             r"^vllm_ext_(slo_first_tokens|slo_tokens)_total\{([^}]*)\} ([0-9.e+]+)$", text,
             re.MULTILINE):
         label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        assert label["engine"] == "0"  # one engine, labelled as vLLM labels its own series
         out[metric, label["slo_class"], label["outcome"]] = float(value)
     return out
 
@@ -101,7 +102,8 @@ def test_slos_from_body_and_headers_are_served_and_counted_by_class(shared_serve
         ("slo_tokens", "batch", "met"): later, ("slo_tokens", "batch", "missed"): 0,
     }
     assert {k: delta.get(k) for k in expected} == expected
-    assert re.search(r"^vllm_ext_decodes_deferred_total [0-9.e+]+$", _metrics(base), re.MULTILINE)
+    assert re.search(r'^vllm_ext_decodes_deferred_total\{engine="0",model_name="[^"]+"\} [0-9.e+]+$',
+                     _metrics(base), re.MULTILINE)
 
 
 @pytest.mark.parametrize("extra, param", [

@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
 def _kv_metrics(base: str) -> dict[str, float]:
     text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
-    return {k: float(v) for k, v in re.findall(r"^(vllm_ext_kv_[a-z_]+) ([0-9.e+]+)$", text, re.M)}
+    return {k: float(v) for k, v in
+            re.findall(r'^(vllm_ext_kv_[a-z_]+)\{engine="0",[^}]*\} ([0-9.e+]+)$', text, re.M)}
 
 
 def _usage(base: str) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 
@@ -52,32 +54,46 @@ def test_missing_directory_reads_as_zero(tmp_path):
     assert read_dir(None).recent == ()
 
 
-def test_prometheus_export(monkeypatch, tmp_path):
+def test_prometheus_export_labels_each_engine_as_vllm_does(monkeypatch, tmp_path):
     from prometheus_client import generate_latest
 
     from vllm_ext.frontend import metrics
+    from vllm_ext.statsdir import engine_folder
 
     monkeypatch.setenv("VLLMEXT_STATS_DIR", str(tmp_path))
     metrics.prepare_front_end()
-    w = StepLogWriter(tmp_path)
+    w = StepLogWriter(engine_folder(tmp_path, 0, "m"))
     w.append(_rec(1, wall=0.3, predicted=0.25))
     w.append(_rec(2, wall=3.0, predicted=2.5))
+    other = StepLogWriter(engine_folder(tmp_path, 1, "m"))
+    other.append(_rec(3, wall=0.01))
     text = generate_latest().decode()
+    e0, e1 = '{engine="0",model_name="m"}', '{engine="1",model_name="m"}'
     # predicted beside measured, per step and summed
-    assert "vllm_ext_last_step_predicted_s 2.5" in text and "vllm_ext_last_step_wall_s 3.0" in text
-    assert "vllm_ext_step_predicted_seconds_total 2.75" in text
-    assert "vllm_ext_step_seconds_sum 3.3" in text
-    assert "vllm_ext_pipelined_chunks_total 3.0" in text
-    assert "vllm_ext_steps_total 2.0" in text
-    assert "vllm_ext_prefill_tokens_total 30.0" in text
-    assert 'vllm_ext_step_seconds_bucket{le="0.5"} 1.0' in text
-    assert 'vllm_ext_step_seconds_bucket{le="+Inf"} 2.0' in text
-    assert "vllm_ext_last_step_prefill_tokens 20.0" in text
+    assert f"vllm_ext_last_step_predicted_s{e0} 2.5" in text
+    assert f"vllm_ext_last_step_wall_s{e0} 3.0" in text
+    assert f"vllm_ext_step_predicted_seconds_total{e0} 2.75" in text
+    assert f"vllm_ext_step_seconds_sum{e0} 3.3" in text
+    assert f"vllm_ext_pipelined_chunks_total{e0} 3.0" in text
+    assert f"vllm_ext_steps_total{e0} 2.0" in text and f"vllm_ext_steps_total{e1} 1.0" in text
+    assert f"vllm_ext_prefill_tokens_total{e0} 30.0" in text
+    assert 'vllm_ext_step_seconds_bucket{engine="0",le="0.5",model_name="m"} 1.0' in text
+    assert 'vllm_ext_step_seconds_bucket{engine="0",le="+Inf",model_name="m"} 2.0' in text
+    assert 'vllm_ext_step_seconds_bucket{engine="1",le="0.01",model_name="m"} 1.0' in text
+    assert f"vllm_ext_last_step_prefill_tokens{e0} 20.0" in text
+    assert f"vllm_ext_last_step_prefill_tokens{e1} 30.0" in text
     # deadline-aware scheduling: first tokens and misses summed, the latest step's slack
-    assert "vllm_ext_first_tokens_total 3.0" in text
-    assert "vllm_ext_deadline_misses_total 1.0" in text
-    assert "vllm_ext_last_step_min_slack_s -1.5" in text
+    assert f"vllm_ext_first_tokens_total{e0} 3.0" in text
+    assert f"vllm_ext_deadline_misses_total{e0} 1.0" in text
+    assert f"vllm_ext_last_step_min_slack_s{e0} -1.5" in text
+    # in Python: every engine, each one, and a clear error for one that is not there
+    assert metrics.step_stats().steps == 3
+    assert {k: v.steps for k, v in metrics.step_stats_by_engine().items()} == {0: 2, 1: 1}
+    assert metrics.step_stats(engine=1).totals["wall_s"] == 0.01
+    with pytest.raises(LookupError, match=r"no engine 2 .*engines: \[0, 1\]"):
+        metrics.step_stats(engine=2)
     w.close()
+    other.close()
 
 
 def test_front_end_keeps_an_operator_dir_but_not_an_inherited_one(monkeypatch, tmp_path):

@@ -13,7 +13,7 @@ from typing import Any
 
 from vllm_ext._version import __version__
 
-__all__ = ["__version__", "engine_kwargs", "step_stats"]
+__all__ = ["__version__", "engine_kwargs", "step_stats", "step_stats_by_engine"]
 
 
 def engine_kwargs(**kwargs: Any) -> dict[str, Any]:
@@ -29,9 +29,16 @@ def engine_kwargs(**kwargs: Any) -> dict[str, Any]:
     return _engine_kwargs(**kwargs)
 
 
-def step_stats():
-    """Per-step scheduler statistics of the engines this process started (see
-    `vllm_ext.frontend.metrics`)."""
+def step_stats(engine: int | None = None):
+    """Per-step scheduler statistics of the engines this process started, summed, or of
+    one: its data-parallel rank, vLLM's `engine` label (see `vllm_ext.frontend.metrics`)."""
     from vllm_ext.frontend.metrics import step_stats as _step_stats
 
-    return _step_stats()
+    return _step_stats(engine)
+
+
+def step_stats_by_engine():
+    """Each engine's per-step scheduler statistics, by data-parallel rank."""
+    from vllm_ext.frontend.metrics import step_stats_by_engine as _by_engine
+
+    return _by_engine()

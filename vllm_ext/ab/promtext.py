@@ -8,6 +8,7 @@ import re
 
 _SAMPLE = re.compile(r'^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)')
 _LE = re.compile(r'(?:^|,)\s*le="([^"]*)"')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 def histogram(text: str | None, name: str) -> dict[float, float] | None:
@@ -38,6 +39,25 @@ def counter(text: str | None, name: str) -> float | None:
         if m and m.group(1) in (name, f"{name}_total"):
             total, seen = total + float(m.group(3)), True
     return total if seen else None
+
+
+def samples(text: str | None, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of series `name` (exact, suffix included): its labels and value."""
+    found = []
+    for line in (text or "").splitlines():
+        m = _SAMPLE.match(line)
+        if m and m.group(1) == name:
+            found.append((dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
+    return found
+
+
+def by_label(text: str | None, name: str, label: str) -> dict[str, float]:
+    """Counter or gauge `name` summed per value of one label (e.g. vLLM's `engine`)."""
+    out: dict[str, float] = {}
+    for labels, value in samples(text, name):
+        key = labels.get(label, "")
+        out[key] = out.get(key, 0.0) + value
+    return out
 
 
 def delta(before: dict[float, float] | None, after: dict[float, float] | None):

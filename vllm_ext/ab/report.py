@@ -153,6 +153,37 @@ def class_rows(results: list[ArmResult], compact: bool = False
     return head, rows
 
 
+ENGINE_DEFINITIONS = (
+    "What each engine (vLLM's `engine` label on /metrics: a data-parallel rank) took and ran "
+    "during the measured replays, from the server's own counters: requests finished, prompt "
+    "and generated tokens, and, under a vllm-ext scheduler, its steps and their mean wall "
+    "time. Imbalance: the busiest engine's requests over the mean.")
+
+
+def engine_rows(results: list[ArmResult]) -> tuple[list[str], list[list[str]]] | None:
+    """Per-engine load and steps, for arms served by more than one engine (None if none)."""
+    rows = []
+    for r in results:
+        engines = (r.summary or {}).get("per_engine") or {}
+        if len(engines) < 2:
+            continue
+        loads = [e.get("requests", 0.0) for e in engines.values()]
+        mean = sum(loads) / len(loads)
+        for name in sorted(engines, key=int):
+            e = engines[name]
+            steps, step_s = e.get("steps"), e.get("step_s")
+            rows.append([r.arm.name, name, fmt(e.get("requests"), "{:.0f}"),
+                         fmt(e.get("prompt_tokens"), "{:.0f}"),
+                         fmt(e.get("generation_tokens"), "{:.0f}"), fmt(steps, "{:.0f}"),
+                         fmt(1e3 * step_s / steps if steps and step_s is not None else None,
+                             "{:.1f}"),
+                         fmt(max(loads) / mean if mean else None, "{:.2f}")])
+    if not rows:
+        return None
+    return (["arm", "engine", "requests", "prompt tokens", "generated tokens", "steps",
+             "mean step ms", "imbalance"], rows)
+
+
 def _class_diff_rows(results: list[ArmResult], comparisons: dict
                      ) -> tuple[list[str], list[list[str]]]:
     base = results[0].arm.name
@@ -220,6 +251,10 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
                 ("p", f"Paired bootstrap over requests ({cfg.bootstrap_iterations} resamples, the "
                       f"same requests drawn in both arms); * marks an interval that excludes 0."),
                 ("table", _diff_rows(results, comparisons))]
+    per_engine = engine_rows(results)
+    if per_engine is not None:
+        out += [("h2", "Per engine (data-parallel ranks)"), ("p", ENGINE_DEFINITIONS),
+                ("table", per_engine)]
     per_class = class_rows(results)
     if per_class is not None:
         out += [("h2", "Per SLO class"), ("p", CLASS_DEFINITIONS), ("table", per_class)]
@@ -277,7 +312,9 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
         for r in failed:
             out += [("p", f"{r.arm.name} failed after {r.wall_s:.0f} s:"), ("pre", r.error)]
     if sim:
-        return out + sweep_sections(results, sim) + [("h2", "How it was simulated"), ("ul", SIMULATED)]
+        # A simulation's own sections (vllm_ext.simulate: its fleet's replicas) come as data.
+        return (out + sweep_sections(results, sim) + list(sim.get("sections", ()))
+                + [("h2", "How it was simulated"), ("ul", SIMULATED)])
     out += [("h2", "How it was measured"),
             ("ul", [TOKEN_COUNTING + ".",
                     "TTFT from sending a request to its first token; TBT: every gap between "

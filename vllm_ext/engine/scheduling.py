@@ -28,7 +28,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_ext import envs
+from vllm_ext import statsdir
 from vllm_ext.config import ExtConfig
 from vllm_ext.engine.waiting_order import OrderedWaiting
 from vllm_ext.schedulers import (MnemosynePolicy, PrefillFirstPolicy, ReqState, SarathiConfig,
@@ -159,10 +159,12 @@ class StockScheduler(Scheduler):
         from vllm_ext.patches import patch
 
         patch("scheduler_internals").reached()  # what the policies touch inside vLLM
+        patch("engine_identity").reached()  # what names this engine's statistics folder
         self.ext = ExtConfig.of(vllm_config)
         logger.info("vllm-ext active: %s", self.ext.describe() or "scheduler=vllm")
-        directory = envs.stats_dir()
-        self._steplog = StepLogWriter(directory) if directory else None
+        # This engine's own folder: /metrics labels each engine's series (statsdir).
+        self._stats_dir = statsdir.for_engine(vllm_config)
+        self._steplog = StepLogWriter(self._stats_dir) if self._stats_dir else None
         self._in_flight: collections.deque[StepRecord] = collections.deque()
         self._prefills_to_decodes = 0  # in the last step recorded
         # Requests with a prefill chunk in each step scheduled but not yet finished
@@ -452,7 +454,7 @@ class MnemosyneScheduler(SarathiScheduler):
         self._slo: dict[str, tuple[str, SLO]] = {}
         self._default_slo = self.deadlines.request_slo(None)
         self._decode_deadlines = DecodeDeadlines(self.deadlines.config.max_defer_steps)
-        self._slo_counts = SLOCounts(envs.stats_dir())
+        self._slo_counts = SLOCounts(self._stats_dir)
         self._recent_steps: collections.deque[float] = collections.deque(maxlen=8)
         self._deferred = 0  # decodes the step being scheduled defers
         self._sampled = None  # the step's ModelRunnerOutput, while decodes are walked

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vllm_ext.frontend import metrics_middleware
 from vllm_ext.frontend.components import KINDS
 from vllm_ext.frontend.registry import components
 from vllm_ext.frontend.selection import (SHORTHANDS, api_middleware, current_platform_name,
@@ -58,7 +59,8 @@ def fold(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> bool:
         explicit["model"] = ns.model_tag
     for key, value in resolve(selected, options, explicit, current_platform_name()).items():
         setattr(ns, key, value)
-    _add_middleware(ns, api_middleware(selected, options))
+    # Every selection: its series on /metrics also with several API servers.
+    _add_middleware(ns, [metrics_middleware.PATH, *api_middleware(selected, options)])
     return True
 
 
