@@ -16,6 +16,12 @@ KV it held before. vLLM clears blocks it hands out only for caches that need it
 (Mamba, mixed precision), and a kernel that multiplies masked-out probabilities (0)
 by stale values would turn a stale NaN into a NaN output, so a commit clears its pages
 on the backend's own stream before it returns: one wait for all the pages of a call.
+
+One backend serves one device. Under tensor parallelism every rank is its own process
+with its own GPU (vLLM's worker runs on cuda:<local rank> and makes it torch's current
+device), so each rank's backend names that device in every call: the allocation's and
+the access's location, the context made current on whichever thread calls (the pool's
+own thread included, which CUDA would otherwise start on device 0), and the tensor.
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ class CudaBackend:
 
     def __init__(self, device_index: int | None = None, keep_handles: int = 0,
                  driver=None) -> None:
-        """`driver` stands in for `cuda.bindings.driver` in tests without a GPU."""
+        """`device_index`: the CUDA device (torch's and the driver's ordinal, both counted
+        within CUDA_VISIBLE_DEVICES); None: torch's current device. `driver` stands in for
+        `cuda.bindings.driver` in tests without a GPU."""
         if driver is None:
             import torch
 
@@ -234,13 +242,18 @@ class CudaBackend:
         return torch.as_tensor(_DeviceMemory(addr, nbytes), device=f"cuda:{self.device_index}")
 
     def fence(self):
-        """An event after the work queued so far on the current stream."""
+        """An event after the work queued so far on this device's current stream."""
         import torch
 
         event = torch.cuda.Event()
-        event.record()
+        # This device's stream, named: the calling thread's current device is another
+        # device's only by mistake, and a fence there would order nothing here.
+        event.record(torch.cuda.current_stream(self.device_index))
         return event
 
     def wait(self, fence) -> None:
         if fence is not None:
+            # Runs on the pool's thread, possibly before any other call there: without
+            # this device's context current, CUDA would start one on device 0.
+            self._current()
             fence.synchronize()

@@ -33,7 +33,7 @@ class VAttentionSettings:
     page_size: int | None = None  # bytes per layer; None: the backend's default
     premap: int = 2  # idle pages kept mapped ahead of need
     watermark: int = 8  # further idle pages kept for reuse before they are unmapped
-    physical_limit: int | None = None  # bytes of physical KV memory, all layers
+    physical_limit: int | None = None  # bytes of physical KV memory per rank, all its layers
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

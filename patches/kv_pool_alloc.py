@@ -46,8 +46,11 @@ class KVPoolAlloc(Patch):
                Target("vllm.v1.kv_cache_interface:create_kv_cache_views",
                       ("raw", "spec", "num_blocks", "layout", "kv_cache_tensor",
                        "kernel_block_size")),
-               # Names the file that tells the scheduler the pool's physical pages.
-               Target("vllm.config.vllm:VllmConfig", attrs=("instance_id",)),
+               # Names the file that tells the scheduler the pool's physical pages; the
+               # rank, in what a worker of a tensor-parallel engine logs and refuses.
+               Target("vllm.config.vllm:VllmConfig", attrs=("instance_id", "parallel_config")),
+               Target("vllm.config.parallel:ParallelConfig",
+                      attrs=("rank", "tensor_parallel_size")),
                # What the pool reads of vLLM's KV placement (vattention.geometry).
                Target("vllm.v1.kv_cache_interface:KVCacheConfig",
                       attrs=("kv_cache_groups", "kv_cache_tensors", "num_blocks")),

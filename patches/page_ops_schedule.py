@@ -9,8 +9,9 @@ class, so other engines' steps run vLLM's code alone.
 
 Invariant bent: a SchedulerOutput carries only vLLM's fields. Safe because the
 attribute has a name vLLM does not use, survives the pickling to worker processes
-(a plain dataclass instance), and is read only by the matching worker patch
-(`page_ops_worker`); other engines get nothing attached.
+(a plain dataclass instance; under tensor parallelism every rank gets it with the
+step), and is read only by the matching worker patch (`page_ops_worker`); other
+engines get nothing attached.
 """
 
 from __future__ import annotations

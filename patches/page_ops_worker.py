@@ -2,7 +2,10 @@
 
 Counterpart of `page_ops_schedule`. vLLM 0.32 has no hook between receiving a step
 and running it, so `Worker.execute_model` (which the CPU worker inherits) is wrapped;
-it acts only for an engine whose KV cache is a vattention pool.
+it acts only for an engine whose KV cache is a vattention pool. Under tensor
+parallelism every rank's worker receives the same step and carries out the same
+orders in its own pool: block ids are shared across ranks, each rank's pages holding
+its shard of the KV heads.
 
 Invariant bent: a step's KV memory exists before the step. Safe because the
 pages a step's blocks need are mapped (or their look-ahead mapping waited for)

@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-allocator", default=None)
     ap.add_argument("--kvp", type=int, default=None)
     ap.add_argument("--pipeline-parallel-size", type=int, default=None)
+    ap.add_argument("--tensor-parallel-size", type=int, default=None)
     ap.add_argument("--spp", default=None, help="[--scheduler sarathi] on|off")
     ap.add_argument("--ttft-slo-s", type=float, default=None, help="[--scheduler mnemosyne]")
     ap.add_argument("--prefill-ms-per-token", type=float, default=None,
@@ -107,9 +108,10 @@ def run(model: str, argv: list[str]) -> dict:
         kwargs.update(max_model_len=args.max_model_len)
     if args.kvp_interleave is not None:
         kwargs.update(cp_kv_cache_interleave_size=args.kvp_interleave)
-    ranks = (args.kvp or 1) * (args.pipeline_parallel_size or 1)
-    if args.pipeline_parallel_size is not None:
-        kwargs.update(pipeline_parallel_size=args.pipeline_parallel_size)
+    ranks = (args.kvp or args.tensor_parallel_size or 1) * (args.pipeline_parallel_size or 1)
+    for size in ("pipeline_parallel_size", "tensor_parallel_size"):
+        if getattr(args, size) is not None:
+            kwargs[size] = getattr(args, size)
     # Mnemosyne takes Sarathi's options under its own name.
     prefix = "mnemosyne" if args.scheduler == "mnemosyne" else "sarathi"
     chosen = {k: v for k, v in (("scheduler", args.scheduler), ("attn", args.attn),
@@ -141,7 +143,7 @@ def run(model: str, argv: list[str]) -> dict:
 def _workload(engine, args, ranks: int) -> dict:
     import vllm_ext
     from vllm import SamplingParams
-    from vllm_ext.allocators.poolstats import read_pool_dir
+    from vllm_ext.allocators.poolstats import read_pool_dir, read_pool_files
     from vllm_ext.envs import stats_dir
     from vllm_ext.patches import reached_in
 
@@ -207,6 +209,9 @@ def _workload(engine, args, ranks: int) -> dict:
         "prefix_cache_hits": sum(m.value for m in engine.get_metrics()
                                  if m.name == "vllm:prefix_cache_hits"),
         "kv_pool": {"totals": pool.totals, "samples": pool.samples},
+        # Each worker's pool on its own (one per tensor-parallel rank).
+        "kv_pool_per_process": [{"totals": p.totals, "samples": p.samples}
+                                for p in read_pool_files(stats_dir())],
         "patches_reached": sorted(reached_in(stats_dir())),
     }
 

@@ -8,10 +8,15 @@ out, in both layouts (vLLM's blocks; a contiguous slot per request). The tests c
 - a low physical cap preempts requests instead of failing, and every request still
   completes with the same tokens;
 - in the slots layout every request's block ids are consecutive; prefix caching keeps
-  hitting in the blocks layout.
+  hitting in the blocks layout;
+- under tensor parallelism (2 ranks, the small model: 2 of its 4 KV heads each) every
+  rank's pool holds its shard, carries out the scheduler's page plan step by step and
+  is capped on its own, with a single worker's tokens.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -111,3 +116,37 @@ def test_together_with_pod_attention_and_sarathi(run_engine, stock):
     assert result["attention_backends"] == ["vllm_ext.engine.pod.cpu.PodAttentionBackend"]
     assert result["tokens"] == stock["tokens"]
     assert result["kv_pool"]["totals"]["maps"] > 0
+
+
+def test_tensor_parallel_ranks_each_map_their_shard_as_planned_under_their_own_cap(
+        run_engine, small_model):
+    # One worker on the same prompts: test_engine_adaptive's stock run, run once a session.
+    stock = run_engine(model=small_model)
+    config = json.loads((small_model / "config.json").read_text())
+    heads = config["num_key_value_heads"] // 2  # each rank's shard
+    # A block (32 tokens) of one rank, all layers: K and V of its heads, float32.
+    block = 32 * config["num_hidden_layers"] * heads * config["head_dim"] * 2 * 4
+    cap = 20 * block  # per rank: 20 pages of one block; one 576-token request needs 19
+    result = run_engine(*SMALL_PAGES, "--vattention-premap", "0", "--vattention-watermark", "0",
+                        "--scheduler", "vllm", "--vattention-physical-limit", str(cap),
+                        "--tensor-parallel-size", "2", model=small_model)
+    assert result["parallel"]["tensor_parallel_size"] == 2
+    assert result["tokens"] == stock["tokens"] and len(result["tokens"]) == 7
+    assert sum(step["preempted"] for step in result["steps"]) >= 1  # the cap was reached
+
+    ranks = result["kv_pool_per_process"]
+    assert len(ranks) == 2  # one pool per rank, each in its worker process
+    for rank in ranks:
+        samples, totals = rank["samples"], rank["totals"]
+        assert len(samples) > 20  # one per step
+        # The null block alone at first: one block of the rank's 2 heads, half a single
+        # worker's.
+        assert samples[0][1] == block
+        # After every step the rank had mapped exactly the pages of the live blocks the
+        # scheduler planned (no look-ahead, no kept pages): the plan, carried out here.
+        assert all(live <= live_pages == mapped for _, live, live_pages, mapped in samples)
+        assert max(s[1] for s in samples) >= 10 * block  # it grew, and memory with it
+        assert max(s[3] for s in samples) <= cap == totals["provisioned_bytes"]  # its own cap
+        assert samples[-1][1:] == [block, block, block]  # all but the null block went back
+    assert ranks[0]["totals"]["maps"] == ranks[1]["totals"]["maps"] > 10
+    assert ranks[0]["totals"]["unmaps"] == ranks[1]["totals"]["unmaps"]

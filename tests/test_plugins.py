@@ -112,8 +112,9 @@ def test_duplicate_component_names_are_refused():
      "--sarathi-tbt-slo-ms must be > 0, got -1.0"),
     ({"kv_allocator": "paged"}, {}, {}, "--kv-allocator: unknown kv allocator 'paged'; choose "
                                         "from: vattention, vllm"),
-    ({"kv_allocator": "vattention"}, {}, {"tensor_parallel_size": 2},
-     "one worker per engine in this release; tensor_parallel_size=2"),
+    ({"kv_allocator": "vattention"}, {}, {"pipeline_parallel_size": 2},
+     "runs under tensor parallelism, not pipeline parallelism (pipeline_parallel_size=2 "
+     "was given)"),
     ({"kv_allocator": "vattention"}, {"vattention_premap": -1}, {},
      "--vattention-premap is a number of pages >= 0, got -1"),
     ({"kv_allocator": "vattention"}, {"vattention_layout": "pages"}, {},

@@ -7,16 +7,17 @@ from __future__ import annotations
 import torch
 
 
-def runner_config(model_dir, block_size: int, max_model_len: int, **options):
-    """The engine's VllmConfig for the tiny model (`kv_allocator="vattention"` among the
-    options for a vattention engine), with the KV layout the engine core resolves
+def runner_config(model_dir, block_size: int, max_model_len: int, preset: str = "tiny",
+                  **options):
+    """The engine's VllmConfig for a preset's model shape (`kv_allocator="vattention"` among
+    the options for a vattention engine), with the KV layout the engine core resolves
     (layer-outermost)."""
     from vllm.v1.attention.backends.utils import record_kv_cache_layout
 
     from vllm_ext.tools.driver import engine_config
     from vllm_ext.tools.models import make_shape
 
-    config = engine_config(make_shape(model_dir, "tiny"), block_size=block_size,
+    config = engine_config(make_shape(model_dir, preset), block_size=block_size,
                            max_model_len=max_model_len, dtype="float32", **options)
     record_kv_cache_layout(config.cache_config, "LBNHC")
     return config
@@ -24,7 +25,8 @@ def runner_config(model_dir, block_size: int, max_model_len: int, **options):
 
 def kv_cache_config(config, block_size: int, num_blocks: int):
     """What the engine core plans for it: one full-attention group in one tensor whose
-    blocks are dense and layer-outermost."""
+    blocks are dense and layer-outermost, over one rank's KV heads (vLLM's
+    `get_num_kv_heads`: the model's over the tensor-parallel size, at least one)."""
     from vllm.v1.kv_cache_interface import (
         FullAttentionSpec,
         KVCacheConfig,

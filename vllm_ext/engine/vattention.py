@@ -24,6 +24,16 @@ Every process reads the engine's choice from the engine's own config
 Both sides derive the page size from the same numbers (block bytes, requested page
 size, granularity), so they agree on which blocks share a page without talking.
 
+Under tensor parallelism every rank is a worker process with its own pool over its own
+shard of the KV heads: vLLM sizes each rank's KV cache config for the heads it holds
+(`num_kv_heads / tp`, replicated when fewer) and gives all ranks the same block ids, so
+the one plan the scheduler drains applies to every rank, and every rank carries it out
+before its step (each receives the same SchedulerOutput). The scheduler's config is a
+rank's (vLLM plans with the first worker's), so its page size and its physical budget
+are a rank's: `--vattention-physical-limit` caps each rank's physical KV memory (each
+GPU has its own), and the scheduler caps at the fewest pages any rank got. On CUDA each
+rank's pool maps on the device vLLM gave its worker (`backend_for`).
+
 Physical memory is set aside once, when the worker allocates the KV cache: the pages
 under the physical cap, or without one every page (the KV bytes vLLM sized, which
 stock vLLM holds for the engine's life). A map can then not run out of memory in the
@@ -50,7 +60,7 @@ import threading
 import weakref
 from pathlib import Path
 
-from vllm_ext import envs
+from vllm_ext import envs, statsdir
 from vllm_ext.allocators.pages import PageOps, PagePlanner, SlotPlanner
 from vllm_ext.allocators.pool import DEFAULT_PAGE_SIZE, VirtualKVPool, make_backend
 from vllm_ext.allocators.settings import VAttentionSettings, page_size_for
@@ -115,8 +125,9 @@ def geometry(kv_cache_config, settings: VAttentionSettings) -> Geometry:
 
 
 def physical_budget(geo: Geometry, settings: VAttentionSettings) -> int:
-    """Pages of physical memory an engine plans for: those under the physical cap, or
-    without one every page (the KV bytes vLLM sized)."""
+    """Pages of physical memory a rank plans for: those under the physical cap, which is
+    per rank (each rank's pages hold its shard of the KV heads, on its own device), or
+    without one every page (the KV bytes vLLM sized for the rank)."""
     pages = -(-geo.num_blocks // geo.blocks_per_page)
     if settings.physical_limit is None:
         return pages
@@ -134,11 +145,14 @@ def _refuse_if_short(what: str, pages: int, geo: Geometry, block_size: int,
     """Refuse an engine whose `pages` (from `what`) cannot hold one request."""
     needed = pages_for_one_request(geo, block_size, max_model_len)
     if pages < needed:
-        fix = fix or f"raise it to at least {needed * geo.page_bytes} bytes"
+        fix = fix or f"raise it to at least {needed * geo.page_bytes} bytes (per rank)"
+        # Every figure is one rank's: under tensor parallelism a page holds the rank's
+        # shard of the KV heads, and the cap applies to each rank's device.
         raise VAttentionError(
-            f"{what} holds {pages} pages of {geo.page_bytes} bytes ({geo.page_size} per layer "
-            f"x {geo.num_layers} layers); one request of max_model_len {max_model_len} needs "
-            f"{needed} pages ({needed * geo.page_bytes} bytes): {fix} or lower --max-model-len")
+            f"{what} holds {pages} pages of {geo.page_bytes} bytes per rank ({geo.page_size} "
+            f"per layer x {geo.num_layers} layers, the rank's share of the KV heads); one "
+            f"request of max_model_len {max_model_len} needs {needed} pages "
+            f"({needed * geo.page_bytes} bytes per rank): {fix} or lower --max-model-len")
 
 
 def _budget_source(settings: VAttentionSettings) -> str:
@@ -176,7 +190,7 @@ def plan_pages(kv_cache_config, max_model_len: int, settings: VAttentionSettings
         planner = PagePlanner(geo.num_blocks, geo.blocks_per_page, **kwargs)
         layout = "blocks"
     logger.info("vllm-ext vattention: %d blocks in %d pages of %d blocks (%s per layer, %d "
-                "layers), layout %s, at most %d pages mapped (%s)", geo.num_blocks,
+                "layers), layout %s, at most %d pages mapped (%s) on each rank", geo.num_blocks,
                 planner.num_pages, geo.blocks_per_page, _fmt(geo.page_size), geo.num_layers,
                 layout, max_pages, source)
     return planner
@@ -184,8 +198,10 @@ def plan_pages(kv_cache_config, max_model_len: int, settings: VAttentionSettings
 
 def provisioned_pages(vllm_config) -> int | None:
     """The fewest physical pages a worker of this engine set aside, as its KV allocation
-    wrote it down (`_publish`); None if none did (no statistics directory)."""
-    directory = envs.stats_dir()
+    wrote it down (`_publish`); None if none did (no statistics directory). Under tensor
+    parallelism every rank writes its own count and all share the scheduler's plan, so
+    the cap is the fewest."""
+    directory = statsdir.for_engine(vllm_config)  # this engine's (a DP rank's) workers
     if directory is None:
         return None
     pattern = _pages_file(directory, glob.escape(vllm_config.instance_id), "*").name
@@ -252,7 +268,7 @@ class PoolRuntime:
     """
 
     def __init__(self, pool: VirtualKVPool, geo: Geometry, settings: VAttentionSettings,
-                 published: Path | None = None) -> None:
+                 published: Path | None = None, directory: str | None = None) -> None:
         self.pool = pool
         self.geo = geo
         self._published = published
@@ -262,8 +278,7 @@ class PoolRuntime:
         self.live_page_bytes = geo.page_bytes
         self._shut = False
         self._lock = threading.Lock()
-        directory = envs.stats_dir()
-        if directory:
+        if directory:  # the engine's statistics folder (vllm_ext.statsdir)
             from vllm_ext.allocators.poolstats import PoolStatsWriter
 
             self._writer = PoolStatsWriter(directory)
@@ -377,9 +392,8 @@ def allocate_kv_cache(vllm_config, kv_cache_config, device, layout, kernel_block
     geo = geometry(kv_cache_config, settings)
     tensor = kv_cache_config.kv_cache_tensors[0]
     spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
-    backend = make_backend(settings.backend, **(
-        {"device_index": device.index} if settings.backend == "cuda"
-        else {"limit": envs.host_kv_limit()}))
+    rank = _rank_note(vllm_config)
+    backend = backend_for(settings, device)
     if geo.page_size % backend.granularity:
         raise VAttentionError(f"the device's mapping granularity does not divide the page size "
                               f"{geo.page_size} chosen by the scheduler; set "
@@ -390,8 +404,10 @@ def allocate_kv_cache(vllm_config, kv_cache_config, device, layout, kernel_block
     pool = VirtualKVPool(geo.num_layers, geo.num_blocks * geo.block_bytes, geo.page_size,
                          backend=backend, physical_pages=budget)
     try:
-        _check_provisioned(pool, geo, budget, spec.block_size, max_model_len)
-        published = _publish(vllm_config, pool.physical_pages, budget, geo.page_bytes)
+        _check_provisioned(pool, geo, budget, spec.block_size, max_model_len, rank)
+        directory = statsdir.for_engine(vllm_config)
+        published = _publish(directory, vllm_config.instance_id, pool.physical_pages, budget,
+                             geo.page_bytes)
     except BaseException:
         pool.close()
         raise
@@ -401,47 +417,71 @@ def allocate_kv_cache(vllm_config, kv_cache_config, device, layout, kernel_block
     views = create_kv_cache_views(pool.buffer, spec, geo.num_blocks, layout, placed,
                                   kernel_block_size=kernel_block_size)
     key = id(vllm_config)
-    _runtimes[key] = PoolRuntime(pool, geo, settings, published)
+    _runtimes[key] = PoolRuntime(pool, geo, settings, published, directory)
     weakref.finalize(vllm_config, _drop, key)
     logger.info("vllm-ext vattention: reserved %s of virtual KV memory (%d layers), physical "
-                "memory for %d of %d pages set aside (%s), %s mapped", _fmt(pool.reserved_bytes),
+                "memory for %d of %d pages set aside (%s), %s mapped%s", _fmt(pool.reserved_bytes),
                 geo.num_layers, pool.physical_pages, budget,
-                _fmt(pool.physical_pages * geo.page_bytes), _fmt(pool.mapped_bytes))
+                _fmt(pool.physical_pages * geo.page_bytes), _fmt(pool.mapped_bytes), rank)
     return dict(zip(tensor.layers, views))
 
 
+def backend_for(settings: VAttentionSettings, device, driver=None):
+    """The pool's physical backend, on the worker's own device.
+
+    Under tensor parallelism each rank's worker runs on cuda:<local rank> (vLLM's GPU
+    worker makes that torch's current device and hands it to the runner), so the pool
+    reserves, creates and maps on it, not on device 0. `driver`: a stand-in for
+    cuda-python's, for tests without a GPU.
+    """
+    if settings.backend == "cuda":
+        return make_backend("cuda", device_index=device.index,
+                            **({"driver": driver} if driver is not None else {}))
+    return make_backend("host", limit=envs.host_kv_limit())
+
+
+def _rank_note(vllm_config) -> str:
+    """' on rank r of n' for a worker of a multi-rank engine (log and error text), else ''."""
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size <= 1:
+        return ""
+    return f" on rank {parallel.rank} of {parallel.tensor_parallel_size}"
+
+
 def _check_provisioned(pool: VirtualKVPool, geo: Geometry, budget: int, block_size: int,
-                       max_model_len: int) -> None:
+                       max_model_len: int, rank: str = "") -> None:
     """Refuse a pool that got too few pages for one request; say so when it got fewer
-    than planned (the scheduler caps there)."""
+    than planned (the scheduler caps there, for every rank)."""
     got = pool.physical_pages
     what = (f"the {pool.backend.device} device's physical memory ({got} of the {budget} KV "
-            f"pages planned; another process may have taken memory after vLLM measured it)")
+            f"pages planned{rank}; another process may have taken memory after vLLM measured "
+            f"it)")
     _refuse_if_short(what, got, geo, block_size, max_model_len,
                      "free device memory, size the KV cache to what the device holds "
                      "(--gpu-memory-utilization, --vattention-physical-limit)")
     if got < budget:
         logger.warning("vllm-ext vattention: the %s device had physical memory for %d of the %d "
-                       "KV pages planned; the scheduler caps the KV cache there",
-                       pool.backend.device, got, budget)
+                       "KV pages planned%s; the scheduler caps the KV cache of every rank there",
+                       pool.backend.device, got, budget, rank)
 
 
-def _publish(vllm_config, pages: int, budget: int, page_bytes: int) -> Path | None:
+def _publish(directory: str | None, instance_id: str, pages: int, budget: int,
+             page_bytes: int) -> Path | None:
     """Write down the worker's physical pages for the scheduler (`provisioned_pages`).
 
     Without a statistics directory (vllm-ext's front end always makes one; an engine
     configured without it has none) there is nowhere to write: the scheduler then plans
     with every page of its budget, so the worker must have got them all.
     """
-    directory = envs.stats_dir()
     if directory is None:
         if pages < budget:
             raise VAttentionError(
                 f"the device had physical memory for {pages} of the {budget} KV pages planned, "
                 f"and without a statistics directory ({envs.STATS_DIR}) the scheduler cannot be "
-                f"told: set --vattention-physical-limit to at most {pages * page_bytes}")
+                f"told: set --vattention-physical-limit to at most {pages * page_bytes} (bytes "
+                f"per rank)")
         return None
-    path = _pages_file(directory, vllm_config.instance_id, os.getpid())
+    path = _pages_file(directory, instance_id, os.getpid())
     path.write_text(str(pages))
     return path
 

@@ -46,8 +46,10 @@ def _configure_kvp(kvp: int, ctx: ConfigureContext) -> dict:
     if kvp < 1:
         raise SelectionError(f"--kvp must be at least 1, got {kvp}")
     if ctx.selected.get("kv_allocator") == "vattention":
-        raise SelectionError("--kvp with --kv-allocator vattention is not supported: the "
-                             "vAttention pool runs one worker per engine in this release")
+        raise SelectionError("--kvp with --kv-allocator vattention is not supported: KV-cache "
+                             "parallelism shards every block's tokens over the ranks, which "
+                             "the vAttention pool is not checked with; it runs under plain "
+                             "--tensor-parallel-size")
     args = ctx.user_engine_args
     dcp = args.get("decode_context_parallel_size")
     if dcp is not None and dcp != kvp:

@@ -32,10 +32,24 @@ def _configure_vattention(settings: dict, ctx: ConfigureContext) -> tuple[dict, 
     if backend is None:
         raise SelectionError(f"--kv-allocator vattention runs on vLLM's cpu and cuda platforms, "
                              f"not {ctx.platform!r}")
-    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
-        if (ctx.user_engine_args.get(key) or 1) > 1:
-            raise SelectionError(f"--kv-allocator vattention runs one worker per engine in this "
-                                 f"release; {key}={ctx.user_engine_args[key]} was given")
+    # Tensor parallelism is fine: every rank pools its own shard of the KV heads under
+    # the block ids all ranks share, and carries out the one page plan (docs/vattention.md).
+    args = ctx.user_engine_args
+    if (args.get("pipeline_parallel_size") or 1) > 1:
+        raise SelectionError(
+            f"--kv-allocator vattention runs under tensor parallelism, not pipeline "
+            f"parallelism (pipeline_parallel_size={args['pipeline_parallel_size']} was given): "
+            f"the stages hold different layers, so a stage's KV page can be larger than the "
+            f"first stage's, which the scheduler plans from, and fit fewer pages under a "
+            f"per-rank cap, and no engine run checks that in this release; spread the model "
+            f"with --tensor-parallel-size instead")
+    for key in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if (args.get(key) or 1) > 1:
+            raise SelectionError(
+                f"--kv-allocator vattention runs under tensor parallelism, not context "
+                f"parallelism ({key}={args[key]} was given): each rank would hold only some "
+                f"tokens of every block, which vattention is not checked with in this release; "
+                f"use --tensor-parallel-size alone")
     given = {k: v for k, v in settings.items() if v is not None}
     try:
         chosen = VAttentionSettings(backend=backend, **given)
@@ -73,7 +87,8 @@ def vllm_ext_kv_allocators() -> list[Component]:
                        "(default 2)"),
                 Option("watermark", int, "freed pages kept mapped for reuse beyond the premap "
                        "pages before they are unmapped (default 8)"),
-                Option("physical-limit", size_in_bytes, "cap on physical KV memory, all layers, "
-                       "e.g. 512MiB; at the cap requests are preempted (default: none)"),
+                Option("physical-limit", size_in_bytes, "cap on each rank's physical KV "
+                       "memory (per GPU: all its layers, its share of the KV heads), e.g. "
+                       "512MiB; at the cap requests are preempted (default: none)"),
             )),
     ]
