@@ -36,7 +36,8 @@ def test_two_engines_in_one_process_each_get_their_own_choices(run_engine):
     ("--kv-allocator", "vattention", "--vattention-page-size", "16KiB", "--block-size", "32",
      "--max-model-len", "576", "--vattention-layout", "slots", "--scheduler", "vllm",
      "--vattention-physical-limit", str(640 << 10)),
-    ("--kvp", "2", "--kvp-interleave", "1"),
+    # The engines test_engine_kvp and test_engine_spp run (each runs once a session).
+    ("--kvp", "2", "--kvp-interleave", "1", "--pod-impl", "torch"),
     ("--pipeline-parallel-size", "2", "--scheduler", "sarathi", "--budget", "64"),
 ], ids=["vattention+pod", "vattention-slots", "kvp", "pp"])
 def test_every_patch_a_selection_needs_was_reached(run_engine, args):

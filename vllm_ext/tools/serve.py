@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_ext import envs
+
 # CPU-friendly engine settings used wherever this project starts a server itself.
 CPU_SERVE_ARGS = ("--dtype", "float32", "--enforce-eager")
 CPU_SERVE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -53,6 +55,10 @@ class VllmServer:
         self.log_path = Path(log_path)
         self.startup_timeout = startup_timeout
         self.env = {**os.environ, **CPU_SERVE_ENV, **(env or {})}
+        if envs.STATS_DIR in (env or {}) and envs.STATS_OWNER not in env:
+            # The caller's directory, to keep: not one this process's front end made for
+            # its own engines (whose owner pid it would otherwise pass on).
+            self.env.pop(envs.STATS_OWNER, None)
         self.proc: subprocess.Popen | None = None
 
     def log_tail(self, chars: int = 4000) -> str:
