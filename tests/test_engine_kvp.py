@@ -12,7 +12,9 @@ from engine_runner import LONG, MAX_TOKENS, SHORT
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
 
 
-@pytest.mark.parametrize("interleave, impl", [(1, "torch"), (16, "torch"), (16, "triton")])
+# Both interleaves, and both implementations (the kernel at 16, where a rank's tokens come
+# in runs); torch at 16 too would be one more engine CI has no time for.
+@pytest.mark.parametrize("interleave, impl", [(1, "torch"), (16, "triton")])
 def test_kvp_two_ranks_equal_one_worker(run_engine, interleave, impl):
     stock = run_engine()
     # triton: the POD kernel on each rank's shard (kv_shard), interpreted on this CPU.

@@ -16,11 +16,13 @@ def stock(run_engine):
     return run_engine()
 
 
+# The Triton kernel runs under Sarathi's small budget, whose steps mix prefill chunks and
+# decodes (its hybrid batches), which covers stock vLLM's steps' kinds too; an engine
+# for each would cost CI a minute it does not have.
 @pytest.mark.parametrize("args", [
     ("--attn", "pod"),
-    ("--attn", "pod", "--pod-impl", "triton"),
     ("--attn", "pod", "--pod-impl", "triton", "--scheduler", "sarathi", "--budget", "64"),
-], ids=["torch", "triton", "triton+sarathi"])
+], ids=["torch", "triton+sarathi"])
 def test_pod_tokens_identical_to_stock(run_engine, stock, args):
     result = run_engine(*args)
     assert result["attention_backends"] == [POD]
