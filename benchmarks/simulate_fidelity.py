@@ -9,14 +9,19 @@ Workloads: the README demo's traffic (two seeds) and the scheduler benchmark's
 through stock vLLM, prefill-first and Sarathi; and `budget256`, 40 chat-sized requests at
 1 QPS through Sarathi and stock vLLM at the same 256-token budget, with vLLM's own class
 unwrapped (no vllm-ext flag), wrapped (`--scheduler vllm`), and Sarathi run twice, first
-and last, so that a drift of the machine shows as a gap between the two. Writes
-OUT/simulate-fidelity-cpu.md; the reports it compares stay in the work directory.
+and last, so that a drift of the machine shows as a gap between the two; and `dp2`, a
+fleet: the same traffic at twice the rate into `vllm serve --data-parallel-size 2` (vLLM's
+own load balancer, each rank on a core of its own), stock and Sarathi at budget 256,
+against `simulate --replicas 2 --router vllm-dp` (issue 25's check: P50s and tok/s
+within 15%). Writes OUT/simulate-fidelity-cpu.md (OUT/simulate-fleet-fidelity-cpu.md for
+`--workloads dp2` alone); the reports it compares stay in the work directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -33,6 +38,18 @@ BUDGET_ARMS = {"sarathi": "--scheduler sarathi --sarathi-token-budget 256",
                "sarathi-again": "--scheduler sarathi --sarathi-token-budget 256"}
 BUDGET_TRAFFIC = ("--num-requests", "40", "--qps", "1", "--prompt-len", "lognormal:330:0.6",
                   "--max-prompt-tokens", "1800", "--output-len", "uniform:24:96", *SLOS)
+# A fleet of two: each rank gets budget256's load.
+DP_ARMS = {"stock": "--scheduler vllm --max-num-batched-tokens 256",
+           "sarathi": "--scheduler sarathi --sarathi-token-budget 256"}
+DP_TRAFFIC = ("--num-requests", "80", "--qps", "2", *BUDGET_TRAFFIC[4:])
+DP_SERVED = "--data-parallel-size 2"
+DP_SIMULATED = ("--replicas", "2", "--router", "vllm-dp")
+# One core per rank, as vLLM binds the ranks of one machine (`rank|rank`); the profile's
+# single engine runs on one core too (vLLM's automatic binding keeps the other for the
+# front end).
+DP_BIND = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+DP_TARGETS = (("ttft_p50_s", "TTFT P50", 0.15), ("tbt_p50_ms", "TBT P50", 0.15),
+              ("out_tok_per_s", "output tok/s", 0.15))
 
 
 def scheduler_trace(path: Path) -> Path:
@@ -49,7 +66,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--work", default="fidelity-work")
     ap.add_argument("--workloads", nargs="+", default=["demo", "schedulers", "budget256"],
-                    choices=["demo", "schedulers", "budget256"])
+                    choices=["demo", "schedulers", "budget256", "dp2"])
     ap.add_argument("--reuse", action="store_true",
                     help="compare the reports already in the work directory, running nothing")
     args = ap.parse_args()
@@ -59,7 +76,7 @@ def main() -> int:
     from vllm_ext.tools.demo import ARMS, TRAFFIC
     from vllm_ext.tools.models import make_model
     from vllm_ext.tools.serve import CPU_SERVE_ARGS, CPU_SERVE_ENV
-    from vllm_ext.simulate.fidelity import compare, markdown, where_time_goes
+    from vllm_ext.simulate.fidelity import TARGETS, compare, markdown, where_time_goes
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -69,7 +86,7 @@ def main() -> int:
     started = time.monotonic()
     # The profile an operator would take once, of the engine as it serves: budget 2048 for
     # the first two workloads' arms, 256 for budget256's.
-    budgets = {"demo": 2048, "schedulers": 2048, "budget256": 256}
+    budgets = {"demo": 2048, "schedulers": 2048, "budget256": 256, "dp2": 256}
     profiles = {}
     for budget in sorted({budgets[name] for name in args.workloads}):
         profiles[budget] = latency = work / f"latency-small-{budget}.json"
@@ -82,25 +99,40 @@ def main() -> int:
     traffic = {"demo": [*TRAFFIC],
                "schedulers": ["--trace-csv", str(scheduler_trace(work / "schedulers.csv")),
                               *SLOS],
-               "budget256": [*BUDGET_TRAFFIC]}
+               "budget256": [*BUDGET_TRAFFIC], "dp2": [*DP_TRAFFIC]}
     arms_of = {"budget256": [a for name, flags in BUDGET_ARMS.items()
-                             for a in ("--arm", f"{name}={flags}")]}
+                             for a in ("--arm", f"{name}={flags}")],
+               "dp2": [a for name, flags in DP_ARMS.items() for a in ("--arm", f"{name}={flags}")]}
+    served_arms = {"dp2": [a for name, flags in DP_ARMS.items()
+                           for a in ("--arm", f"{name}={flags} {DP_SERVED}")]}
     sections, commands = [], []
     for name in args.workloads:
-        common = ["--model", model, "--serve-args", serve, *arms_of.get(name, arms),
-                  *traffic[name]]
-        measured = ["bench", "ab", *common, "--no-equivalence", "--out", str(work / name / "measured")]
-        simulated = ["simulate", *common, "--latency-model", str(profiles[budgets[name]]),
-                     "--kv-memory",
+        common = ["--model", model, "--serve-args", serve, *traffic[name]]
+        measured = ["bench", "ab", *common, *served_arms.get(name, arms_of.get(name, arms)),
+                    "--no-equivalence", "--out", str(work / name / "measured")]
+        simulated = ["simulate", *common, *arms_of.get(name, arms),
+                     *(DP_SIMULATED if name == "dp2" else ()),
+                     "--latency-model", str(profiles[budgets[name]]), "--kv-memory",
                      CPU_SERVE_ENV["VLLM_CPU_KVCACHE_SPACE"], "--out", str(work / name / "simulated")]
-        for argv in (measured, simulated):
-            print("$ vllm-ext " + shlex.join(argv), flush=True)
-            commands.append("vllm-ext " + shlex.join(argv))
+        for argv, env in ((measured, DP_BIND if name == "dp2" else {}), (simulated, {})):
+            print("$ " + "".join(f"{k}='{v}' " for k, v in env.items()) + "vllm-ext "
+                  + shlex.join(argv), flush=True)
+            commands.append("".join(f"{k}='{v}' " for k, v in env.items()) + "vllm-ext "
+                            + shlex.join(argv))
             if not args.reuse:
-                cli(argv)
+                saved = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)  # the servers bench ab starts inherit it
+                try:
+                    cli(argv)
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
         real = json.loads((work / name / "measured" / "report.json").read_text())
         sim = json.loads((work / name / "simulated" / "report.json").read_text())
-        checks, order = compare(real, sim)
+        checks, order = compare(real, sim, DP_TARGETS if name == "dp2" else TARGETS)
         sections.append(markdown(f"{name}: {real['traces'][0]}", checks, order,
                                  where_time_goes(real, sim)))
         print(sections[-1], flush=True)
@@ -117,10 +149,12 @@ def main() -> int:
             "Targets: TTFT P50, TBT P50 and output tokens/s within 10%, TBT P99 within 20%, "
             "the arms in the same order (every pair of arms whose measured values differ by "
             "more than the target is ordered the same way by the simulation; closer pairs are "
-            "ties). Errors are (simulated - measured) / measured.\n\n"
+            "ties); dp2 (a fleet of two): TTFT P50, TBT P50 and output tokens/s within 15%. "
+            "Errors are (simulated - measured) / measured.\n\n"
             + "\n".join(sections)
             + "\nCommands:\n\n" + "\n".join(f"    {c}" for c in commands) + "\n")
-    out = Path(args.out) / "simulate-fidelity-cpu.md"
+    out = Path(args.out) / ("simulate-fleet-fidelity-cpu.md" if args.workloads == ["dp2"]
+                            else "simulate-fidelity-cpu.md")
     out.write_text(text)
     print(f"wrote {out}")
     return 0

@@ -17,6 +17,15 @@ EXAMPLE = """examples:
   vllm-ext simulate --latency-model lat.json --serve-args "--dtype float32 --max-model-len 4096" \\
       --arm vllm="--scheduler vllm" --arm sarathi="--scheduler sarathi" --qps 0.4 --seeds 2
 
+  # the same, stock vLLM on 2 data-parallel ranks as `vllm serve --data-parallel-size 2` routes
+  vllm-ext simulate --latency-model lat.json --serve-args "--dtype float32 --max-model-len 4096" \\
+      --arm vllm="--scheduler vllm" --replicas 2 --router vllm-dp --qps 0.8 --seeds 2
+
+  # how many A100s running Llama-3-8B carry 50 QPS of chat within TTFT P99 2 s, TBT P99 100 ms?
+  vllm-ext simulate --gpu a100 --model-shape llama-3-8b --arm vllm="--scheduler vllm" \\
+      --arm sarathi="--scheduler sarathi" --target-qps 50 --ttft-slo-s 2 --tbt-slo-ms 100 \\
+      --prompt-len lognormal:1024:0.9 --output-len lognormal:256:0.5 --max-prompt-tokens 6000
+
   # an A100, Llama-3-8B: which Sarathi budget carries the most load within a 100 ms P99 TBT?
   vllm-ext simulate --gpu a100 --model-shape llama-3-8b --arm sarathi="--scheduler sarathi" \\
       --sweep sarathi-token-budget=256,512,1024,2048 --capacity-qps 0.5:20 --tbt-slo-ms 100 \\
@@ -72,11 +81,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                              "--gpu-memory-utilization 0.9; else VLLM_CPU_KVCACHE_SPACE or 4 GiB)")
     k.add_argument("--kv-memory", type=float, metavar="GIB", help="KV memory per GPU (GiB)")
     k.add_argument("--num-gpu-blocks", type=int, metavar="N", help="KV blocks")
+    add_fleet_args(p)
     add_trace_args(p)
     add_slo_args(p, client=False)
     add_capacity_args(p)
-    # Probes cost seconds here, not minutes: search finer by default.
-    p.set_defaults(capacity_probes=8, capacity_requests=256)
+    # Probes cost seconds here, not minutes: search finer by default. A rate range left
+    # unset is told apart from one given, which --target-qps refuses.
+    p.set_defaults(capacity_probes=8, capacity_requests=256, capacity_qps=None)
     add_output_args(p, "simulate-report")
     p.set_defaults(run=run)
     return p
@@ -84,6 +95,76 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 class OptionError(ValueError):
     pass
+
+
+def add_fleet_args(p: argparse.ArgumentParser) -> None:
+    from vllm_ext.simulate.routers import ROUTERS
+
+    f = p.add_argument_group("fleet (replicas of each arm behind a router; docs/simulate.md)")
+    f.add_argument("--replicas", type=int, metavar="N",
+                   help="engines per arm, each with its own scheduler and KV cache (default 1)")
+    f.add_argument("--router", metavar="POLICY",
+                   help=f"how requests are spread over the replicas: {', '.join(ROUTERS)}. "
+                        f"vllm-dp (default): vLLM's own, as `vllm serve --data-parallel-size N` "
+                        f"balances; the others are an external router's")
+    f.add_argument("--api-server-count", type=int, metavar="K",
+                   help="--router vllm-dp: vLLM's API servers, each balancing on its own "
+                        "(default: one per replica, as vLLM starts them)")
+    f.add_argument("--target-qps", type=float, metavar="Q",
+                   help="for each arm, the fewest replicas that carry Q QPS within the SLOs "
+                        "(--ttft-slo-s as TTFT P99, --capacity-tbt-slo-ms or --tbt-slo-ms as "
+                        "TBT P99, --capacity-sched-delay-s as P50 scheduling delay)")
+    f.add_argument("--max-replicas", type=int, metavar="N",
+                   help="--target-qps: search 1..N replicas (default 64)")
+    f.add_argument("--requests-per-replica", type=int, metavar="N",
+                   help="--target-qps: Poisson requests per replica in each probe (default "
+                        "256, as --capacity-requests; fewer flatter the counts)")
+
+
+def _fleet(a: argparse.Namespace):
+    """(Fleet, ReplicaTarget or None) from the flags; every refusal names its flag."""
+    from vllm_ext.ab.capacity import CapacityTarget
+    from vllm_ext.simulate.engine import Fleet
+    from vllm_ext.simulate.planner import ReplicaTarget
+    from vllm_ext.simulate.routers import ROUTERS
+
+    replicas = 1 if a.replicas is None else a.replicas
+    if replicas < 1:
+        raise OptionError(f"--replicas must be >= 1, got {replicas}")
+    router = a.router or "vllm-dp"
+    if router not in ROUTERS:
+        raise OptionError(f"--router {router!r}: choose from {', '.join(ROUTERS)}")
+    if a.api_server_count is not None:
+        if router != "vllm-dp":
+            raise OptionError(f"--api-server-count sets vLLM's own front end (--router vllm-dp), "
+                              f"not --router {router}")
+        if a.api_server_count < 1:
+            raise OptionError(f"--api-server-count must be >= 1, got {a.api_server_count}")
+    if a.target_qps is None:
+        for flag, value in (("--max-replicas", a.max_replicas),
+                            ("--requests-per-replica", a.requests_per_replica)):
+            if value is not None:
+                raise OptionError(f"{flag} shapes a --target-qps search; give --target-qps")
+        if a.capacity_qps is None:
+            a.capacity_qps = "0.1:10"
+        return Fleet(replicas, router, a.api_server_count), None
+    if not a.target_qps > 0:
+        raise OptionError(f"--target-qps must be > 0, got {a.target_qps}")
+    asked = [f for f, v in (("--capacity", a.capacity), ("--sweep", a.sweep),
+                            ("--capacity-qps", a.capacity_qps)) if v]
+    if asked:
+        raise OptionError(f"--target-qps searches replica counts at one rate; {' and '.join(asked)} "
+                          f"search{'es' * (len(asked) == 1)} rates at one count: give one or "
+                          f"the other")
+    most = 64 if a.max_replicas is None else a.max_replicas
+    if most < 1:
+        raise OptionError(f"--max-replicas must be >= 1, got {most}")
+    per = 256 if a.requests_per_replica is None else a.requests_per_replica
+    if per < 1:
+        raise OptionError(f"--requests-per-replica must be >= 1, got {per}")
+    slo = CapacityTarget(a.capacity_tbt_slo_ms or a.tbt_slo_ms, a.capacity_sched_delay_s)
+    return (Fleet(replicas, router, a.api_server_count),
+            ReplicaTarget(a.target_qps, most, per, slo, a.ttft_slo_s))
 
 
 def _source(a: argparse.Namespace):
@@ -162,10 +243,11 @@ def build(a: argparse.Namespace):
     """(ABConfig, Simulation) from the flags; every refusal before anything runs."""
     from vllm_ext.ab.progress import Progress
     from vllm_ext.ab.config import ABConfig, Arm
-    from vllm_ext.simulate.run import Simulation, Sweep
+    from vllm_ext.simulate.run import ADAPTIVE, Simulation, Sweep
     from vllm_ext.simulate.sources import fitted_for_adaptive, write_fitted
 
     arms = [Arm.parse(s) for s in a.arm]
+    fleet, plan = _fleet(a)
     traces, prompt, output, mix = traces_from(a)
     if a.sweep and not a.capacity:
         a.capacity = True
@@ -182,18 +264,19 @@ def build(a: argparse.Namespace):
                    progress=Progress(enabled=not a.no_progress), slo_mix=mix, **slo_options(a))
     cfg.check()
     sim = Simulation(source, model, kv, target, Sweep.parse(a.sweep) if a.sweep else None,
-                     host_scale=a.host_time_scale)
-    adaptive = any("--sarathi-tbt-slo-ms" in arm.serve_args for arm in arms) or (
-        "--sarathi-tbt-slo-ms" in cfg.common_args)
+                     host_scale=a.host_time_scale, fleet=fleet, plan=plan,
+                     gpus_per_replica=a.tp if a.gpu and a.tp > 1 else None)
+    adaptive = any(f"--{name}-tbt-slo-ms" in args for name in ADAPTIVE
+                   for args in (cfg.common_args, *(arm.serve_args for arm in arms)))
     if adaptive:
         # What `vllm-ext profile` would fit on the forecast engine, unless the source is one.
         sim.adaptive_model = (a.latency_model or str(write_fitted(
             fitted_for_adaptive(source, 8192), out / "adaptive-step-time-model.json")))
     assumptions = [*source.assumptions(), f"KV cache: {kv.describe()}."]
     if adaptive and not a.latency_model:
-        assumptions.append(f"Arms with --sarathi-tbt-slo-ms and no model of their own plan "
-                           f"with a linear step-time model fitted to this source "
-                           f"({sim.adaptive_model}).")
+        assumptions.append(f"Arms with --sarathi-tbt-slo-ms or --mnemosyne-tbt-slo-ms and no "
+                           f"model of their own plan with a linear step-time model fitted to "
+                           f"this source ({sim.adaptive_model}).")
     cfg.simulation = {"source": source.name, "assumptions": assumptions}
     return cfg, sim
 
@@ -218,6 +301,9 @@ def run(a: argparse.Namespace) -> int:
     print_headline(cfg, results, comparisons)
     from vllm_ext.ab.report import md_table, sweep_sections
 
-    for kind, body in sweep_sections(results, cfg.simulation):
+    for kind, body in [*sweep_sections(results, cfg.simulation),
+                       *cfg.simulation.get("sections", ())]:
+        if kind == "ul":
+            body = "\n".join(f"- {item}" for item in body)
         print(f"\n{body}" if kind == "h2" else md_table(*body) if kind == "table" else body)
     return 1 if any(r.error for r in results) else 0

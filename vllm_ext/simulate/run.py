@@ -13,12 +13,17 @@ from vllm_ext.ab import report
 from vllm_ext.ab.config import ABConfig, Arm, ArmResult
 from vllm_ext.ab.runner import compare_arms, probe_trace
 from vllm_ext.ab.summary import summarize
-from vllm_ext.ab.traces import Trace
+from vllm_ext.ab.traces import Trace, synthesize
+from vllm_ext.simulate import fleet_report
 from vllm_ext.simulate.arms import ArmError, Target, arm_config
-from vllm_ext.simulate.engine import SimRun, simulate_trace
+from vllm_ext.simulate.engine import Fleet, SimRun, simulate_trace
+from vllm_ext.simulate.planner import ReplicaSearch, ReplicaTarget, fewest_replicas
+from vllm_ext.simulate.replica import ReplicaFigures
 from vllm_ext.simulate.sources import StepTimeSource
 
 GiB = 1 << 30
+# The schedulers whose --NAME-tbt-slo-ms chunks adaptively, planning with a step-time model.
+ADAPTIVE = ("sarathi", "mnemosyne")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,18 +73,22 @@ class Simulation:
     kv: KvSize
     target: Target = Target()
     sweep: Sweep | None = None
-    adaptive_model: str | None = None  # for arms with --sarathi-tbt-slo-ms and no model
+    adaptive_model: str | None = None  # for arms with --*-tbt-slo-ms and no model
     # The scheduler's host time on this machine, scaled to the serving host (0: left out).
     host_scale: float = 1.0
+    fleet: Fleet = Fleet()  # replicas per arm, and their router
+    plan: ReplicaTarget | None = None  # --target-qps: the fewest replicas for a rate
+    gpus_per_replica: int | None = None  # a GPU forecast's tensor-parallel size
     configs: dict[str, object] = field(default_factory=dict)  # arm name -> VllmConfig
     skipped: dict[str, str] = field(default_factory=dict)  # arms the sweep left alone
 
 
 def _flags(arm: Arm, sim: Simulation, common: tuple[str, ...]) -> list[str]:
     flags = [*common, *arm.serve_args]
-    if ("--sarathi-tbt-slo-ms" in flags and "--sarathi-latency-model" not in flags
-            and sim.adaptive_model):
-        flags += ["--sarathi-latency-model", sim.adaptive_model]
+    for name in ADAPTIVE:  # without a model the server would profile itself at start
+        if (f"--{name}-tbt-slo-ms" in flags and f"--{name}-latency-model" not in flags
+                and sim.adaptive_model):
+            flags += [f"--{name}-latency-model", sim.adaptive_model]
     return flags
 
 
@@ -117,6 +126,10 @@ def prepare(cfg: ABConfig, sim: Simulation) -> None:
                 sim.model, _flags(arm, sim, cfg.common_args), sim.target)
         except ArmError as e:
             raise ArmError(f"arm {arm.name} ({arm.describe()}): {e}") from None
+        dp = config.parallel_config.data_parallel_size
+        if dp > 1:  # an arm's config is one engine's: the fleet is made by the flags below
+            raise ArmError(f"arm {arm.name}: --data-parallel-size {dp} serves {dp} engines; "
+                           f"leave it out of the arm and give --replicas {dp} --router vllm-dp")
         limit = config.model_config.max_model_len
         for trace in cfg.traces:
             for i, r in enumerate(trace.requests):
@@ -132,12 +145,13 @@ def prepare(cfg: ABConfig, sim: Simulation) -> None:
         sim.configs[arm.name] = config
 
 
-def _simulate(cfg: ABConfig, sim: Simulation, arm: Arm, trace: Trace, desc: str) -> SimRun:
+def _simulate(cfg: ABConfig, sim: Simulation, arm: Arm, trace: Trace, desc: str,
+              fleet: Fleet | None = None) -> SimRun:
     config = sim.configs[arm.name]
     with cfg.progress.replay(desc, len(trace.requests)) as shown:
         return simulate_trace(config, sim.kv.num_blocks(config), trace, sim.source,
                               on_done=shown.request_done, host_scale=sim.host_scale,
-                              sending=cfg.sending(arm))
+                              sending=cfg.sending(arm), fleet=fleet or sim.fleet)
 
 
 def run_arm(arm: Arm, cfg: ABConfig, sim: Simulation, say) -> ArmResult:
@@ -169,8 +183,18 @@ def run_arm(arm: Arm, cfg: ABConfig, sim: Simulation, say) -> ArmResult:
                           "kv_blocks": sim.kv.num_blocks(config),
                           "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
                           "max_num_seqs": config.scheduler_config.max_num_seqs}
+        if sim.fleet.replicas > 1:
+            per = [ReplicaFigures() for _ in range(sim.fleet.replicas)]
+            for run in runs:
+                for mine, theirs in zip(per, run.replicas):
+                    mine.add(theirs)
+            result.summary["router"] = sim.fleet.router
+            result.summary["replicas"] = fleet_report.replica_rows(
+                per, result.summary["duration_s"])
         if cfg.capacity is not None:
             result.capacity = _search_capacity(cfg, sim, arm, say)
+        if sim.plan is not None:
+            result.summary["replicas_for_target"] = _plan(cfg, sim, arm, say).to_dict()
     except Exception as e:  # one arm's failure is recorded; the others still run
         result.error = f"{type(e).__name__}: {e}"
         say(f"[{arm.name}] FAILED: {result.error}")
@@ -195,6 +219,32 @@ def _search_capacity(cfg: ABConfig, sim: Simulation, arm: Arm, say) -> cap.Capac
                                lambda p: say(p.line(arm.name)))
 
 
+def fleet_probe_trace(cfg: ABConfig, plan: ReplicaTarget, replicas: int,
+                      qps: float | None = None) -> Trace:
+    """The Poisson trace `replicas` are probed with, at the target rate unless `qps` is
+    given. One seed for every count and rate (its own, per --first-seed): a larger
+    count's trace extends a smaller one's."""
+    return synthesize(replicas * plan.requests_per_replica, "poisson",
+                      cfg.prompt_len, cfg.output_len, seed=20_000 + 100 * cfg.traces[0].seed,
+                      qps=plan.qps if qps is None else qps, max_prompt=cfg.max_prompt_tokens,
+                      max_output=cfg.max_output_tokens, classes=cfg.slo_mix)
+
+
+def _plan(cfg: ABConfig, sim: Simulation, arm: Arm, say) -> ReplicaSearch:
+    """The fewest replicas of `arm` for the target rate (see planner.py)."""
+    plan = sim.plan
+
+    def probe(n: int, qps: float):
+        run = _simulate(cfg, sim, arm, fleet_probe_trace(cfg, plan, n, qps),
+                        f"[{arm.name}] {n} replicas at {qps:.3g} QPS, simulated",
+                        Fleet(n, sim.fleet.router, sim.fleet.api_servers))
+        return plan.judge(n, qps, summarize([run.records], cfg.slo),
+                          statistics.median(run.sched_delays), run.wall_s)
+
+    return fewest_replicas(probe, plan.qps, plan.max_replicas,
+                           lambda p: say(p.line(arm.name)))
+
+
 def run_simulation(cfg: ABConfig, sim: Simulation,
                    say: Callable[[str], None] = print) -> tuple[list[ArmResult], dict]:
     """All arms, one after another; the report is rewritten after each."""
@@ -214,6 +264,9 @@ def run_simulation(cfg: ABConfig, sim: Simulation,
         say(f"[{arm.name}] arm {i} of {len(cfg.arms)}, simulated: {arm.describe()}")
         results.append(run_arm(arm, cfg, sim, say))
         comparisons = compare_arms(results, cfg, comparisons)
+        if cfg.simulation is not None:
+            cfg.simulation["sections"] = fleet_report.sections(results, sim.plan,
+                                                               sim.gpus_per_replica)
         report.write(cfg, results, comparisons)
     return results, comparisons
 
@@ -231,6 +284,13 @@ def engine_assumptions(sim: Simulation, say: Callable[[str], None]) -> list[str]
         loops.setdefault(loop_of(config), []).append(name)
     said = ["Engine loop, as vLLM chooses it for each arm's config: " + "; ".join(
         f"{loop} ({', '.join(names)})" for loop, names in loops.items()) + "."]
+    if sim.fleet.replicas > 1 or sim.plan is not None:
+        fleet = (f"{sim.fleet.replicas} replicas per arm" if sim.fleet.replicas > 1 else
+                 "--target-qps's fleets")
+        said.append(f"Fleet: {fleet}, each an engine of its own (its own scheduler and "
+                    f"KV cache of the size below, on its own clock), routed by "
+                    f"{Fleet(2, sim.fleet.router, sim.fleet.api_servers).make_router().describe()}."
+                    f" Figures pool every replica's requests.")
     if sim.host_scale:
         scaled = "" if sim.host_scale == 1 else f", times {sim.host_scale:g}"
         said.append(
