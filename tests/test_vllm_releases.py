@@ -26,7 +26,7 @@ ALLOWED_SKIPS = ("no V1 runner from vLLM 0.34", "no allocation hook before vLLM 
 FILES = ("test_patches.py", "test_scheduler_properties.py", "test_pod_cuda_backend.py",
          "test_kv_pool_runners.py", "test_simulate.py", "test_simulate_gpu.py",
          "test_mnemosyne.py", "test_mnemosyne_slo.py", "test_async_loop.py",
-         "test_vattention_capacity.py")
+         "test_vattention_capacity.py", "test_simulate_fleet.py")
 
 
 def _run(tmp_path: Path, env: dict, marker: str) -> tuple[dict, str]:

@@ -15,6 +15,7 @@ def replica_rows(figures: list[ReplicaFigures], duration_s: float) -> list[dict]
     return [{"replica": i, "requests": f.requests, "output_tokens": f.output_tokens,
              "out_tok_per_s": f.output_tokens / duration_s if duration_s else None,
              "steps": f.steps, "busy_steps": f.busy_steps, "busy_s": f.busy_s,
+             "mean_step_ms": 1e3 * f.busy_s / f.busy_steps if f.busy_steps else None,
              "busy_share": f.busy_s / duration_s if duration_s else None,
              "max_running": f.max_running}
             for i, f in enumerate(figures)]
@@ -28,14 +29,18 @@ def sections(results: list[ArmResult], target=None, gpus_per_replica: int | None
     if per_replica:
         out += [("h2", "Replicas"),
                 ("p", "Each replica's share, pooled over seeds: requests routed to it, its "
-                      "output tokens per second of the arm's run (the replicas' add up to the "
-                      "arm's), steps that scheduled work and their share of the run's time "
-                      "on the device, and the most requests it ran at once."),
-                ("table", (["arm", "replica", "requests", "output tok/s", "busy steps",
-                            "busy share", "max running"],
+                      "generated tokens and their rate over the arm's run (the replicas' add "
+                      "up to the arm's), the steps that scheduled work (what a served rank's "
+                      "vllm_ext_steps counts), their mean time and their share of the run, "
+                      "and the most requests it ran at once. Imbalance: the busiest "
+                      "replica's requests over the mean, as `bench ab` reports per engine."),
+                ("table", (["arm", "replica", "requests", "generated tokens", "output tok/s",
+                            "steps", "mean step ms", "busy share", "max running", "imbalance"],
                            [[name, str(row["replica"]), str(row["requests"]),
-                             fmt(row["out_tok_per_s"], "{:.1f}"), str(row["busy_steps"]),
-                             fmt(row["busy_share"], "{:.0%}"), str(row["max_running"])]
+                             str(row["output_tokens"]), fmt(row["out_tok_per_s"], "{:.1f}"),
+                             str(row["busy_steps"]), fmt(row["mean_step_ms"], "{:.1f}"),
+                             fmt(row["busy_share"], "{:.0%}"), str(row["max_running"]),
+                             _imbalance(rows)]
                             for name, rows in per_replica for row in rows]))]
     planned = [(r.arm.name, r.summary["replicas_for_target"]) for r in results
                if r.summary and "replicas_for_target" in r.summary]
@@ -54,6 +59,12 @@ def sections(results: list[ArmResult], target=None, gpus_per_replica: int | None
                           "one trace); the answer is still a count that passed with the "
                           "one below it failed:"), ("ul", odd)]
     return out
+
+
+def _imbalance(rows: list[dict]) -> str:
+    loads = [row["requests"] for row in rows]
+    mean = sum(loads) / len(loads)
+    return fmt(max(loads) / mean if mean else None, "{:.2f}")
 
 
 def target_table(planned: list[tuple[str, dict]], qps: float,
