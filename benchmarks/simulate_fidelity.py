@@ -26,6 +26,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -115,21 +116,14 @@ def main() -> int:
                      "--latency-model", str(profiles[budgets[name]]), "--kv-memory",
                      CPU_SERVE_ENV["VLLM_CPU_KVCACHE_SPACE"], "--out", str(work / name / "simulated")]
         for argv, env in ((measured, DP_BIND if name == "dp2" else {}), (simulated, {})):
-            print("$ " + "".join(f"{k}='{v}' " for k, v in env.items()) + "vllm-ext "
-                  + shlex.join(argv), flush=True)
-            commands.append("".join(f"{k}='{v}' " for k, v in env.items()) + "vllm-ext "
-                            + shlex.join(argv))
+            command = "".join(f"{k}='{v}' " for k, v in env.items()) + "vllm-ext " \
+                + shlex.join(argv)
+            print("$ " + command, flush=True)
+            commands.append(command)
             if not args.reuse:
-                saved = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)  # the servers bench ab starts inherit it
-                try:
+                # The servers bench ab starts inherit it; restored afterwards.
+                with mock.patch.dict(os.environ, env):
                     cli(argv)
-                finally:
-                    for k, v in saved.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
         real = json.loads((work / name / "measured" / "report.json").read_text())
         sim = json.loads((work / name / "simulated" / "report.json").read_text())
         checks, order = compare(real, sim, DP_TARGETS if name == "dp2" else TARGETS)
