@@ -157,5 +157,9 @@ def shared_server(tiny_model, tmp_path_factory, shared_stats_dir):
     srv = VllmServer(tiny_model, list(SHARED_SERVE_ARGS), log_path,
                      env={envs.STATS_DIR: str(shared_stats_dir)})
     with srv as base:
+        # Stoppable as one process group, yet scheduled with the caller's processes (a
+        # session of its own would be an autogroup that starves the load generator).
+        assert os.getpgid(srv.proc.pid) == srv.proc.pid
+        assert os.getsid(srv.proc.pid) == os.getsid(0)
         yield base, log_path
     assert srv.proc.returncode is not None

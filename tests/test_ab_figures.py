@@ -189,3 +189,30 @@ def test_compare_reports_divergence_agreement_and_flips():
 def test_shorter_output_diverges_where_it_ends():
     c = compare([Prompt("a")], [_out([1, 2, 3])], [_out([1, 2])])
     assert c["first_divergence"] == [2] and c["exact_match_rate"] == 0.0
+
+
+def test_a_load_generator_that_fell_behind_is_warned_of(tmp_path):
+    from pathlib import Path
+
+    from vllm_ext.ab.config import ABConfig, Arm, ArmResult
+    from vllm_ext.ab.report import LAG_WARN_S, lagging_arms
+    from vllm_ext.ab.traces import Trace
+
+    def arm(name: str, lag_s: float) -> ArmResult:
+        # Request 1 is sent lag_s after its arrival; the others on time.
+        late = [RequestRecord(i, float(i), float(i) + (lag_s if i == 1 else 0.0), 100, 1,
+                              [(float(i) + 2.0, 1)], True, "length", 1) for i in range(3)]
+        return ArmResult(Arm(name, ("--scheduler", "vllm")), [late],
+                         summarize([late], SLO(5.0, 1000.0)))
+
+    results = [arm("on-time", LAG_WARN_S / 2), arm("behind", 1.5)]
+    assert results[1].summary["client_lag_p99_s"] > LAG_WARN_S
+    open_loop = ABConfig(model="m", arms=[r.arm for r in results],
+                         traces=[Trace((), 0, "open loop")], out=Path(tmp_path), vocab_size=64)
+    assert lagging_arms(results, open_loop) == [
+        f"behind: {results[1].summary['client_lag_p99_s']:.2f} s"]
+    # A closed loop sends each request when another ends: there is no schedule to miss.
+    closed = ABConfig(model="m", arms=[r.arm for r in results],
+                      traces=[Trace((), 0, "closed loop", concurrency=4)], out=Path(tmp_path),
+                      vocab_size=64)
+    assert lagging_arms(results, closed) == []

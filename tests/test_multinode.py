@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from vllm_ext.tools.serve import (CPU_SERVE_ARGS, CPU_SERVE_ENV, ServerError, VllmServer,
-                                  free_port, vllm_command)
+                                  free_port, own_process_group, vllm_command)
 
 POD = "vllm_ext.engine.pod.cpu.PodAttentionBackend"
 
@@ -47,11 +47,10 @@ class HeadlessNode:
     def __init__(self, model: Path, args: list[str], log_path: Path, env: dict[str, str]):
         self.log_path = log_path
         self._log = open(log_path, "w")
-        # Own session, so stopping it reaches the workers it spawns too.
         self.proc = subprocess.Popen([vllm_command(), "serve", str(model), *args],
                                      env={**os.environ, **CPU_SERVE_ENV, **env},
-                                     stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, **own_process_group())
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -265,7 +265,8 @@ def run(a: argparse.Namespace) -> int:
 
 def print_headline(cfg, results, comparisons) -> None:
     from vllm_ext.ab.plots import missing
-    from vllm_ext.ab.report import class_rows, headline_rows, md_table
+    from vllm_ext.ab.report import (LAG_WARNING, class_rows, headline_rows, lagging_arms,
+                                    md_table)
 
     print()
     print(md_table(*headline_rows(results, comparisons, compact=True)))
@@ -280,6 +281,8 @@ def print_headline(cfg, results, comparisons) -> None:
             print(f"{r.arm.name} FAILED: {r.error.splitlines()[0]} (see {cfg.out}/summary.md)")
         for p in r.problems:
             print(f"{r.arm.name}: {p.splitlines()[0]}")
+    if behind := lagging_arms(results, cfg):
+        print(f"\nWarning: the load generator fell behind ({', '.join(behind)}): {LAG_WARNING}")
     if note := missing():
         print(f"\n{note}")
     print(f"\nreport: {cfg.out}/report.html, {cfg.out}/summary.md, raw data in {cfg.out}/raw/")

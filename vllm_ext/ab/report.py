@@ -303,6 +303,9 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
         out += [("h2", "Warning: incomplete requests"),
                 ("p", "Their errors are in raw/ (field `error`); their tokens still count."),
                 ("ul", incomplete)]
+    if behind := lagging_arms(results, cfg):
+        out += [("h2", "Warning: the load generator fell behind"),
+                ("p", LAG_WARNING), ("ul", behind)]
     problems = [f"{r.arm.name}: {p}" for r in results for p in r.problems]
     if problems:
         out += [("h2", "Parts that failed"), ("ul", problems)]
@@ -330,6 +333,24 @@ def _sections(cfg: ABConfig, results: list[ArmResult], comparisons: dict) -> lis
                     "buckets; servers started here get buckets from 5 ms up); n/a when the server "
                     "does not export it."])]
     return out
+
+
+# A load generator with a core to itself sends within a few ms of schedule (5 ms P99
+# here); one that lags 100 ms also stamps the tokens it receives late and bunched.
+LAG_WARN_S = 0.1
+LAG_WARNING = ("Requests went out later than the trace says (P99 of the delay below): the "
+               "process replaying the trace was starved of CPU, so it also read tokens late and "
+               "in bunches, which inflates TTFT and collapses TBT. Give it a core the servers "
+               "do not use, or lower the load.")
+
+
+def lagging_arms(results, cfg: ABConfig) -> list[str]:
+    """Each arm whose open-loop replay fell behind its schedule by over LAG_WARN_S (P99);
+    a closed loop has no schedule to fall behind."""
+    if any(t.concurrency is not None for t in cfg.traces):
+        return []
+    return [f"{r.arm.name}: {r.summary['client_lag_p99_s']:.2f} s" for r in results
+            if r.summary and r.summary.get("client_lag_p99_s", 0.0) > LAG_WARN_S]
 
 
 def sending_note(cfg: ABConfig) -> str:
