@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from unittest import mock
 
 SHORT, LONG = (12, 20, 28, 36), (300, 520, 410)
 MAX_TOKENS = 40
@@ -270,23 +271,17 @@ def host(model: str, reply_fd: int) -> None:
     with os.fdopen(reply_fd, "w", buffering=1) as reply:
         for line in sys.stdin:
             request = json.loads(line)
-            saved = {k: os.environ.get(k) for k in request.get("env", {})}
-            os.environ.update(request.get("env", {}))
-            _fresh_stats_dir()
-            try:
-                result = run(request.get("model") or model, request["args"])
-                with open(request["out"], "w") as f:
-                    json.dump(result, f)
-                reply.write("ok\n")
-            except BaseException as e:  # noqa: BLE001 - the session's other engines go on
-                traceback.print_exc()
-                reply.write(f"failed: {type(e).__name__}: {str(e).splitlines()[:1]}\n")
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+            # The request's environment lasts for its engine only.
+            with mock.patch.dict(os.environ, request.get("env", {})):
+                _fresh_stats_dir()
+                try:
+                    result = run(request.get("model") or model, request["args"])
+                    with open(request["out"], "w") as f:
+                        json.dump(result, f)
+                    reply.write("ok\n")
+                except BaseException as e:  # noqa: BLE001 - the session's other engines go on
+                    traceback.print_exc()
+                    reply.write(f"failed: {type(e).__name__}: {str(e).splitlines()[:1]}\n")
 
 
 def main() -> None:
