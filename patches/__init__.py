@@ -31,6 +31,7 @@ Workers (the model runner's processes):
 | kv_pool_alloc | `allocate_kv_cache` as the V1 (`gpu_model_runner`, up to 0.33) and V2 (`gpu/attn_utils`; with the `allocate` hook from 0.34) runners import it | 0.32-0.34 | vattention | the worker's KV memory in a VirtualKVPool; no hook supplies KV memory | a KV-memory allocation hook: 0.34's `allocate(size)` and the extensible KV cache (vllm-project/vllm#47363) |
 | page_ops_worker | `Worker.execute_model` | 0.32-0.34 | vattention | the worker carries out those orders before the step | a pre-step worker hook (proposed in vllm-project/vllm#51212, open) |
 | pp_eager_buffers | `GPUModelRunner.sync_and_gather_intermediate_tensors` | 0.32-0.33 (0.34's V2 runner makes the buffer at load) | any selection, CPU | pipeline parallelism on CPU with --enforce-eager: the later stages' activation buffer, which vLLM allocates only when compiling | vLLM 0.34 (`obsolete_from`) |
+| node_agreement | `WorkerWrapperBase.init_device`: after it, each worker of a multi-node engine (multiprocessing mode) publishes its node's vllm-ext release and selection in torch.distributed's default store and compares | 0.32-0.34 | multi-node engines, with a selection or without | each node builds its workers from its own command line: a node given other pack flags fails mid-step or mixes attention backends; a difference stops the workers, naming both nodes' records | none yet: vLLM checking that the nodes' configs agree (its own flags are not compared either) |
 
 A `Reliance` (patches/base.py) is a row with nothing replaced: vLLM internals a component
 reads or steers, declared, checked and refused like any target, and `reached()` when an
@@ -64,6 +65,7 @@ from vllm_ext.patches.internals import (EngineIdentity, PodCpuInternals, PodCuda
                                         SchedulerInternals)
 from vllm_ext.patches.kv_pool_alloc import KVPoolAlloc
 from vllm_ext.patches.kvp_slot_mapping import KVPSlotMapping
+from vllm_ext.patches.node_agreement import NodeAgreement
 from vllm_ext.patches.page_ops_schedule import PageOpsSchedule
 from vllm_ext.patches.page_ops_worker import PageOpsWorker
 from vllm_ext.patches.paged_block_pool import PagedBlockPool
@@ -78,7 +80,7 @@ PATCHES: tuple[Patch, ...] = (
     PagedBlockPool(per_engine=_PER_ENGINE, relies_on=(_IDENTITY,)), *_PER_ENGINE,
     SchedulerInternals(), _IDENTITY,
     CpuCustomAttention(), PodCpuInternals(), PodCudaInternals(), KVPSlotMapping(), KVPoolAlloc(),
-    PageOpsWorker(), PPEagerBuffers(),
+    PageOpsWorker(), PPEagerBuffers(), NodeAgreement(),
 )
 _BY_NAME = {p.name: p for p in PATCHES}
 # Patches that did not fit this process's vLLM, with the reason.

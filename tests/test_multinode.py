@@ -83,6 +83,29 @@ def _named(titles: dict[int, str], title: str) -> int:
     assert len(found) == 1, f"one {title} expected among {titles}"
     return found[0]
 
+def _node_args(port: int, rank: int, pack: list[str]) -> list[str]:
+    """Node `rank`'s command line: one pipeline stage per node, and `pack`'s flags."""
+    return [*CPU_SERVE_ARGS, "--max-model-len", "1024", "--pipeline-parallel-size", "2",
+            "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+            "--node-rank", str(rank), *(["--headless"] if rank else []), *pack]
+
+
+def _node_env(rank: int, stats: Path) -> dict[str, str]:
+    from vllm_ext import envs
+
+    stats.mkdir(exist_ok=True)
+    return {
+        # Each node keeps its own statistics, and the patches' proof that they ran
+        # (patches/base.py: `reached` writes "name pid" there), in a directory of its
+        # own file system; a stale owner pid inherited from this test process would
+        # make the front end replace it with a temporary one.
+        envs.STATS_DIR: str(stats), envs.STATS_OWNER: "",
+        # The address this node's message queues advertise to the other node.
+        "VLLM_HOST_IP": "127.0.0.1",
+        # One core each, as two machines would have their own.
+        "VLLM_CPU_OMP_THREADS_BIND": str(rank % (os.cpu_count() or 1)),
+    }
+
 
 @pytest.mark.engine
 @pytest.mark.timeout(600)
@@ -90,7 +113,6 @@ def test_two_nodes_give_stock_tokens_with_the_pack_acting_on_each(tiny_model, ru
                                                                   tmp_path):
     from engine_runner import MAX_TOKENS, prompts
     from openai import OpenAI
-    from vllm_ext import envs
     from vllm_ext.patches import reached_in
 
     # The same command line on both nodes, as vLLM wants it (model, parallelism) and as
@@ -99,35 +121,19 @@ def test_two_nodes_give_stock_tokens_with_the_pack_acting_on_each(tiny_model, ru
     # vLLM 0.32's CPU platform in eager mode a later stage has no buffer for the
     # activations it receives unless the pack's pp_eager_buffers patch acts, and it acts
     # only for an engine whose config has a vllm-ext selection. (Run by hand with the
-    # pack's flags on node 0 only, node 1's stage fails its first step on vLLM's `assert
-    # self.intermediate_tensors is not None` and the engine dies.) `--attn pod` is a
+    # pack's flags on node 0 only, before node_agreement, node 1's stage failed its first
+    # step on vLLM's `assert self.intermediate_tensors is not None` and the engine died:
+    # the next test.) `--attn pod` is a
     # second worker-side choice: the CPU platform honours the CUSTOM backend only
     # through the pack's cpu_custom_attn patch.
-    common = [*CPU_SERVE_ARGS, "--max-model-len", "1024", "--pipeline-parallel-size", "2",
-              "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-              "--scheduler", "sarathi", "--attn", "pod"]
+    pack = ["--scheduler", "sarathi", "--attn", "pod"]
+    port = free_port()
     stats = {rank: tmp_path / f"stats-node{rank}" for rank in (0, 1)}
-    for directory in stats.values():
-        directory.mkdir()
-
-    def node_env(rank: int) -> dict[str, str]:
-        return {
-            # Each node keeps its own statistics, and the patches' proof that they ran
-            # (patches/base.py: `reached` writes "name pid" there), in a directory of its
-            # own file system; a stale owner pid inherited from this test process would
-            # make the front end replace it with a temporary one.
-            envs.STATS_DIR: str(stats[rank]), envs.STATS_OWNER: "",
-            # The address this node's message queues advertise to the other node.
-            "VLLM_HOST_IP": "127.0.0.1",
-            # One core each, as two machines would have their own.
-            "VLLM_CPU_OMP_THREADS_BIND": str(rank % (os.cpu_count() or 1)),
-        }
-
     started = time.monotonic()
-    node1 = HeadlessNode(tiny_model, [*common, "--node-rank", "1", "--headless"],
-                         tmp_path / "node1.log", node_env(1))
-    node0 = VllmServer(tiny_model, [*common, "--node-rank", "0"], tmp_path / "node0.log",
-                       startup_timeout=240, env=node_env(0))
+    node1 = HeadlessNode(tiny_model, _node_args(port, 1, pack), tmp_path / "node1.log",
+                         _node_env(1, stats[1]))
+    node0 = VllmServer(tiny_model, _node_args(port, 0, pack), tmp_path / "node0.log",
+                       startup_timeout=240, env=_node_env(0, stats[0]))
     try:
         try:
             url = node0.__enter__()
@@ -171,6 +177,38 @@ def test_two_nodes_give_stock_tokens_with_the_pack_acting_on_each(tiny_model, ru
     assert reached0["scheduler_internals"] == {core0}
     assert reached0["cpu_custom_attn"] == {worker0}
     assert "pp_eager_buffers" not in reached0  # the first stage needs no incoming buffer
+    # Each node's worker compared its node's vllm-ext record with the other's, and agreed.
+    assert reached0["node_agreement"] == {worker0} and reached1["node_agreement"] == {worker1}
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(300)
+def test_a_node_started_without_the_pack_flags_is_refused_by_both(tiny_model, tmp_path):
+    # Node 1 given vLLM's flags only: before this check, its pipeline stage failed its
+    # first request mid-step (see above). Now every worker compares its node's record
+    # with the other node's once vLLM's distributed environment is up, before any model
+    # is loaded, and both nodes stop, each naming what both run.
+    port = free_port()
+    node1 = HeadlessNode(tiny_model, _node_args(port, 1, []), tmp_path / "node1.log",
+                         _node_env(1, tmp_path / "stats-node1"))
+    node0 = VllmServer(tiny_model, _node_args(port, 0, ["--scheduler", "sarathi"]),
+                       tmp_path / "node0.log", startup_timeout=240,
+                       env=_node_env(0, tmp_path / "stats-node0"))
+    try:
+        with pytest.raises(ServerError):
+            node0.__enter__()
+        node1.proc.wait(120)
+    finally:
+        node1.interrupt()
+        node0.stop()
+        node1.stop()
+    assert node1.proc.returncode != 0
+    for log in (node0.log_path.read_text(), node1.log()):
+        assert ("NodeMismatchError: vllm-ext: the nodes of this engine were started "
+                "differently: node ") in log
+        assert "with scheduler=sarathi(" in log
+        assert "with nothing selected (stock vLLM)" in log
+    assert "Loading weights" not in node0.log_path.read_text()  # refused before the model
 
 
 # --- Ray: vLLM's worker initialisation with what a Ray worker on another node gets ---
