@@ -13,8 +13,9 @@ and last, so that a drift of the machine shows as a gap between the two; and `dp
 fleet: the same traffic at twice the rate into `vllm serve --data-parallel-size 2` (vLLM's
 own load balancer, each rank on a core of its own), stock and Sarathi at budget 256,
 against `simulate --replicas 2 --router vllm-dp` from a profile taken as the ranks run,
-two at once on the two cores (issue 25's check: P50s and tok/s within 15%). Writes OUT/simulate-fidelity-cpu.md (OUT/simulate-fleet-fidelity-cpu.md for
-`--workloads dp2` alone); the reports it compares stay in the work directory.
+two at once on the two cores (issue 25's check: P50s and tok/s within 15%). Writes
+OUT/simulate-fidelity-cpu.md (OUT/simulate-fleet-fidelity-cpu.md for `--workloads dp2`
+alone); the reports it compares stay in the work directory.
 """
 
 from __future__ import annotations
