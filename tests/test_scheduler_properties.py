@@ -42,7 +42,7 @@ LOOPS = pytest.mark.parametrize("loop", ["sync", "async"])
 
 # Every property below holds on at least this many generated workloads in CI; the
 # examples are the same on every run, and no database carries failures between runs.
-EXAMPLES = settings(max_examples=int(os.environ.get("VLLMEXT_PROPERTY_EXAMPLES", 1000)),
+EXAMPLES = settings(max_examples=int(os.environ.get("VLLMEXT_PROPERTY_EXAMPLES", 600)),
                     derandomize=True, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
