@@ -65,6 +65,15 @@ def scheduler_trace(path: Path) -> Path:
     return path
 
 
+def shown(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """`argv` as the `vllm-ext` command line it stands for (its environment first),
+    printed as it starts, and returned for the results' list of commands."""
+    command = "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items()) \
+        + "vllm-ext " + shlex.join(argv)
+    print("$ " + command, flush=True)
+    return command
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -103,16 +112,14 @@ def main() -> int:
         profile = ["profile", model, "--dtype", "float32", "--max-model-len", "4096",
                    "--budget", budget]
         if not colocated:
-            commands.append("vllm-ext " + shlex.join([*profile, "--out", str(latency)]))
-            print("$ " + commands[-1], flush=True)
+            commands.append(shown([*profile, "--out", str(latency)]))
             if cli([*profile, "--out", str(latency)]):
                 return 1
             continue
         ranks = []
         for k in range(2):
             argv = [*profile, "--out", str(work / f"latency-small-{key}-rank{k}.json")]
-            commands.append(f"VLLM_CPU_OMP_THREADS_BIND={k} vllm-ext {shlex.join(argv)} &")
-            print("$ " + commands[-1], flush=True)
+            commands.append(shown(argv, {"VLLM_CPU_OMP_THREADS_BIND": str(k)}) + " &")
             ranks.append(subprocess.Popen([sys.executable, "-m", "vllm_ext", *argv],
                                           env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str(k)}))
         if any([rank.wait() for rank in ranks]):  # every rank waited for, failed or not
@@ -136,10 +143,7 @@ def main() -> int:
                      "--latency-model", str(profiles[profile_of[name]]), "--kv-memory",
                      CPU_SERVE_ENV["VLLM_CPU_KVCACHE_SPACE"], "--out", str(work / name / "simulated")]
         for argv, env in ((measured, DP_BIND if name == "dp2" else {}), (simulated, {})):
-            command = "".join(f"{k}='{v}' " for k, v in env.items()) + "vllm-ext " \
-                + shlex.join(argv)
-            print("$ " + command, flush=True)
-            commands.append(command)
+            commands.append(shown(argv, env))
             if not args.reuse:
                 # The servers bench ab starts inherit it; restored afterwards.
                 with mock.patch.dict(os.environ, env):

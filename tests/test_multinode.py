@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,42 +30,25 @@ from pathlib import Path
 import pytest
 
 from vllm_ext.tools.serve import (CPU_SERVE_ARGS, CPU_SERVE_ENV, ServerError, VllmServer,
-                                  free_port, own_process_group, vllm_command)
+                                  free_port, vllm_command)
 
 POD = "vllm_ext.engine.pod.cpu.PodAttentionBackend"
 
 
 # --- Multiprocessing multi-node: two `vllm serve` processes as two nodes --------------
 
-class HeadlessNode:
-    """`vllm serve ... --headless`: a node that runs workers and no API server.
-
-    It has no /health to wait on; node 0's server becomes healthy only once every node's
-    workers joined, so node 0's readiness is this node's too."""
+class HeadlessNode(VllmServer):
+    """`vllm serve ... --headless`: a node that runs workers and no API server, started at
+    once. It has no /health to wait on; node 0's server becomes healthy only once every
+    node's workers joined, so node 0's readiness is this node's too."""
 
     def __init__(self, model: Path, args: list[str], log_path: Path, env: dict[str, str]):
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([vllm_command(), "serve", str(model), *args],
-                                     env={**os.environ, **CPU_SERVE_ENV, **env},
-                                     stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, **own_process_group())
+        super().__init__(model, args, log_path, env=env)
+        self.cmd = [vllm_command(), "serve", str(model), *args]  # no API: no --host/--port
+        self.start()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-    def interrupt(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)  # vLLM's clean shutdown
-
-    def stop(self, grace: float = 60.0) -> None:
-        self.interrupt()
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self._log.close()
 
 
 def _process_titles(pid: int) -> dict[int, str]:

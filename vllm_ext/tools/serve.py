@@ -82,11 +82,15 @@ class VllmServer:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
-    def __enter__(self) -> str:
+    def start(self) -> None:
+        """Start the process without waiting for it to answer (`with` waits for /health)."""
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      **own_process_group())
+
+    def __enter__(self) -> str:
+        self.start()
         deadline = time.monotonic() + self.startup_timeout
         while not self._healthy():
             if self.proc.poll() is not None:
@@ -110,10 +114,15 @@ class VllmServer:
         except OSError:
             return False
 
+    def interrupt(self) -> None:
+        """SIGINT, vLLM's clean shutdown, without waiting for it (to stop several at once)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+
     def stop(self, grace: float = 60.0) -> int | None:
         """SIGINT (vLLM's clean shutdown), then SIGKILL after `grace` seconds."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
+            self.interrupt()
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
